@@ -1,0 +1,317 @@
+"""Turns a Kaggle-layout folder into balanced, split, center-cropped TFRecord shards.
+
+The run is atomic and resumable: shards go into a hidden sibling folder named
+after a fingerprint of the plan (settings plus every id and label); each shard
+is committed on its own, a rerun after a kill redoes only unfinished shards,
+and the folder is renamed into place after `manifest.json` is written. Same
+inputs and seed give byte-identical shards, whatever the number of workers.
+"""
+
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import tqdm
+
+from pcam_tfdata import records
+from pcam_tfdata import schema
+from pcam_tfdata import splits
+
+# 16 input pipelines with two files each to interleave.
+TRAIN_MIN_SHARDS = 32
+EVAL_MIN_SHARDS = 4
+_RECORD_OVERHEAD = 100  # Bytes of Example and framing around each image.
+
+
+class ConvertError(ValueError):
+  """The conversion cannot go ahead as asked."""
+
+
+def check_settings(crop_size, per_class, val_fraction, num_shards, workers):
+  """Raises ConvertError naming the flag for a bad setting."""
+  if not (2 <= crop_size <= schema.PATCH_SIZE and crop_size % 2 == 0):
+    raise ConvertError(f'--crop_size={crop_size}: must be even, 2..{schema.PATCH_SIZE}')
+  if per_class < 0:
+    raise ConvertError(f'--per_class={per_class}: must be >= 0 (0 keeps every example)')
+  if not 0 < val_fraction < 1:
+    raise ConvertError(f'--val_fraction={val_fraction}: must be strictly between 0 and 1')
+  if num_shards < 0:
+    raise ConvertError(f'--num_shards={num_shards}: must be >= 0 (0 picks a count)')
+  if workers < 1:
+    raise ConvertError(f'--workers={workers}: must be >= 1')
+
+
+def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
+              num_shards=0, skip_bad=False):
+  """Decides which example goes to which shard, in which order.
+
+  Args:
+    source: a kaggle.KaggleSource.
+    crop_size, per_class, val_fraction, seed, num_shards, skip_bad: as the
+      flags of tools/make_records.py.
+    groups: optional array of group names aligned with `source.ids`; no group
+      then appears in both train and val.
+
+  Returns:
+    A dict: `settings`, `splits` ({split: list of (id, label, path)}),
+    `num_shards` ({split: int}) and `fingerprint` (hex digest of them all).
+
+  Raises:
+    ConvertError: the data cannot satisfy the settings.
+  """
+  rng = np.random.default_rng(seed)
+  try:
+    kept = splits.balance(source.ids, source.labels, per_class, rng)
+    train, val = splits.split_train_val(
+        source.labels[kept], val_fraction, rng,
+        None if groups is None else np.asarray(groups)[kept])
+  except ValueError as e:
+    raise ConvertError(str(e)) from None
+  plan_splits = {}
+  for name, index in (('train', kept[train]), ('val', kept[val])):
+    plan_splits[name] = [(source.ids[i], int(source.labels[i]), source.train_path(source.ids[i]))
+                         for i in index]
+  if len(source.test_ids):
+    plan_splits['test'] = [(i, schema.TEST_LABEL, source.test_path(i)) for i in source.test_ids]
+
+  record_bytes = crop_size * crop_size * 3 + _RECORD_OVERHEAD
+  shard_counts = {}
+  for name, examples in plan_splits.items():
+    is_train = name == 'train'
+    if is_train and num_shards > len(examples):
+      raise ConvertError(f'--num_shards={num_shards} but the train split holds only '
+                         f'{len(examples)} examples')
+    shard_counts[name] = splits.num_shards_for(
+        len(examples), record_bytes, TRAIN_MIN_SHARDS if is_train else EVAL_MIN_SHARDS,
+        num_shards if is_train else 0)
+
+  settings = {'source': 'kaggle', 'crop_size': crop_size, 'per_class': per_class,
+              'val_fraction': val_fraction, 'seed': seed, 'grouped': groups is not None,
+              'skip_bad': skip_bad, 'format_version': schema.FORMAT_VERSION}
+  digest = hashlib.sha256(json.dumps([settings, shard_counts]).encode())
+  for name in sorted(plan_splits):
+    for example_id, label, path in plan_splits[name]:
+      digest.update(f'{name},{example_id},{label},{path}\n'.encode())
+  return {'settings': settings, 'splits': plan_splits, 'num_shards': shard_counts,
+          'fingerprint': digest.hexdigest()}
+
+
+def _make_tasks(plan, work_dir):
+  tasks = []
+  for name, examples in plan['splits'].items():
+    total = plan['num_shards'][name]
+    for index, (start, stop) in enumerate(splits.shard_ranges(len(examples), total)):
+      tasks.append({'split': name,
+                    'path': os.path.join(work_dir, schema.shard_name(name, index, total)),
+                    'examples': examples[start:stop],
+                    'crop_size': plan['settings']['crop_size'],
+                    'patch_size': schema.PATCH_SIZE,
+                    'skip_bad': plan['settings']['skip_bad']})
+  return tasks
+
+
+_progress = None  # Per worker process: the shared count of records done.
+
+
+def _init_worker(counter):
+  global _progress
+  _progress = counter
+
+
+def _run_task(task):
+  return records.write_shard(task, _progress)
+
+
+def _run_tasks(tasks, workers, total, initial, show_progress):
+  """Writes shards, in worker processes when workers > 1; returns their stats."""
+  bar = tqdm.tqdm(total=total, initial=initial, unit='img', desc='converting',
+                  disable=not show_progress, smoothing=0.1)
+  if workers == 1 or len(tasks) <= 1:
+    counter = multiprocessing.Value('q', 0)  # A local counter; no process boundary.
+    stop = threading.Event()
+    def poll():
+      while not stop.wait(0.2):
+        bar.update(counter.value - (bar.n - initial))
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+      return [records.write_shard(t, counter) for t in tasks]
+    finally:
+      stop.set()
+      poller.join()
+      bar.update(counter.value - (bar.n - initial))
+      bar.close()
+  # `spawn`, not `fork`: the caller may have TensorFlow's threads running
+  # (tests, notebooks), and a forked copy of them can deadlock.
+  ctx = multiprocessing.get_context('spawn')
+  counter = ctx.Value('q', 0)
+  pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,))
+  try:
+    pending = [pool.apply_async(_run_task, (t,)) for t in tasks]
+    while not all(p.ready() for p in pending):
+      time.sleep(0.2)
+      bar.update(counter.value - (bar.n - initial))
+      for p in pending:  # Fail fast on the first bad file.
+        if p.ready() and not p.successful():
+          p.get()
+    results = [p.get() for p in pending]
+    pool.close()
+    return results
+  finally:
+    pool.terminate()
+    pool.join()
+    bar.update(counter.value - (bar.n - initial))
+    bar.close()
+
+
+def _check_out_dir(out_dir, fingerprint, overwrite):
+  """Returns the manifest of an up-to-date output, None to go ahead; or raises."""
+  if not os.path.lexists(out_dir):
+    return None
+  if not os.path.isdir(out_dir):
+    raise ConvertError(f'--out_dir={out_dir}: exists and is not a folder')
+  manifest_path = os.path.join(out_dir, schema.MANIFEST_NAME)
+  if os.path.isfile(manifest_path):
+    if overwrite:
+      return None
+    try:
+      manifest = schema.load_manifest(out_dir)
+    except schema.ManifestError:
+      manifest = {}
+    if manifest.get('fingerprint') == fingerprint:
+      return manifest
+    raise ConvertError(f'--out_dir={out_dir}: holds a complete conversion of other data or '
+                       'settings; pass --overwrite to replace it')
+  if os.listdir(out_dir) and not overwrite:
+    raise ConvertError(f'--out_dir={out_dir}: exists, is not empty and has no '
+                       f'{schema.MANIFEST_NAME}; pass --overwrite to replace it')
+  return None
+
+
+def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2, seed=0,
+            groups=None, num_shards=0, workers=1, skip_bad=False, overwrite=False,
+            flags=None, eda=True, show_progress=True, log=print):
+  """Converts a checked source folder into records; see the module docstring.
+
+  Args:
+    source: a kaggle.KaggleSource (its `missing` ids are skipped and listed).
+    out_dir: the records folder to create.
+    crop_size, per_class, val_fraction, seed, groups, num_shards, skip_bad:
+      see `make_plan`.
+    workers: processes that write shards.
+    overwrite: replace a complete output of other data or settings.
+    flags: dict recorded in the manifest as given.
+    eda: also write the EDA pictures.
+    show_progress: show a tqdm bar.
+    log: where one-line progress messages go.
+
+  Returns:
+    The manifest (dict).
+
+  Raises:
+    ConvertError: bad settings or output folder; tiff.BadImageError: a bad
+      patch without `skip_bad`.
+  """
+  start = time.time()
+  check_settings(crop_size, per_class, val_fraction, num_shards, workers)
+  plan = make_plan(source, crop_size=crop_size, per_class=per_class,
+                   val_fraction=val_fraction, seed=seed, groups=groups,
+                   num_shards=num_shards, skip_bad=skip_bad)
+  out_dir = os.path.abspath(out_dir)
+  existing = _check_out_dir(out_dir, plan['fingerprint'], overwrite)
+  if existing is not None:
+    log(f'{out_dir}: already complete for these inputs and settings; nothing to do '
+        '(--overwrite rebuilds it)')
+    return existing
+
+  parent, name = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  work_dir = os.path.join(parent, f'.{name}.partial-{plan["fingerprint"][:16]}')
+  for stale in glob.glob(os.path.join(parent, f'.{name}.partial-*')):
+    if stale != work_dir:
+      log(f'removing the unfinished run of other settings {stale}')
+      shutil.rmtree(stale)
+  os.makedirs(work_dir, exist_ok=True)
+
+  tasks = _make_tasks(plan, work_dir)
+  done = {t['path']: records.load_done(t['path']) for t in tasks}
+  todo = [t for t in tasks if done[t['path']] is None]
+  resumed = sum(len(t['examples']) for t in tasks if done[t['path']] is not None)
+  if resumed:
+    log(f'resuming {work_dir}: {len(tasks) - len(todo)} of {len(tasks)} shards already written')
+  total = sum(len(t['examples']) for t in tasks)
+  # Largest shards first keeps the workers busy until the end.
+  for stats in _run_tasks(sorted(todo, key=lambda t: -len(t['examples'])), workers, total,
+                          resumed, show_progress):
+    done[os.path.join(work_dir, stats['file'])] = stats
+
+  manifest = _make_manifest(plan, tasks, done, source, flags)
+  if eda:
+    from pcam_tfdata import eda as eda_lib  # pylint: disable=g-import-not-at-top
+    eda_lib.write_pictures(work_dir, plan, manifest)
+  for path in glob.glob(os.path.join(work_dir, '*.done.json')):
+    os.remove(path)
+  manifest['seconds'] = round(time.time() - start, 3)
+  records.write_json_atomic(os.path.join(work_dir, schema.MANIFEST_NAME), manifest)
+  _swap_into_place(work_dir, out_dir)
+  return manifest
+
+
+def _make_manifest(plan, tasks, done, source, flags):
+  split_info, skipped = {}, []
+  skipped.extend({'id': i, 'split': None, 'reason': r} for i, r in source.missing)
+  for name in plan['splits']:
+    shards = [done[t['path']] for t in tasks if t['split'] == name]
+    label_counts = {}
+    for s in shards:
+      for label, n in s['label_counts'].items():
+        label_counts[label] = label_counts.get(label, 0) + n
+      skipped.extend({'id': x['id'], 'split': name, 'reason': x['reason']} for x in s['skipped'])
+    split_info[name] = {
+        'count': sum(s['count'] for s in shards),
+        'skipped': sum(len(s['skipped']) for s in shards),
+        'label_counts': dict(sorted(label_counts.items())),
+        'shards': [{k: s[k] for k in ('file', 'count', 'sha256')} for s in shards],
+    }
+  crop = plan['settings']['crop_size']
+  labels, counts = np.unique(source.labels, return_counts=True)
+  return {
+      'format_version': schema.FORMAT_VERSION,
+      'image_shape': [crop, crop, 3],
+      'crop': {'size': crop, 'offset': (schema.PATCH_SIZE - crop) // 2,
+               'patch_size': schema.PATCH_SIZE},
+      'keys': {'image': schema.IMAGE_KEY, 'label': schema.LABEL_KEY, 'id': schema.ID_KEY},
+      'splits': split_info,
+      'source': {
+          'kind': 'kaggle',
+          'data_dir': source.data_dir,
+          'labelled_with_file': len(source.ids),
+          'label_counts': {str(l): int(c) for l, c in zip(labels, counts)},
+          'missing_files': len(source.missing),
+          'test_files': len(source.test_ids),
+          'unlabelled_files': {'count': len(source.unlabelled),
+                               'first': source.unlabelled[:20]},
+      },
+      'settings': plan['settings'],
+      'flags': flags or {},
+      'fingerprint': plan['fingerprint'],
+      'skipped': skipped,
+  }
+
+
+def _swap_into_place(work_dir, out_dir):
+  """Renames the finished folder to `out_dir`, replacing any old one."""
+  if not os.path.lexists(out_dir):
+    os.rename(work_dir, out_dir)
+    return
+  parent, name = os.path.split(out_dir)
+  old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
+  os.rename(out_dir, old)  # From here until the next rename, no out_dir at all.
+  os.rename(work_dir, out_dir)
+  shutil.rmtree(old)

@@ -1,0 +1,125 @@
+"""Writes one TFRecord shard from patch files: decode, center crop, encode, frame.
+
+Each shard is an independent task, so worker processes write shards side by
+side with no pixel data crossing process boundaries, and the bytes of a shard
+do not depend on how many workers ran. TensorFlow is not imported here: the
+TFRecord framing is done by hand (tests check it byte for byte against
+`tf.io.TFRecordWriter`).
+"""
+
+import hashlib
+import json
+import os
+import struct
+
+import google_crc32c
+
+from pcam_tfdata import schema
+from pcam_tfdata import tiff
+
+_PROGRESS_EVERY = 256  # Records between updates of the shared progress counter.
+
+
+def _masked_crc(data):
+  # TFRecord stores CRC32C rotated right by 15 bits plus a constant, so that
+  # the CRC of data that itself contains CRCs does not degenerate.
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_record(record):
+  """A record in TFRecord framing: length, CRC of length, data, CRC of data."""
+  length = struct.pack('<Q', len(record))
+  return b''.join((length, struct.pack('<I', _masked_crc(length)), record,
+                   struct.pack('<I', _masked_crc(record))))
+
+
+def write_shard(task, progress=None):
+  """Writes one shard; a finished shard is committed by a sidecar JSON file.
+
+  The shard is written as `<name>.partial` and renamed when complete; the
+  sidecar `<name>.done.json` (stats) is written after the rename. A shard
+  without a sidecar is redone on resume.
+
+  Args:
+    task: dict with `path` (final shard path), `examples` (list of
+      (id, label, source_path)), `crop_size`, `patch_size`, `skip_bad`.
+    progress: optional shared counter (multiprocessing.Value) of records done.
+
+  Returns:
+    The shard's stats: file, count, sha256, label_counts, skipped.
+
+  Raises:
+    tiff.BadImageError: a bad patch, unless `skip_bad`.
+    ValueError: no example could be written.
+  """
+  path, crop_size = task['path'], task['crop_size']
+  digest = hashlib.sha256()
+  label_counts = {}
+  skipped = []
+  count = 0
+  pending = 0
+  with open(path + '.partial', 'wb') as f:
+    for example_id, label, source in task['examples']:
+      try:
+        pixels = tiff.read_patch(source, task['patch_size'])
+      except (tiff.BadImageError, OSError) as e:
+        if not task['skip_bad']:
+          raise tiff.BadImageError(str(e)) from None
+        skipped.append({'id': example_id, 'reason': str(e)})
+      else:
+        crop = tiff.center_crop(pixels, crop_size).tobytes()
+        data = frame_record(schema.encode_example(crop, label, example_id))
+        f.write(data)
+        digest.update(data)
+        count += 1
+        label_counts[str(label)] = label_counts.get(str(label), 0) + 1
+      pending += 1
+      if progress is not None and pending == _PROGRESS_EVERY:
+        with progress.get_lock():
+          progress.value += pending
+        pending = 0
+    f.flush()
+    os.fsync(f.fileno())
+  if progress is not None and pending:
+    with progress.get_lock():
+      progress.value += pending
+  if count == 0:
+    os.remove(path + '.partial')
+    raise ValueError(f'{os.path.basename(path)}: no example could be written '
+                     f'({len(skipped)} skipped), refusing an empty shard')
+  os.replace(path + '.partial', path)
+  stats = {'file': os.path.basename(path), 'count': count, 'sha256': digest.hexdigest(),
+           'label_counts': dict(sorted(label_counts.items())), 'skipped': skipped}
+  write_json_atomic(path + '.done.json', stats)
+  return stats
+
+
+def load_done(path):
+  """The stats of a shard finished by an earlier run, or None if it must be redone."""
+  try:
+    with open(path + '.done.json') as f:
+      stats = json.load(f)
+    if sha256_file(path) != stats['sha256']:
+      return None
+  except (OSError, ValueError, KeyError):
+    return None
+  return stats
+
+
+def sha256_file(path):
+  """Hex SHA-256 of a file, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_json_atomic(path, obj):
+  """Writes JSON so that a reader sees the old file or the whole new one."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=1)
+    f.write('\n')
+  os.replace(path + '.tmp', path)
+

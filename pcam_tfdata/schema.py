@@ -1,0 +1,150 @@
+"""The record schema: feature keys, Example encoding, shard names and the manifest.
+
+Writer (tools/make_records.py) and reader (pcam_tfdata/pipeline.py) both take
+every name from here, so the two cannot drift apart.
+"""
+
+import json
+import os
+import re
+
+IMAGE_KEY = 'image'  # Raw uint8 bytes, H x W x 3, row-major: the exact center crop.
+LABEL_KEY = 'label'  # int64: 0 or 1; TEST_LABEL where the label is unknown.
+ID_KEY = 'id'  # The Kaggle file stem (40 hex digits) or another stable id.
+TEST_LABEL = -1
+
+SPLITS = ('train', 'val', 'test')
+MANIFEST_NAME = 'manifest.json'
+FORMAT_VERSION = 1
+PATCH_SIZE = 96  # PCam patches are 96x96 RGB.
+
+_SHARD_RE = re.compile(r'^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.tfrecord$')
+
+
+class ManifestError(ValueError):
+  """A records folder is missing its manifest or does not match it."""
+
+
+def shard_name(split, index, total):
+  """TFDS-style shard file name, e.g. `train-00003-of-00032.tfrecord`."""
+  return f'{split}-{index:05d}-of-{total:05d}.tfrecord'
+
+
+def parse_shard_name(name):
+  """Returns (split, index, total) for a shard file name, or None."""
+  m = _SHARD_RE.match(name)
+  if not m:
+    return None
+  return m['split'], int(m['index']), int(m['total'])
+
+
+def _varint(value):
+  if value < 0:
+    value += 1 << 64  # int64 on the wire: two's complement in ten bytes.
+  out = bytearray()
+  while True:
+    byte = value & 0x7F
+    value >>= 7
+    if value:
+      out.append(byte | 0x80)
+    else:
+      out.append(byte)
+      return bytes(out)
+
+
+def _field(number, payload):
+  """A length-delimited protobuf field (wire type 2)."""
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _map_entry(key, feature):
+  # Features.feature is map<string, Feature>: each entry is a message with
+  # key = field 1 and value = field 2, stored as repeated field 1.
+  return _field(1, _field(1, key.encode()) + _field(2, feature))
+
+
+def encode_example(image, label, example_id):
+  """Serializes one record as a `tf.train.Example`, without importing TF.
+
+  The converter runs in worker processes that must not pay TensorFlow's import
+  (about 5 s and 700 MB each here); the protobuf wire format of Example is
+  small and fixed, and tests check the bytes parse back as TF's own Example.
+  Keys are emitted in a fixed order, so the same inputs give the same bytes.
+
+  Args:
+    image: bytes, the raw uint8 crop.
+    label: int, 0, 1 or TEST_LABEL.
+    example_id: str, the example id.
+
+  Returns:
+    The serialized Example as bytes.
+  """
+  bytes_list = lambda v: _field(1, _field(1, v))  # Feature.bytes_list = 1.
+  int64_list = lambda v: _field(3, _field(1, _varint(v)))  # int64_list = 3, packed.
+  features = (
+      _map_entry(ID_KEY, bytes_list(example_id.encode()))
+      + _map_entry(IMAGE_KEY, bytes_list(image))
+      + _map_entry(LABEL_KEY, int64_list(label)))
+  return _field(1, features)  # Example.features = 1.
+
+
+def feature_spec():
+  """The parse spec for `tf.io.parse_example`; imports TF only when called."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return {
+      IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+      LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+      ID_KEY: tf.io.FixedLenFeature([], tf.string),
+  }
+
+
+def load_manifest(records_dir):
+  """Reads and checks `manifest.json`; refuses a folder without one.
+
+  Args:
+    records_dir: a folder written by tools/make_records.py.
+
+  Returns:
+    The manifest as a dict.
+
+  Raises:
+    ManifestError: the folder or its manifest is missing or malformed, or a
+      shard it names is absent.
+  """
+  path = os.path.join(records_dir, MANIFEST_NAME)
+  if not os.path.isdir(records_dir):
+    raise ManifestError(f'{records_dir}: no such records folder')
+  if not os.path.isfile(path):
+    raise ManifestError(
+        f'{path}: missing; the folder is not a complete conversion '
+        '(run tools/make_records.py)')
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ManifestError(f'{path}: unreadable manifest ({e})') from None
+  if manifest.get('format_version') != FORMAT_VERSION:
+    raise ManifestError(
+        f'{path}: format_version {manifest.get("format_version")!r}, '
+        f'this code reads {FORMAT_VERSION}')
+  for key in ('image_shape', 'splits'):
+    if key not in manifest:
+      raise ManifestError(f'{path}: no {key!r} entry')
+  for split, info in manifest['splits'].items():
+    for shard in info.get('shards', ()):
+      if not os.path.isfile(os.path.join(records_dir, shard['file'])):
+        raise ManifestError(f'{path}: split {split!r} names missing shard {shard["file"]}')
+  return manifest
+
+
+def shard_paths(records_dir, manifest, split):
+  """Full paths of a split's shards, in manifest order.
+
+  Raises:
+    ManifestError: the manifest has no such split.
+  """
+  if split not in manifest['splits']:
+    raise ManifestError(
+        f'{os.path.join(records_dir, MANIFEST_NAME)}: no split {split!r} '
+        f'(has {", ".join(manifest["splits"])})')
+  return [os.path.join(records_dir, s['file']) for s in manifest['splits'][split]['shards']]

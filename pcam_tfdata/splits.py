@@ -1,0 +1,85 @@
+"""Balances classes and splits examples into train and val, reproducibly by seed."""
+
+import numpy as np
+
+
+def balance(ids, labels, per_class, rng):
+  """Indices of `per_class` examples drawn at random from each class.
+
+  Args:
+    ids: array of str; sorted first, so the CSV's row order does not matter.
+    labels: array of int (0/1).
+    per_class: examples to keep per class; 0 keeps every example.
+    rng: np.random.Generator.
+
+  Returns:
+    Sorted int array of kept indices.
+
+  Raises:
+    ValueError: a class holds fewer than `per_class` examples.
+  """
+  order = np.argsort(ids, kind='stable')
+  if per_class == 0:
+    return np.sort(order)
+  kept = []
+  for label in (0, 1):
+    members = order[labels[order] == label]
+    if len(members) < per_class:
+      raise ValueError(f'--per_class={per_class} but class {label} holds only '
+                       f'{len(members)} examples')
+    kept.append(rng.choice(members, per_class, replace=False))
+  return np.sort(np.concatenate(kept))
+
+
+def split_train_val(labels, val_fraction, rng, groups=None):
+  """Splits indices 0..n-1 into (train, val), each shuffled.
+
+  Without groups the split is stratified: each class sends
+  round(val_fraction * its count) examples to val. With groups, whole groups
+  (e.g. slides) go to val in random order until val reaches its share, so no
+  group appears in both splits; the fraction is then approximate.
+
+  Raises:
+    ValueError: one of the splits would be empty.
+  """
+  n = len(labels)
+  is_val = np.zeros(n, dtype=bool)
+  if groups is None:
+    for label in np.unique(labels):
+      members = rng.permutation(np.flatnonzero(labels == label))
+      is_val[members[:int(round(val_fraction * len(members)))]] = True
+  else:
+    names, inverse = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(inverse, minlength=len(names))
+    target, taken = val_fraction * n, 0
+    chosen = np.zeros(len(names), dtype=bool)
+    for g in rng.permutation(len(names)):
+      if taken >= target:
+        break
+      chosen[g] = True
+      taken += sizes[g]
+    is_val = chosen[inverse]
+  train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+  if not len(train) or not len(val):
+    raise ValueError(f'--val_fraction={val_fraction} leaves {len(train)} train and '
+                     f'{len(val)} val examples; both must be non-empty')
+  return rng.permutation(train), rng.permutation(val)
+
+
+def num_shards_for(count, bytes_per_example, minimum, requested=0, target_bytes=128 << 20):
+  """How many shards a split gets.
+
+  Auto (requested=0): at least `minimum` (for interleaving and for that many
+  input pipelines), more when shards would pass `target_bytes`; never more
+  shards than examples, since a shard may not be empty.
+  """
+  if requested:
+    return requested
+  by_size = -(-count * bytes_per_example // target_bytes)
+  return max(1, min(count, max(minimum, by_size)))
+
+
+def shard_ranges(count, num_shards):
+  """[start, stop) of each shard: contiguous, sizes differing by at most one."""
+  bounds = [count * i // num_shards for i in range(num_shards + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))

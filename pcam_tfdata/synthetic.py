@@ -1,0 +1,170 @@
+"""A synthetic data set in the exact Kaggle PCam layout and file format.
+
+Patches are 96x96 RGB and look like H&E: pink stroma with purple nuclei. The
+label depends only on the center 32x32: a positive carries a cluster of
+large, dense, dark nuclei there. Half of all patches, of either class, carry
+the same cluster in the outer ring instead (never touching the center), so
+the ring says nothing about the label and a pipeline that crops the wrong
+region learns nothing. Every patch is drawn from its own seed, so the set is
+the same for a seed however it is produced.
+"""
+
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import tqdm
+from PIL import Image
+
+from pcam_tfdata import kaggle
+
+# Class ratio of the Kaggle training set: 89,117 of 220,025 are positive.
+POSITIVE_FRACTION = 89117 / 220025
+RING_CLUSTER_PROBABILITY = 0.5
+SIZE = 96
+
+_STROMA = np.array([234., 172., 206.])  # Eosin pink.
+_LUMEN = np.array([246., 236., 242.])
+_NUCLEUS = np.array([128., 82., 168.])  # Haematoxylin purple.
+_TUMOUR = np.array([72., 34., 112.])
+_CLUSTER_SPREAD = 7.0  # Max distance of a cluster nucleus from the cluster center.
+_TUMOUR_RADIUS = (3.5, 5.5)
+
+
+def example_id(seed, split, index):
+  """A 40-hex id, like Kaggle's, stable for (seed, split, index)."""
+  return hashlib.sha1(f'pcam-synthetic/{seed}/{split}/{index}'.encode()).hexdigest()
+
+
+def _smooth_noise(rng, cells):
+  """Zero-mean noise on a coarse grid, bilinearly upsampled to SIZE x SIZE."""
+  grid = rng.standard_normal((cells + 1, cells + 1))
+  x = np.linspace(0, cells, SIZE)
+  i = np.minimum(x.astype(int), cells - 1)
+  f = x - i
+  rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]
+  return rows[:, i] * (1 - f) + rows[:, i + 1] * f
+
+
+def _draw_nuclei(image, centers, radii, color, alpha, rng):
+  """Blends soft-edged ellipses of `color` into `image` (float, in place)."""
+  for (cy, cx), (ry, rx), a in zip(centers, radii, alpha):
+    reach = max(ry, rx) + 1
+    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 2, SIZE)
+    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 2, SIZE)
+    if y0 >= y1 or x0 >= x1:
+      continue
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+    mask = (np.clip((1.0 - d) * 3.0, 0.0, 1.0) * a)[..., None]
+    tint = color + rng.normal(0, 8, 3)
+    image[y0:y1, x0:x1] = image[y0:y1, x0:x1] * (1 - mask) + tint * mask
+
+
+def _cluster(rng, center):
+  n = rng.integers(5, 13)
+  angle = rng.uniform(0, 2 * np.pi, n)
+  dist = _CLUSTER_SPREAD * np.sqrt(rng.uniform(0, 1, n))
+  centers = np.stack([center[0] + dist * np.sin(angle), center[1] + dist * np.cos(angle)], 1)
+  radii = rng.uniform(*_TUMOUR_RADIUS, (n, 2))
+  return centers, radii, rng.uniform(0.6, 1.0, n)
+
+
+def _ring_center(rng):
+  """A cluster center whose nuclei all stay outside rows/cols 32..63."""
+  margin = _CLUSTER_SPREAD + _TUMOUR_RADIUS[1] + 1.5  # Reach of the cluster.
+  near = rng.uniform(margin - 6, 32 - margin)
+  far = rng.uniform(64 + margin, SIZE - margin + 6)
+  across = rng.uniform(6, SIZE - 6)
+  side = near if rng.random() < 0.5 else far
+  return (side, across) if rng.random() < 0.5 else (across, side)
+
+
+def make_patch(rng, label):
+  """One synthetic H&E patch, uint8 [96, 96, 3]."""
+  stain = rng.normal(1.0, 0.04, 3)  # Stain and scanner vary from slide to slide.
+  image = _STROMA * stain * (1 + 0.05 * _smooth_noise(rng, 6)[..., None])
+  fibres = _smooth_noise(rng, 16)[..., None]
+  image = image * (1 + 0.04 * fibres)
+  lumen = np.clip(_smooth_noise(rng, 3) - 1.2, 0, 0.5)[..., None] * 2
+  image = image * (1 - lumen) + _LUMEN * lumen
+
+  n = rng.integers(20, 60)
+  _draw_nuclei(image, rng.uniform(0, SIZE, (n, 2)), rng.uniform(1.2, 3.2, (n, 2)),
+               _NUCLEUS * stain, rng.uniform(0.5, 0.95, n), rng)
+  if label == 1:
+    centers, radii, alpha = _cluster(rng, rng.uniform(40, 56, 2))
+    _draw_nuclei(image, centers, radii, _TUMOUR, alpha, rng)
+  if rng.random() < RING_CLUSTER_PROBABILITY:
+    centers, radii, alpha = _cluster(rng, _ring_center(rng))
+    _draw_nuclei(image, centers, radii, _TUMOUR, alpha, rng)
+  image += rng.normal(0, 5, image.shape)
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_tiff(path, pixels):
+  """Writes a patch exactly as the Kaggle files are: Pillow's baseline TIFF."""
+  Image.fromarray(pixels).save(path, format='TIFF')
+
+
+def _labels(num, seed):
+  positives = int(round(num * POSITIVE_FRACTION))
+  labels = np.array([1] * positives + [0] * (num - positives), dtype=np.int64)
+  return np.random.default_rng([seed, 0]).permutation(labels)
+
+
+def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False,
+                 show_progress=True):
+  """Writes train/, train_labels.csv, test/ and sample_submission.csv.
+
+  The folder appears only when complete: it is written under a temporary
+  name and renamed at the end.
+
+  Args:
+    out_dir: the folder to create.
+    num_train, num_test: patches per folder.
+    seed: the set is a function of (num_train, num_test, seed).
+    overwrite: replace an existing folder.
+    show_progress: show a tqdm bar.
+
+  Returns:
+    The folder's path.
+
+  Raises:
+    ValueError: bad sizes, or `out_dir` exists and not `overwrite`.
+  """
+  if num_train < 2 or num_test < 0:
+    raise ValueError(f'--num_train={num_train} must be >= 2 and --num_test={num_test} >= 0')
+  if os.path.lexists(out_dir) and not overwrite:
+    raise ValueError(f'--out_dir={out_dir}: exists; pass --overwrite to replace it')
+  tmp = out_dir.rstrip('/') + '.partial'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(os.path.join(tmp, kaggle.TRAIN_DIR))
+  os.makedirs(os.path.join(tmp, kaggle.TEST_DIR))
+  labels = _labels(num_train, seed)
+  bar = tqdm.tqdm(total=num_train + num_test, unit='img', desc='synthesizing',
+                  disable=not show_progress)
+  rows = []
+  for split, count, folder in (('train', num_train, kaggle.TRAIN_DIR),
+                               ('test', num_test, kaggle.TEST_DIR)):
+    code = 1 if split == 'train' else 2
+    test_labels = _labels(count, seed + 1) if split == 'test' else None
+    for i in range(count):
+      label = labels[i] if split == 'train' else test_labels[i]
+      pixels = make_patch(np.random.default_rng([seed, code, i]), label)
+      name = example_id(seed, split, i)
+      write_tiff(os.path.join(tmp, folder, name + kaggle.SUFFIX), pixels)
+      rows.append((split, name, int(label)))
+      bar.update()
+  bar.close()
+  frame = pd.DataFrame(rows, columns=['split', 'id', 'label'])
+  train = frame[frame.split == 'train']
+  train[['id', 'label']].to_csv(os.path.join(tmp, kaggle.LABELS_CSV), index=False)
+  test = frame[frame.split == 'test'].assign(label=0)
+  test[['id', 'label']].to_csv(os.path.join(tmp, 'sample_submission.csv'), index=False)
+  if os.path.lexists(out_dir):
+    shutil.rmtree(out_dir)
+  os.rename(tmp, out_dir)
+  return out_dir

@@ -1,0 +1,102 @@
+r"""Converts the Kaggle PCam folder into center-cropped, balanced TFRecord shards.
+
+    python tools/make_records.py --data_dir=~/pcam --out_dir=records/pcam
+
+With no --data_dir it generates the synthetic demo set once (records/demo_kaggle,
+same layout and file format as Kaggle's) and converts it into records/demo,
+balancing to the smaller class unless --per_class is given.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from pcam_tfdata import convert
+from pcam_tfdata import kaggle
+from pcam_tfdata import schema
+from pcam_tfdata import synthetic
+from pcam_tfdata import tiff
+
+DEMO_SOURCE_DIR = os.path.join('records', 'demo_kaggle')
+DEMO_OUT_DIR = os.path.join('records', 'demo')
+
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir', None, 'Kaggle-layout folder (train/, train_labels.csv, optional test/). '
+    'Unset: generate and convert the synthetic demo set.')
+_OUT_DIR = flags.DEFINE_string(
+    'out_dir', None, f'Records folder to create. Default: {DEMO_OUT_DIR} for the demo, '
+    'records/pcam otherwise.')
+_CROP_SIZE = flags.DEFINE_integer('crop_size', 32, 'Side of the center crop; even, up to 96.')
+_PER_CLASS = flags.DEFINE_integer(
+    'per_class', 50000, 'Examples kept per class before splitting, as the seed; '
+    '0 keeps every example (unbalanced).')
+_VAL_FRACTION = flags.DEFINE_float('val_fraction', 0.2, 'Share of the kept examples for val.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of balancing, splitting and shuffling.')
+_GROUPS_CSV = flags.DEFINE_string(
+    'groups_csv', None, 'Optional id,group CSV (e.g. the slide of each patch); no group '
+    'then appears in both train and val.')
+_NUM_SHARDS = flags.DEFINE_integer(
+    'num_shards', 0, f'Train shards; 0 picks at least {convert.TRAIN_MIN_SHARDS} '
+    '(and about 128 MiB each at most). Val and test shards are picked by size.')
+_WORKERS = flags.DEFINE_integer('workers', len(os.sched_getaffinity(0)),
+                                'Processes writing shards.')
+_SKIP_BAD = flags.DEFINE_bool(
+    'skip_bad', False, 'Skip unreadable or malformed patches (and ids with no file), '
+    'listing each in the manifest, instead of stopping at the first.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               'Replace an existing conversion of other inputs or settings.')
+_CONVERSION_FLAGS = (_DATA_DIR, _OUT_DIR, _CROP_SIZE, _PER_CLASS, _VAL_FRACTION, _SEED,
+                     _GROUPS_CSV, _NUM_SHARDS, _WORKERS, _SKIP_BAD, _OVERWRITE)
+
+
+def _fail(message):
+  print(f'make_records.py: error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments {" ".join(argv[1:])}; flags take the form --name=value')
+  data_dir, per_class = _DATA_DIR.value, _PER_CLASS.value
+  try:
+    if data_dir is None:
+      data_dir = DEMO_SOURCE_DIR
+      if not os.path.isdir(data_dir):
+        print(f'generating the synthetic demo set in {data_dir}')
+        synthetic.make_dataset(data_dir)
+    source = kaggle.read_source(data_dir, allow_missing=_SKIP_BAD.value)
+    if _DATA_DIR.value is None and not flags.FLAGS['per_class'].present:
+      per_class = int(min((source.labels == 0).sum(), (source.labels == 1).sum()))
+    groups = None
+    if _GROUPS_CSV.value:
+      groups = kaggle.read_groups(_GROUPS_CSV.value, source.ids)
+    if source.unlabelled:
+      print(f'note: {len(source.unlabelled)} files in {kaggle.TRAIN_DIR}/ have no row in '
+            f'{kaggle.LABELS_CSV} and are left out (e.g. {source.unlabelled[0]})')
+    out_dir = _OUT_DIR.value or (DEMO_OUT_DIR if _DATA_DIR.value is None
+                                 else os.path.join('records', 'pcam'))
+    manifest = convert.convert(
+        source, out_dir, crop_size=_CROP_SIZE.value, per_class=per_class,
+        val_fraction=_VAL_FRACTION.value, seed=_SEED.value, groups=groups,
+        num_shards=_NUM_SHARDS.value, workers=_WORKERS.value, skip_bad=_SKIP_BAD.value,
+        overwrite=_OVERWRITE.value,
+        flags={f.name: f.value for f in _CONVERSION_FLAGS} | {
+            'data_dir': source.data_dir, 'per_class': per_class, 'out_dir': out_dir})
+  except (kaggle.SourceError, convert.ConvertError, tiff.BadImageError,
+          schema.ManifestError) as e:
+    _fail(str(e))
+  except KeyboardInterrupt:
+    _fail('interrupted; rerun the same command to resume')
+
+  written = sum(s['count'] for s in manifest['splits'].values())
+  for name, info in manifest['splits'].items():
+    print(f'{name:>5}: {info["count"]:>7,} examples {info["label_counts"]} in '
+          f'{len(info["shards"])} shards' + (f', {info["skipped"]} skipped' if info['skipped'] else ''))
+  print(f'{written:,} examples of {manifest["image_shape"]} in {manifest["seconds"]:.1f} s '
+        f'-> {os.path.abspath(out_dir)}')
+
+
+if __name__ == '__main__':
+  app.run(main)
