@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import threading
 import time
 
@@ -75,8 +76,8 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
     raise ConvertError(str(e)) from None
   plan_splits = {}
   for name, index in (('train', kept[train]), ('val', kept[val])):
-    plan_splits[name] = [(source.ids[i], int(source.labels[i]), source.train_path(source.ids[i]))
-                         for i in index]
+    plan_splits[name] = [(i, int(l), source.train_path(i))
+                         for i, l in zip(source.ids[index].tolist(), source.labels[index].tolist())]
   if len(source.test_ids):
     plan_splits['test'] = [(i, schema.TEST_LABEL, source.test_path(i)) for i in source.test_ids]
 
@@ -96,8 +97,7 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
               'skip_bad': skip_bad, 'format_version': schema.FORMAT_VERSION}
   digest = hashlib.sha256(json.dumps([settings, shard_counts]).encode())
   for name in sorted(plan_splits):
-    for example_id, label, path in plan_splits[name]:
-      digest.update(f'{name},{example_id},{label},{path}\n'.encode())
+    digest.update(json.dumps([name, plan_splits[name]]).encode())
   return {'settings': settings, 'splits': plan_splits, 'num_shards': shard_counts,
           'fingerprint': digest.hexdigest()}
 
@@ -128,45 +128,51 @@ def _run_task(task):
   return records.write_shard(task, _progress)
 
 
+def _start_method():
+  """`fork` where it is safe, else `spawn`.
+
+  Forking is instant, where `spawn` re-imports the caller's modules in every
+  worker (about 0.4 s each here, a tenth of converting the full set). It is
+  safe only while this process runs a single thread: a forked copy of another
+  thread's held lock (TensorFlow's pools in tests and notebooks, a progress
+  bar's monitor) can deadlock the worker. So the pool starts before the bar.
+  """
+  if ('fork' in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+      and 'tensorflow' not in sys.modules):
+    return 'fork'
+  return 'spawn'
+
+
 def _run_tasks(tasks, workers, total, initial, show_progress):
-  """Writes shards, in worker processes when workers > 1; returns their stats."""
+  """Writes shards, in worker processes when workers > 1; yields their stats."""
+  ctx = multiprocessing.get_context(_start_method())
+  counter = ctx.Value('q', 0)
+  pool = None
+  if workers > 1 and len(tasks) > 1:
+    pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,))
   bar = tqdm.tqdm(total=total, initial=initial, unit='img', desc='converting',
                   disable=not show_progress, smoothing=0.1)
-  if workers == 1 or len(tasks) <= 1:
-    counter = multiprocessing.Value('q', 0)  # A local counter; no process boundary.
-    stop = threading.Event()
-    def poll():
-      while not stop.wait(0.2):
-        bar.update(counter.value - (bar.n - initial))
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-      return [records.write_shard(t, counter) for t in tasks]
-    finally:
-      stop.set()
-      poller.join()
-      bar.update(counter.value - (bar.n - initial))
-      bar.close()
-  # `spawn`, not `fork`: the caller may have TensorFlow's threads running
-  # (tests, notebooks), and a forked copy of them can deadlock.
-  ctx = multiprocessing.get_context('spawn')
-  counter = ctx.Value('q', 0)
-  pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,))
+  stop = threading.Event()
+  def poll():  # Workers add to `counter`; the bar follows it.
+    while not stop.wait(0.2):
+      bar.update(initial + counter.value - bar.n)
+  poller = threading.Thread(target=poll, daemon=True)
+  poller.start()
   try:
-    pending = [pool.apply_async(_run_task, (t,)) for t in tasks]
-    while not all(p.ready() for p in pending):
-      time.sleep(0.2)
-      bar.update(counter.value - (bar.n - initial))
-      for p in pending:  # Fail fast on the first bad file.
-        if p.ready() and not p.successful():
-          p.get()
-    results = [p.get() for p in pending]
-    pool.close()
-    return results
+    if pool is None:
+      for task in tasks:
+        yield records.write_shard(task, counter)
+    else:
+      # Completion order; the first failed shard raises here at once.
+      yield from pool.imap_unordered(_run_task, tasks)
+      pool.close()
   finally:
-    pool.terminate()
-    pool.join()
-    bar.update(counter.value - (bar.n - initial))
+    if pool is not None:
+      pool.terminate()
+      pool.join()
+    stop.set()
+    poller.join()
+    bar.update(initial + counter.value - bar.n)
     bar.close()
 
 
@@ -273,8 +279,12 @@ def _make_manifest(plan, tasks, done, source, flags):
       for label, n in s['label_counts'].items():
         label_counts[label] = label_counts.get(label, 0) + n
       skipped.extend({'id': x['id'], 'split': name, 'reason': x['reason']} for x in s['skipped'])
+    count = sum(s['count'] for s in shards)
+    if not count:  # As TFDS's writer: a split with no example is an error.
+      raise ConvertError(f'split {name}: no example could be written '
+                         f'({sum(len(s["skipped"]) for s in shards)} skipped)')
     split_info[name] = {
-        'count': sum(s['count'] for s in shards),
+        'count': count,
         'skipped': sum(len(s['skipped']) for s in shards),
         'label_counts': dict(sorted(label_counts.items())),
         'shards': [{k: s[k] for k in ('file', 'count', 'sha256')} for s in shards],

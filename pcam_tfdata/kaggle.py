@@ -44,10 +44,10 @@ class KaggleSource:
   unlabelled: list
 
   def train_path(self, example_id):
-    return os.path.join(self.data_dir, TRAIN_DIR, example_id + SUFFIX)
+    return f'{self.data_dir}/{TRAIN_DIR}/{example_id}{SUFFIX}'
 
   def test_path(self, example_id):
-    return os.path.join(self.data_dir, TEST_DIR, example_id + SUFFIX)
+    return f'{self.data_dir}/{TEST_DIR}/{example_id}{SUFFIX}'
 
 
 def _list_ids(folder):

@@ -17,7 +17,7 @@ import google_crc32c
 from pcam_tfdata import schema
 from pcam_tfdata import tiff
 
-_PROGRESS_EVERY = 256  # Records between updates of the shared progress counter.
+_FLUSH_EVERY = 256  # Records per write, hash update and progress update.
 
 
 def _masked_crc(data):
@@ -47,47 +47,48 @@ def write_shard(task, progress=None):
     progress: optional shared counter (multiprocessing.Value) of records done.
 
   Returns:
-    The shard's stats: file, count, sha256, label_counts, skipped.
+    The shard's stats: file, count, sha256, label_counts, skipped. With
+    `skip_bad` a shard may hold no record; the split as a whole may not
+    (checked by the caller).
 
   Raises:
     tiff.BadImageError: a bad patch, unless `skip_bad`.
-    ValueError: no example could be written.
   """
   path, crop_size = task['path'], task['crop_size']
   digest = hashlib.sha256()
   label_counts = {}
   skipped = []
-  count = 0
-  pending = 0
+  count = seen = 0
+  pending = []
   with open(path + '.partial', 'wb') as f:
+    def flush():
+      nonlocal seen
+      data = b''.join(pending)
+      f.write(data)
+      digest.update(data)
+      if progress is not None:
+        with progress.get_lock():
+          progress.value += seen
+      seen = 0
+      pending.clear()
     for example_id, label, source in task['examples']:
+      seen += 1
       try:
         pixels = tiff.read_patch(source, task['patch_size'])
       except (tiff.BadImageError, OSError) as e:
         if not task['skip_bad']:
           raise tiff.BadImageError(str(e)) from None
         skipped.append({'id': example_id, 'reason': str(e)})
-      else:
-        crop = tiff.center_crop(pixels, crop_size).tobytes()
-        data = frame_record(schema.encode_example(crop, label, example_id))
-        f.write(data)
-        digest.update(data)
-        count += 1
-        label_counts[str(label)] = label_counts.get(str(label), 0) + 1
-      pending += 1
-      if progress is not None and pending == _PROGRESS_EVERY:
-        with progress.get_lock():
-          progress.value += pending
-        pending = 0
+        continue
+      crop = tiff.center_crop(pixels, crop_size).tobytes()
+      pending.append(frame_record(schema.encode_example(crop, label, example_id)))
+      count += 1
+      label_counts[str(label)] = label_counts.get(str(label), 0) + 1
+      if len(pending) == _FLUSH_EVERY:
+        flush()
+    flush()
     f.flush()
     os.fsync(f.fileno())
-  if progress is not None and pending:
-    with progress.get_lock():
-      progress.value += pending
-  if count == 0:
-    os.remove(path + '.partial')
-    raise ValueError(f'{os.path.basename(path)}: no example could be written '
-                     f'({len(skipped)} skipped), refusing an empty shard')
   os.replace(path + '.partial', path)
   stats = {'file': os.path.basename(path), 'count': count, 'sha256': digest.hexdigest(),
            'label_counts': dict(sorted(label_counts.items())), 'skipped': skipped}

@@ -4,6 +4,7 @@ Writer (tools/make_records.py) and reader (pcam_tfdata/pipeline.py) both take
 every name from here, so the two cannot drift apart.
 """
 
+import functools
 import json
 import os
 import re
@@ -63,6 +64,23 @@ def _map_entry(key, feature):
   return _field(1, _field(1, key.encode()) + _field(2, feature))
 
 
+@functools.lru_cache(maxsize=None)
+def _bytes_entry_prefix(key, length):
+  """Everything of a bytes feature's map entry before its `length`-byte value."""
+  bytes_list = _varint(1 << 3 | 2) + _varint(length)  # BytesList.value = 1.
+  feature = _varint(1 << 3 | 2) + _varint(len(bytes_list) + length)  # Feature.bytes_list = 1.
+  entry_key = _field(1, key.encode())
+  value = _varint(2 << 3 | 2) + _varint(len(feature) + len(bytes_list) + length)
+  entry = entry_key + value + feature + bytes_list
+  return _varint(1 << 3 | 2) + _varint(len(entry) + length) + entry
+
+
+@functools.lru_cache(maxsize=None)
+def _label_entry(label):
+  # Feature.int64_list = 3, Int64List.value = 1 (packed).
+  return _map_entry(LABEL_KEY, _field(3, _field(1, _varint(label))))
+
+
 def encode_example(image, label, example_id):
   """Serializes one record as a `tf.train.Example`, without importing TF.
 
@@ -70,6 +88,7 @@ def encode_example(image, label, example_id):
   (about 5 s and 700 MB each here); the protobuf wire format of Example is
   small and fixed, and tests check the bytes parse back as TF's own Example.
   Keys are emitted in a fixed order, so the same inputs give the same bytes.
+  Everything but the values is cached by value length: this runs 220k times.
 
   Args:
     image: bytes, the raw uint8 crop.
@@ -79,13 +98,11 @@ def encode_example(image, label, example_id):
   Returns:
     The serialized Example as bytes.
   """
-  bytes_list = lambda v: _field(1, _field(1, v))  # Feature.bytes_list = 1.
-  int64_list = lambda v: _field(3, _field(1, _varint(v)))  # int64_list = 3, packed.
-  features = (
-      _map_entry(ID_KEY, bytes_list(example_id.encode()))
-      + _map_entry(IMAGE_KEY, bytes_list(image))
-      + _map_entry(LABEL_KEY, int64_list(label)))
-  return _field(1, features)  # Example.features = 1.
+  id_bytes = example_id.encode()
+  features = b''.join((_bytes_entry_prefix(ID_KEY, len(id_bytes)), id_bytes,
+                       _bytes_entry_prefix(IMAGE_KEY, len(image)), image,
+                       _label_entry(label)))
+  return _varint(1 << 3 | 2) + _varint(len(features)) + features  # Example.features = 1.
 
 
 def feature_spec():

@@ -10,6 +10,7 @@ the same for a seed however it is produced.
 """
 
 import hashlib
+import multiprocessing
 import os
 import shutil
 
@@ -115,8 +116,17 @@ def _labels(num, seed):
   return np.random.default_rng([seed, 0]).permutation(labels)
 
 
+def _write_patches(job):
+  """Worker: writes the patches of `job` = (folder, seed, [(split code, index, label, id)])."""
+  folder, seed, items = job
+  for code, index, label, name in items:
+    pixels = make_patch(np.random.default_rng([seed, code, index]), label)
+    write_tiff(os.path.join(folder, name + kaggle.SUFFIX), pixels)
+  return len(items)
+
+
 def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False,
-                 show_progress=True):
+                 show_progress=True, workers=None):
   """Writes train/, train_labels.csv, test/ and sample_submission.csv.
 
   The folder appears only when complete: it is written under a temporary
@@ -128,6 +138,7 @@ def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False
     seed: the set is a function of (num_train, num_test, seed).
     overwrite: replace an existing folder.
     show_progress: show a tqdm bar.
+    workers: processes drawing patches (default: all cores).
 
   Returns:
     The folder's path.
@@ -141,29 +152,29 @@ def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False
     raise ValueError(f'--out_dir={out_dir}: exists; pass --overwrite to replace it')
   tmp = out_dir.rstrip('/') + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(os.path.join(tmp, kaggle.TRAIN_DIR))
-  os.makedirs(os.path.join(tmp, kaggle.TEST_DIR))
-  labels = _labels(num_train, seed)
-  bar = tqdm.tqdm(total=num_train + num_test, unit='img', desc='synthesizing',
-                  disable=not show_progress)
-  rows = []
-  for split, count, folder in (('train', num_train, kaggle.TRAIN_DIR),
-                               ('test', num_test, kaggle.TEST_DIR)):
-    code = 1 if split == 'train' else 2
-    test_labels = _labels(count, seed + 1) if split == 'test' else None
-    for i in range(count):
-      label = labels[i] if split == 'train' else test_labels[i]
-      pixels = make_patch(np.random.default_rng([seed, code, i]), label)
-      name = example_id(seed, split, i)
-      write_tiff(os.path.join(tmp, folder, name + kaggle.SUFFIX), pixels)
-      rows.append((split, name, int(label)))
-      bar.update()
-  bar.close()
-  frame = pd.DataFrame(rows, columns=['split', 'id', 'label'])
-  train = frame[frame.split == 'train']
-  train[['id', 'label']].to_csv(os.path.join(tmp, kaggle.LABELS_CSV), index=False)
-  test = frame[frame.split == 'test'].assign(label=0)
-  test[['id', 'label']].to_csv(os.path.join(tmp, 'sample_submission.csv'), index=False)
+  jobs, frames = [], []
+  # Test labels are drawn too, so test patches look like train ones, but not written.
+  for code, folder, labels in ((1, kaggle.TRAIN_DIR, _labels(num_train, seed)),
+                               (2, kaggle.TEST_DIR, _labels(num_test, seed + 1))):
+    os.makedirs(os.path.join(tmp, folder))
+    ids = [example_id(seed, folder, i) for i in range(len(labels))]
+    frames.append(pd.DataFrame({'id': ids, 'label': labels}))
+    items = [(code, i, int(l), n) for i, (l, n) in enumerate(zip(labels, ids))]
+    jobs += [(os.path.join(tmp, folder), seed, items[k:k + 256])
+             for k in range(0, len(items), 256)]
+  workers = workers or len(os.sched_getaffinity(0))
+  with tqdm.tqdm(total=num_train + num_test, unit='img', desc='synthesizing',
+                 disable=not show_progress) as bar:
+    if workers == 1 or len(jobs) == 1:
+      for job in jobs:
+        bar.update(_write_patches(job))
+    else:
+      # `spawn`: the caller may run TensorFlow threads that a fork would copy.
+      with multiprocessing.get_context('spawn').Pool(workers) as pool:
+        for n in pool.imap_unordered(_write_patches, jobs):
+          bar.update(n)
+  frames[0].to_csv(os.path.join(tmp, kaggle.LABELS_CSV), index=False)
+  frames[1].assign(label=0).to_csv(os.path.join(tmp, 'sample_submission.csv'), index=False)
   if os.path.lexists(out_dir):
     shutil.rmtree(out_dir)
   os.rename(tmp, out_dir)

@@ -1,0 +1,161 @@
+"""The converter: exact round trip, balance, splits, groups, determinism, resumption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from pcam_tfdata import convert
+from pcam_tfdata import schema
+from pcam_tfdata import tiff
+from conftest import ROOT, run_convert
+
+
+def read_split(out_dir, split):
+  """[(id, label, image bytes)] of a split, in shard order."""
+  manifest = schema.load_manifest(str(out_dir))
+  ds = tf.data.TFRecordDataset(schema.shard_paths(str(out_dir), manifest, split))
+  out = []
+  for batch in ds.batch(1000).map(lambda x: tf.io.parse_example(x, schema.feature_spec())):
+    out.extend(zip([i.decode() for i in batch[schema.ID_KEY].numpy()],
+                   batch[schema.LABEL_KEY].numpy().tolist(), batch[schema.IMAGE_KEY].numpy()))
+  return out
+
+
+def shard_bytes(out_dir):
+  return {f: (out_dir / f).read_bytes() for f in sorted(os.listdir(out_dir))
+          if f.endswith('.tfrecord')}
+
+
+def test_round_trip_ids_labels_and_crop_bytes(kaggle_dir, tmp_path):
+  out = tmp_path / 'rec'
+  manifest = run_convert(kaggle_dir, out, crop_size=32, per_class=0)
+  labels = pd.read_csv(kaggle_dir / 'train_labels.csv', dtype={'id': str})
+  expected = dict(zip(labels['id'], labels['label']))
+  got = read_split(out, 'train') + read_split(out, 'val')
+  assert len(got) == len(expected)
+  assert {i: l for i, l, _ in got} == expected
+  for example_id, _, image in got:
+    source = tiff.read_patch(str(kaggle_dir / 'train' / f'{example_id}.tif'))
+    assert image == source[32:64, 32:64].tobytes()
+  test = read_split(out, 'test')
+  assert sorted(i for i, _, _ in test) == sorted(p[:-4] for p in os.listdir(kaggle_dir / 'test'))
+  assert {l for _, l, _ in test} == {schema.TEST_LABEL}
+  assert manifest['image_shape'] == [32, 32, 3]
+  assert manifest['splits']['train']['count'] + manifest['splits']['val']['count'] == 60
+
+
+@pytest.mark.parametrize('crop_size', [2, 48, 96])
+def test_other_crop_sizes(kaggle_dir, tmp_path, crop_size):
+  out = tmp_path / 'rec'
+  run_convert(kaggle_dir, out, crop_size=crop_size)
+  example_id, _, image = read_split(out, 'val')[0]
+  c = (96 - crop_size) // 2
+  source = tiff.read_patch(str(kaggle_dir / 'train' / f'{example_id}.tif'))
+  assert image == source[c:c + crop_size, c:c + crop_size].tobytes()
+
+
+def test_balance_and_split_counts(kaggle_dir, tmp_path):
+  manifest = run_convert(kaggle_dir, tmp_path / 'rec', per_class=20, val_fraction=0.25)
+  assert manifest['splits']['train']['label_counts'] == {'0': 15, '1': 15}
+  assert manifest['splits']['val']['label_counts'] == {'0': 5, '1': 5}
+  counts = [s['count'] for s in manifest['splits']['train']['shards']]
+  assert len(counts) == 30 and sum(counts) == 30  # 32 wanted, capped at one per example.
+
+
+def test_shards_mix_classes(kaggle_dir, tmp_path):
+  out = tmp_path / 'rec'
+  run_convert(kaggle_dir, out, per_class=20, num_shards=2)
+  manifest = schema.load_manifest(str(out))
+  assert [len(s) for s in (manifest['splits']['train']['shards'],)] == [2]
+  first = read_split(out, 'train')[:15]
+  assert {l for _, l, _ in first} == {0, 1}
+
+
+def test_groups_never_cross_splits(kaggle_dir, tmp_path):
+  ids = pd.read_csv(kaggle_dir / 'train_labels.csv', dtype=str)['id']
+  groups = pd.DataFrame({'id': ids, 'group': [f'slide{i % 9}' for i in range(len(ids))]})
+  groups_csv = tmp_path / 'groups.csv'
+  groups.to_csv(groups_csv, index=False)
+  lookup = dict(zip(groups['id'], groups['group']))
+  from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
+  source = kaggle.read_source(str(kaggle_dir))
+  out = tmp_path / 'rec'
+  convert.convert(source, str(out), per_class=0, groups=kaggle.read_groups(str(groups_csv), source.ids),
+                  eda=False, show_progress=False, log=lambda _: None)
+  train = {lookup[i] for i, _, _ in read_split(out, 'train')}
+  val = {lookup[i] for i, _, _ in read_split(out, 'val')}
+  assert train and val and not train & val
+  assert len(train | val) == 9
+
+
+def test_same_inputs_and_seed_give_identical_shards(kaggle_dir, tmp_path):
+  run_convert(kaggle_dir, tmp_path / 'a', seed=5, workers=1)
+  run_convert(kaggle_dir, tmp_path / 'b', seed=5, workers=2)
+  run_convert(kaggle_dir, tmp_path / 'c', seed=6, workers=1)
+  a, b, c = (shard_bytes(tmp_path / x) for x in 'abc')
+  assert a == b
+  assert a.keys() == c.keys() and a != c
+
+
+def test_complete_output_is_kept_unless_overwrite(kaggle_dir, tmp_path):
+  out = tmp_path / 'rec'
+  first = run_convert(kaggle_dir, out, seed=1)
+  mtime = os.path.getmtime(out / schema.MANIFEST_NAME)
+  assert run_convert(kaggle_dir, out, seed=1) == first  # Up to date: nothing rewritten.
+  assert os.path.getmtime(out / schema.MANIFEST_NAME) == mtime
+  with pytest.raises(convert.ConvertError, match='--overwrite'):
+    run_convert(kaggle_dir, out, seed=2)
+  assert json.loads((out / schema.MANIFEST_NAME).read_text())['fingerprint'] == first['fingerprint']
+  second = run_convert(kaggle_dir, out, seed=2, overwrite=True)
+  assert second['fingerprint'] != first['fingerprint']
+  assert [p for p in os.listdir(tmp_path) if p.startswith('.')] == []
+
+
+_KILLER = '''
+import os, signal, sys
+from pcam_tfdata import records, kaggle, convert
+real = records.write_shard
+done = []
+def write_then_die(task, progress=None):
+  stats = real(task, progress)
+  done.append(stats)
+  if len(done) == 3:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return stats
+records.write_shard = write_then_die
+source = kaggle.read_source(sys.argv[1])
+convert.convert(source, sys.argv[2], per_class=0, workers=1, eda=False, show_progress=False)
+'''
+
+
+def test_killed_conversion_resumes_to_the_same_bytes(kaggle_dir, tmp_path):
+  reference = tmp_path / 'reference'
+  run_convert(kaggle_dir, reference)
+  out = tmp_path / 'rec'
+  proc = subprocess.run([sys.executable, '-c', _KILLER, str(kaggle_dir), str(out)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr
+  assert not out.exists()  # Nothing that looks complete.
+  partial = [p for p in os.listdir(tmp_path) if p.startswith('.rec.partial-')]
+  assert len(partial) == 1
+  assert len([f for f in os.listdir(tmp_path / partial[0]) if f.endswith('.done.json')]) == 3
+  logged = []
+  run_convert(kaggle_dir, out, log=logged.append)
+  assert any('3 of' in line for line in logged), logged
+  assert shard_bytes(out) == shard_bytes(reference)
+  assert not (out / 'train-00000-of-00032.tfrecord.done.json').exists()
+  assert [p for p in os.listdir(tmp_path) if p.startswith('.')] == []
+
+
+def test_eda_pictures_are_written(kaggle_dir, tmp_path):
+  out = tmp_path / 'rec'
+  run_convert(kaggle_dir, out, eda=True)
+  for name in ('eda_class_balance.png', 'eda_samples.png'):
+    assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -1,0 +1,57 @@
+"""The hand-written Example encoding and TFRecord framing against TensorFlow's own."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pcam_tfdata import records
+from pcam_tfdata import schema
+
+
+def _tf_example(image, label, example_id):
+  feature = {
+      schema.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+      schema.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+      schema.ID_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+CASES = [(bytes(range(256)) * 12, 1, 'a' * 40), (b'\x00' * 3, 0, 'x'),
+         (b'\xff' * 27648, schema.TEST_LABEL, 'pcam-test-000123'), (b'', 1, '')]
+
+
+@pytest.mark.parametrize('image, label, example_id', CASES)
+def test_encode_example_parses_as_tf_example(image, label, example_id):
+  encoded = schema.encode_example(image, label, example_id)
+  assert tf.train.Example.FromString(encoded) == _tf_example(image, label, example_id)
+
+
+def test_parse_example_reads_a_batch():
+  batch = [schema.encode_example(i, l, n) for i, l, n in CASES[:3]]
+  parsed = tf.io.parse_example(tf.constant(batch), schema.feature_spec())
+  assert [x.decode() for x in parsed[schema.ID_KEY].numpy()] == [c[2] for c in CASES[:3]]
+  np.testing.assert_array_equal(parsed[schema.LABEL_KEY].numpy(), [c[1] for c in CASES[:3]])
+  assert [x for x in parsed[schema.IMAGE_KEY].numpy()] == [c[0] for c in CASES[:3]]
+
+
+def test_framing_is_byte_identical_to_tf_writer(tmp_path):
+  payloads = [schema.encode_example(i, l, n) for i, l, n in CASES] + [b'', b'z' * 100000]
+  reference = tmp_path / 'tf.tfrecord'
+  with tf.io.TFRecordWriter(str(reference)) as writer:
+    for p in payloads:
+      writer.write(p)
+  assert b''.join(records.frame_record(p) for p in payloads) == reference.read_bytes()
+
+
+def test_shard_names_round_trip():
+  assert schema.shard_name('train', 3, 32) == 'train-00003-of-00032.tfrecord'
+  assert schema.parse_shard_name('train-00003-of-00032.tfrecord') == ('train', 3, 32)
+  assert schema.parse_shard_name('train-3-of-32.tfrecord') is None
+
+
+def test_load_manifest_refuses_a_folder_without_one(tmp_path):
+  with pytest.raises(schema.ManifestError, match='manifest.json: missing'):
+    schema.load_manifest(str(tmp_path))
+  with pytest.raises(schema.ManifestError, match='no such records folder'):
+    schema.load_manifest(str(tmp_path / 'absent'))
