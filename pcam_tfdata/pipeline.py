@@ -1,0 +1,231 @@
+"""The tf.data input pipeline over the records written by tools/make_records.py.
+
+Training, in the order of the TF performance guide: list the split's shards ->
+shard them per input pipeline -> interleave the files -> parse 1024 records at
+a time -> cache the whole (per-pipeline) split as one tensor -> per epoch, a
+fresh permutation cut into batches that are gathered from the cache -> augment
+each batch with static flips and transposes on eighths of it -> prefetch.
+
+Why the cache holds one tensor: a per-example cache -> shuffle -> batch chain
+pays tf.data's per-element cost on every image and tops out at 140-170k
+images/s on 2 cores; gathering whole batches from a tensor by index costs one
+op per batch, and the permutation shuffles the whole epoch, not a buffer.
+Images stay uint8 (the model scales them), a quarter of float32's bytes through
+the pipeline and the host-to-device copy.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from pcam_tfdata import schema
+
+_PARSE_BATCH = 1024  # Records parsed per op; also the eval cache's element size.
+_EVAL_READ_BUFFER = 8 << 20
+
+
+def parse_batch(serialized, image_shape, with_ids=False):
+  """Parses a batch of serialized Examples at once.
+
+  Args:
+    serialized: string tensor [N].
+    image_shape: (H, W, 3) of every image, from the manifest.
+    with_ids: also return the ids.
+
+  Returns:
+    (images uint8 [N, H, W, 3], labels float32 [N]) and ids string [N] if
+    `with_ids`.
+  """
+  features = tf.io.parse_example(serialized, schema.feature_spec())
+  images = tf.io.decode_raw(features[schema.IMAGE_KEY], tf.uint8)
+  images = tf.reshape(images, [-1, *image_shape])
+  labels = tf.cast(features[schema.LABEL_KEY], tf.float32)
+  if with_ids:
+    return images, labels, features[schema.ID_KEY]
+  return images, labels
+
+
+def dihedral_permutations(size):
+  """[8, size*size] int32: pixel index maps of the 8 symmetries of a square.
+
+  Row t sends output pixel p to input pixel table[t, p]: transforms 0-3 rotate
+  by 0/90/180/270 degrees counterclockwise (`np.rot90`), 4-7 do the same after
+  a left-right flip. The reference that `dihedral_transform` is tested against.
+  """
+  grid = np.arange(size * size, dtype=np.int32).reshape(size, size)
+  table = [np.rot90(g, k).reshape(-1) for g in (grid, grid[:, ::-1]) for k in range(4)]
+  return np.stack(table)
+
+
+_transpose = lambda x: tf.transpose(x, [0, 2, 1, 3])
+_flip_rows = lambda x: tf.reverse(x, [1])
+_flip_cols = lambda x: tf.reverse(x, [2])
+_flip_both = lambda x: tf.reverse(x, [1, 2])
+# Each transform in the fewest whole-batch ops (row flips are the cheap ones).
+_DIHEDRAL = (
+    lambda x: x,
+    lambda x: _flip_rows(_transpose(x)),  # rot90
+    _flip_both,  # rot180
+    lambda x: _flip_cols(_transpose(x)),  # rot270
+    _flip_cols,  # flip
+    _transpose,  # rot90 of flip
+    _flip_rows,  # rot180 of flip
+    lambda x: _flip_both(_transpose(x)),  # rot270 of flip
+)
+
+
+def dihedral_transform(images, k):
+  """Applies dihedral transform k (0..7, see `dihedral_permutations`) to a batch.
+
+  Args:
+    images: [B, S, S, C] tensor.
+    k: Python int in 0..7, the same for the whole batch (e.g. each pass of
+      test-time augmentation).
+  """
+  return _DIHEDRAL[k](images)
+
+
+def dihedral_by_position(images):
+  """A random-looking dihedral transform per image, at the cost of static ops.
+
+  Position i of a batch of B gets transform 8 * i // B: a per-image choice
+  with exactly B/8 images per transform (as a stratified draw). The batch must
+  come in a random order, as the training batches do (a fresh permutation of
+  the split each epoch), so each image's transform is uniform over the 8 and
+  new every epoch. Static transforms on eight slices cost about half of one
+  per-pixel gather with a transform index per image, which is what kept
+  augmented batches of 256 below 150k images/s on 2 cores.
+
+  Args:
+    images: [B, S, S, C] tensor with a static batch size.
+  """
+  size = images.shape[0]
+  if size is None:
+    raise ValueError('dihedral_by_position needs a static batch size')
+  bounds = [-(-size * k // 8) for k in range(9)]  # Position i gets 8 * i // size.
+  return tf.concat([_DIHEDRAL[k](images[bounds[k]:bounds[k + 1]]) for k in range(8)], 0)
+
+
+def _options(deterministic):
+  # Measured on 2 cores (tools/bench_input.py, 80k examples, augmented):
+  # max_intra_op_parallelism=1, a private pool of 2 threads and a 2 GiB
+  # autotune RAM budget each stayed within run-to-run noise of the defaults,
+  # so none is set. Order only matters for evaluation and seeded runs.
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  return options
+
+
+def _files_for_pipeline(records_dir, manifest, split, input_context):
+  """The split's shards, and their record count, for this input pipeline."""
+  shards = manifest['splits'][split]['shards']
+  if input_context is not None and input_context.num_input_pipelines > 1:
+    n = input_context.num_input_pipelines
+    if len(shards) < n:
+      raise ValueError(f'{records_dir}: split {split!r} has {len(shards)} shards, fewer than '
+                       f'{n} input pipelines; rerun tools/make_records.py with '
+                       f'--num_shards={n} or more')
+    shards = shards[input_context.input_pipeline_id::n]
+  paths = [f'{records_dir}/{s["file"]}' for s in shards]
+  return paths, sum(s['count'] for s in shards)
+
+
+def make_dataset(records_dir, split, *, batch_size, training, cache=True, augment=None,
+                 seed=None, input_context=None, with_ids=False):
+  """Builds the input pipeline of one split.
+
+  Args:
+    records_dir: a folder written by tools/make_records.py (needs its manifest).
+    split: 'train', 'val' or 'test'.
+    batch_size: per input pipeline (per replica batch x replicas per worker).
+    training: shuffle each epoch, drop the last partial batch, augment. Else
+      every example exactly once, in manifest order, last batch kept.
+    cache: keep parsed images in memory after the first epoch.
+    augment: True or 'dihedral' for a random flip/rotation per image
+      (training only); None or False for none.
+    seed: makes training order and augmentation reproducible (and interleave
+      deterministic); None draws new ones each run. Every iteration of the
+      returned dataset is one epoch in a new order either way.
+    input_context: tf.distribute.InputContext; each pipeline reads its own
+      subset of the shard files.
+    with_ids: yield (images, labels, ids) instead of (images, labels).
+
+  Returns:
+    A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches (plus
+    string ids [B]). Iterating it once is one epoch.
+
+  Raises:
+    schema.ManifestError: no manifest, or no such split.
+    ValueError: bad arguments, or fewer shards than input pipelines.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size}: must be >= 1')
+  if augment not in (None, False, True, 'dihedral'):
+    raise ValueError(f'augment={augment!r}: use None, False, True or "dihedral"')
+  manifest = schema.load_manifest(records_dir)
+  schema.shard_paths(records_dir, manifest, split)  # Raises for an unknown split.
+  image_shape = tuple(manifest['image_shape'])
+  paths, count = _files_for_pipeline(records_dir, manifest, split, input_context)
+  parse = lambda x: parse_batch(x, image_shape, with_ids)
+  if not training:
+    return _eval_dataset(paths, count, batch_size, parse, cache)
+  if count < batch_size:
+    raise ValueError(f'{records_dir}: split {split!r} holds {count} examples for this input '
+                     f'pipeline, fewer than one batch of {batch_size}')
+  return _train_dataset(paths, count, batch_size, parse, cache, bool(augment), seed)
+
+
+def _eval_dataset(paths, count, batch_size, parse, cache):
+  # Files in manifest order, read one after the other: a fixed order, and
+  # evaluation reads each split once per epoch, so parallel reads buy little.
+  ds = tf.data.TFRecordDataset(paths, buffer_size=_EVAL_READ_BUFFER)
+  ds = ds.batch(batch_size)  # The last partial batch is kept: every example counts.
+  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if cache:
+    ds = ds.cache()
+  ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic=True))
+
+
+def _train_dataset(paths, count, batch_size, parse, cache, augment, seed):
+  deterministic = seed is not None
+  files = tf.data.Dataset.from_tensor_slices(paths)
+  if not cache:  # Re-read each epoch: at least visit the files in a new order.
+    files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+  records = files.interleave(
+      lambda f: tf.data.TFRecordDataset(f), cycle_length=min(len(paths), 8),
+      block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+  chunks = records.batch(_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                           deterministic=deterministic)
+  # The whole split as one element: one tensor per field, [count, ...]. The
+  # cache then holds just the raw bytes, and an epoch is a gather by index.
+  # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
+  whole = chunks.unbatch().batch(count)
+  if cache:
+    whole = whole.cache()
+
+  steps = count // batch_size  # drop_remainder: static shapes, equal steps.
+
+  def epoch(seed_pair, fields):
+    # A new permutation of the whole split each epoch, from one stateless seed
+    # per epoch; it also decides each image's augmentation (by position).
+    order = tf.random.experimental.stateless_shuffle(tf.range(count),
+                                                     seed=tf.cast(seed_pair, tf.int32))
+    index = tf.reshape(order[:steps * batch_size], [steps, batch_size])
+    # `fields` repeats by reference, not by copy: each batch sees the cache.
+    return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(index),
+                               tf.data.Dataset.from_tensors(fields).repeat())
+
+  def gather(batch_index, fields):
+    batch = tuple(tf.gather(f, batch_index) for f in fields)
+    if augment:
+      batch = (dihedral_by_position(batch[0]),) + batch[1:]
+    return batch
+
+  # One element per iteration: a fresh (or, with `seed`, reproducible) seed
+  # pair for each epoch.
+  seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2).take(1)
+  ds = tf.data.Dataset.zip(seeds, whole).flat_map(epoch)
+  # Outside the flat_map, so that batches are gathered on all cores at once.
+  ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+  ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))

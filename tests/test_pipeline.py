@@ -1,0 +1,190 @@
+"""The tf.data pipeline: epochs, sharding, evaluation order, augmentation, pixels."""
+
+import collections
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from pcam_tfdata import pipeline
+from pcam_tfdata import schema
+from pcam_tfdata import tiff
+from conftest import run_convert
+
+
+@pytest.fixture(scope='module')
+def records(kaggle_dir, tmp_path_factory):
+  """60 labelled patches -> 48 train, 12 val; 10 test."""
+  out = tmp_path_factory.mktemp('records') / 'rec'
+  run_convert(kaggle_dir, out, per_class=0, val_fraction=0.2)
+  return out
+
+
+@pytest.fixture(scope='module')
+def truth(kaggle_dir):
+  frame = pd.read_csv(kaggle_dir / 'train_labels.csv', dtype={'id': str})
+  return dict(zip(frame['id'], frame['label']))
+
+
+def _ids(batches):
+  return [i.decode() for b in batches for i in b[2].numpy()]
+
+
+def _epoch(ds):
+  return [tuple(t for t in b) for b in ds]
+
+
+def _crop(kaggle_dir, example_id):
+  return tiff.read_patch(str(kaggle_dir / 'train' / f'{example_id}.tif'))[32:64, 32:64]
+
+
+def test_training_epoch_is_the_split_minus_the_remainder(records, truth):
+  split = {i for i in truth}  # Labels of every id; the split is a subset.
+  manifest = schema.load_manifest(str(records))
+  count = manifest['splits']['train']['count']
+  ds = pipeline.make_dataset(str(records), 'train', batch_size=10, training=True, with_ids=True)
+  first, second = _epoch(ds), _epoch(ds)
+  for batches in (first, second):
+    assert len(batches) == count // 10
+    ids = _ids(batches)
+    assert len(ids) == len(set(ids)) == count // 10 * 10
+    assert set(ids) <= split
+    labels = [l for b in batches for l in b[1].numpy()]
+    assert labels == [truth[i] for i in ids]
+    assert batches[0][0].shape == (10, 32, 32, 3) and batches[0][0].dtype == tf.uint8
+    assert batches[0][1].dtype == tf.float32
+  assert _ids(first) != _ids(second)  # A new order each epoch.
+
+
+def test_batch_of_one_covers_the_split_exactly(records):
+  manifest = schema.load_manifest(str(records))
+  ds = pipeline.make_dataset(str(records), 'train', batch_size=1, training=True, with_ids=True)
+  ids = _ids(_epoch(ds))
+  assert len(ids) == manifest['splits']['train']['count'] == len(set(ids))
+
+
+def test_seed_makes_order_and_augmentation_reproducible(records):
+  make = lambda: pipeline.make_dataset(str(records), 'train', batch_size=8, training=True,
+                                       augment=True, seed=7, with_ids=True)
+  a, b = make(), make()
+  a1, b1 = _epoch(a), _epoch(b)
+  assert _ids(a1) == _ids(b1)
+  for x, y in zip(a1, b1):
+    np.testing.assert_array_equal(x[0].numpy(), y[0].numpy())
+  assert _ids(_epoch(a)) != _ids(a1)  # Still a new order each epoch.
+  other = pipeline.make_dataset(str(records), 'train', batch_size=8, training=True, seed=8,
+                                with_ids=True)
+  assert _ids(_epoch(other)) != _ids(a1)
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_two_input_pipelines_are_disjoint_and_cover_the_split(records, training):
+  parts = []
+  for pipeline_id in range(2):
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
+                                         num_replicas_in_sync=2)
+    ds = pipeline.make_dataset(str(records), 'train', batch_size=1, training=training,
+                               input_context=context, with_ids=True)
+    parts.append(set(_ids(_epoch(ds))))
+  manifest = schema.load_manifest(str(records))
+  assert parts[0] and parts[1] and not parts[0] & parts[1]
+  assert len(parts[0] | parts[1]) == manifest['splits']['train']['count']
+
+
+def test_more_pipelines_than_shards_is_refused(records):
+  context = tf.distribute.InputContext(num_input_pipelines=5, input_pipeline_id=0)
+  with pytest.raises(ValueError, match="split 'val' has 4 shards, fewer than 5 input pipelines"):
+    pipeline.make_dataset(str(records), 'val', batch_size=1, training=True, input_context=context)
+
+
+def test_evaluation_yields_each_id_once_in_a_fixed_order(records, kaggle_dir, truth):
+  ds = pipeline.make_dataset(str(records), 'val', batch_size=5, training=False, with_ids=True)
+  first, second = _epoch(ds), _epoch(ds)
+  assert [len(b[2]) for b in first] == [5, 5, 2]  # The last partial batch is kept.
+  ids = _ids(first)
+  assert ids == _ids(second)
+  assert len(ids) == len(set(ids)) == 12
+  manifest = schema.load_manifest(str(records))
+  in_shard_order = [i.decode() for i in tf.data.TFRecordDataset(
+      schema.shard_paths(str(records), manifest, 'val')).map(
+          lambda r: tf.io.parse_single_example(r, schema.feature_spec())[schema.ID_KEY])
+                    .as_numpy_iterator()]
+  assert ids == in_shard_order
+  for images, labels, batch_ids in first:
+    for image, label, example_id in zip(images.numpy(), labels.numpy(), batch_ids.numpy()):
+      example_id = example_id.decode()
+      assert label == truth[example_id]
+      np.testing.assert_array_equal(image, _crop(kaggle_dir, example_id))
+
+
+def test_test_split_has_every_id_with_label_minus_one(records, kaggle_dir):
+  ds = pipeline.make_dataset(str(records), 'test', batch_size=4, training=False, with_ids=True)
+  batches = _epoch(ds)
+  assert sorted(_ids(batches)) == sorted(p.stem for p in (kaggle_dir / 'test').iterdir())
+  assert {float(l) for b in batches for l in b[1].numpy()} == {-1.0}
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_augmentation_keeps_pixels_and_labels(records, kaggle_dir, truth, cache):
+  ds = pipeline.make_dataset(str(records), 'train', batch_size=16, training=True, augment=True,
+                             cache=cache, with_ids=True)
+  changed = 0
+  for images, labels, ids in ds:
+    for image, label, example_id in zip(images.numpy(), labels.numpy(), ids.numpy()):
+      example_id = example_id.decode()
+      source = _crop(kaggle_dir, example_id)
+      assert label == truth[example_id]
+      pixels = lambda a: collections.Counter(map(bytes, a.reshape(-1, 3)))
+      assert pixels(image) == pixels(source)
+      changed += not np.array_equal(image, source)
+  assert changed >= 16  # 7 of 8 transforms move pixels.
+
+
+@pytest.mark.parametrize('k', range(8))
+def test_dihedral_transform_matches_the_permutation_table_eager_and_in_map(k):
+  images = np.random.default_rng(k).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+  table = pipeline.dihedral_permutations(6)
+  expected = images.reshape(5, 36, 3)[:, table[k]].reshape(images.shape)
+  np.testing.assert_array_equal(pipeline.dihedral_transform(tf.constant(images), k), expected)
+  mapped = tf.data.Dataset.from_tensors(images).map(lambda x: pipeline.dihedral_transform(x, k))
+  np.testing.assert_array_equal(next(iter(mapped)), expected)
+  for t in range(4):  # Transforms 0-3 are np.rot90; 4-7 the same after a flip.
+    if k == t:
+      np.testing.assert_array_equal(expected, np.rot90(images, t, axes=(1, 2)))
+    if k == t + 4:
+      np.testing.assert_array_equal(expected, np.rot90(images[:, :, ::-1], t, axes=(1, 2)))
+
+
+@pytest.mark.parametrize('batch', [1, 8, 13, 64])
+def test_dihedral_by_position_eager_and_in_map(batch):
+  images = np.random.default_rng(batch).integers(0, 256, (batch, 4, 4, 3), dtype=np.uint8)
+  table = pipeline.dihedral_permutations(4)
+  expected = np.stack([images[i].reshape(16, 3)[table[8 * i // batch]].reshape(4, 4, 3)
+                       for i in range(batch)])
+  np.testing.assert_array_equal(pipeline.dihedral_by_position(tf.constant(images)), expected)
+  mapped = tf.data.Dataset.from_tensors(images).map(pipeline.dihedral_by_position)
+  np.testing.assert_array_equal(next(iter(mapped)), expected)
+
+
+def test_parse_batch_eager_and_in_map(records):
+  manifest = schema.load_manifest(str(records))
+  serialized = next(iter(tf.data.TFRecordDataset(
+      schema.shard_paths(str(records), manifest, 'val')).batch(3)))
+  eager = pipeline.parse_batch(serialized, (32, 32, 3), with_ids=True)
+  mapped = next(iter(tf.data.Dataset.from_tensors(serialized).map(
+      lambda s: pipeline.parse_batch(s, (32, 32, 3), with_ids=True))))
+  for a, b in zip(eager, mapped):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  assert eager[0].shape == (3, 32, 32, 3) and eager[1].dtype == tf.float32
+
+
+def test_bad_arguments_and_folders(records, tmp_path):
+  with pytest.raises(schema.ManifestError, match='manifest.json: missing'):
+    pipeline.make_dataset(str(tmp_path), 'train', batch_size=4, training=True)
+  with pytest.raises(schema.ManifestError, match="no split 'valid'"):
+    pipeline.make_dataset(str(records), 'valid', batch_size=4, training=True)
+  with pytest.raises(ValueError, match='augment='):
+    pipeline.make_dataset(str(records), 'train', batch_size=4, training=True, augment='mixup')
+  with pytest.raises(ValueError, match='fewer than one batch of 1000'):
+    pipeline.make_dataset(str(records), 'train', batch_size=1000, training=True)

@@ -1,0 +1,193 @@
+r"""Input throughput: the training pipeline against the loaders it replaces, in one run.
+
+    python tools/bench_input.py --records_dir=records/demo --data_dir=records/demo_kaggle
+
+Every figure is images/s, the median over --epochs timed epochs after one
+untimed warm-up epoch (the cached pipeline's first epoch is reported apart, as
+"first epoch from disk"). All methods iterate the same way, a Python `for`
+over the dataset, on the same examples:
+
+  * pipeline: `pcam_tfdata.pipeline.make_dataset` on the train split, cached
+    steady state and first epoch, batch 64 and 256, with and without
+    augmentation;
+  * seed-style loader: Keras' legacy ImageDataGenerator.flow_from_dataframe
+    over the train TIFFs, then the center crop (as the seed fed its models);
+  * TFDS-style reader: 96x96 PNG-encoded records decoded and cropped per
+    example, uncached (how tensorflow_datasets stores patch_camelyon);
+  * tf.data ceiling: `Dataset.from_tensors(one_batch).repeat()`, the cost of
+    iterating any tf.data pipeline from Python;
+  * memory-copy floor: a NumPy copy of the same uint8 bytes into a
+    preallocated array.
+It also reports what the cache costs in memory against the raw bytes it holds.
+"""
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+import pandas as pd
+
+_RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records folder (train split).')
+_DATA_DIR = flags.DEFINE_string('data_dir', 'records/demo_kaggle',
+                                'Kaggle-layout folder holding the same train TIFFs.')
+_EPOCHS = flags.DEFINE_integer('epochs', 5, 'Timed epochs per pipeline figure (median).')
+_SEED_IMAGES = flags.DEFINE_integer('seed_images', 6400, 'Images read by the seed-style loader.')
+_TFDS_IMAGES = flags.DEFINE_integer('tfds_images', 20000, 'Images in the TFDS-style PNG records.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
+
+
+def _rss_mib():
+  with open('/proc/self/status') as f:
+    return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
+
+
+def _epoch_rate(ds, batch_size):
+  start = time.perf_counter()
+  steps = 0
+  for _ in ds:
+    steps += 1
+  return steps * batch_size / (time.perf_counter() - start)
+
+
+def pipeline_rates(records_dir, batch_size, augment, epochs):
+  """(first epoch, median cached epoch) images/s of the training pipeline."""
+  from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
+  ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
+                             augment=augment)
+  first = _epoch_rate(ds, batch_size)
+  _epoch_rate(ds, batch_size)  # Warm-up of the cached path.
+  return first, statistics.median(_epoch_rate(ds, batch_size) for _ in range(epochs))
+
+
+def cache_cost(records_dir, count, image_bytes):
+  """RSS added by a cached first epoch over an uncached one, per raw byte."""
+  from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
+  costs = {}
+  for cache in (False, True):
+    before = _rss_mib()
+    ds = pipeline.make_dataset(records_dir, 'train', batch_size=256, training=True, cache=cache)
+    _epoch_rate(ds, 256)
+    costs[cache] = _rss_mib() - before
+    del ds
+  return (costs[True] - costs[False]) * 2**20 / (count * image_bytes)
+
+
+def seed_loader_rate(data_dir, images, crop):
+  """Keras' legacy ImageDataGenerator over the TIFFs, then the center crop."""
+  from keras.src.legacy.preprocessing.image import ImageDataGenerator  # pylint: disable=g-import-not-at-top
+  frame = pd.read_csv(os.path.join(data_dir, 'train_labels.csv'), dtype=str)
+  frame['filename'] = frame['id'] + '.tif'
+  gen = ImageDataGenerator(rescale=1.0 / 255).flow_from_dataframe(
+      frame, directory=os.path.join(data_dir, 'train'), x_col='filename', y_col='label',
+      target_size=(96, 96), class_mode='binary', batch_size=64, shuffle=True, seed=0)
+  c = (96 - crop) // 2
+  steps = max(2, images // 64)
+  next(gen)  # Warm-up.
+  start = time.perf_counter()
+  for _ in range(steps):
+    x, _ = next(gen)
+    x = x[:, c:c + crop, c:c + crop]
+  return steps * 64 / (time.perf_counter() - start)
+
+
+def tfds_style_rate(data_dir, images, crop, work):
+  """96x96 PNG records, decoded and cropped one example at a time, uncached."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import tiff  # pylint: disable=g-import-not-at-top
+  frame = pd.read_csv(os.path.join(data_dir, 'train_labels.csv'), dtype=str).head(images)
+  path = os.path.join(work, 'tfds_style.tfrecord')
+  with tf.io.TFRecordWriter(path) as writer:
+    for example_id, label in zip(frame['id'], frame['label']):
+      pixels = tiff.read_patch(os.path.join(data_dir, 'train', example_id + '.tif'))
+      feature = {
+          'image': tf.train.Feature(bytes_list=tf.train.BytesList(
+              value=[tf.io.encode_png(pixels).numpy()])),
+          'label': tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+      }
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+  spec = {'image': tf.io.FixedLenFeature([], tf.string),
+          'label': tf.io.FixedLenFeature([], tf.int64)}
+  c = (96 - crop) // 2
+
+  def decode(record):
+    example = tf.io.parse_single_example(record, spec)
+    image = tf.io.decode_png(example['image'], channels=3)[c:c + crop, c:c + crop]
+    return image, tf.cast(example['label'], tf.float32)
+
+  ds = (tf.data.TFRecordDataset(path).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(64).prefetch(tf.data.AUTOTUNE))
+  _epoch_rate(ds, 64)  # Warm-up: the page cache, as for every other method.
+  return statistics.median(_epoch_rate(ds, 64) for _ in range(3))
+
+
+def ceiling_rate(batch_size, image_shape, steps, epochs):
+  """Iterating a dataset that does no work at all."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  batch = (tf.zeros([batch_size, *image_shape], tf.uint8), tf.zeros([batch_size]))
+  ds = tf.data.Dataset.from_tensors(batch).repeat(steps)
+  _epoch_rate(ds, batch_size)
+  return statistics.median(_epoch_rate(ds, batch_size) for _ in range(epochs))
+
+
+def memcpy_rate(count, image_shape, epochs):
+  src = np.random.default_rng(0).integers(0, 256, (count, *image_shape), dtype=np.uint8)
+  dst = np.empty_like(src)
+  times = []
+  for _ in range(epochs + 1):
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    times.append(time.perf_counter() - start)
+  return count / statistics.median(times[1:])
+
+
+def main(argv):
+  del argv
+  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
+  manifest = schema.load_manifest(_RECORDS_DIR.value)
+  count = manifest['splits']['train']['count']
+  shape = tuple(manifest['image_shape'])
+  crop = shape[0]
+  epochs = _EPOCHS.value
+  rows, results = [], {}
+  with tempfile.TemporaryDirectory() as work:
+    results['seed-style loader (ImageDataGenerator, batch 64)'] = seed_loader_rate(
+        _DATA_DIR.value, _SEED_IMAGES.value, crop)
+    results['TFDS-style PNG records, uncached (batch 64)'] = tfds_style_rate(
+        _DATA_DIR.value, _TFDS_IMAGES.value, crop, work)
+  for batch_size in (64, 256):
+    for augment in (False, True):
+      first, steady = pipeline_rates(_RECORDS_DIR.value, batch_size, augment, epochs)
+      name = f'pipeline, batch {batch_size}, {"dihedral" if augment else "no"} augmentation'
+      results[f'{name}: cached'] = steady
+      if not augment:
+        results[f'{name}: first epoch from disk'] = first
+    results[f'tf.data ceiling (batch {batch_size})'] = ceiling_rate(
+        batch_size, shape, count // batch_size, epochs)
+  results['memory-copy floor (NumPy)'] = memcpy_rate(count, shape, epochs)
+  cache_ratio = cache_cost(_RECORDS_DIR.value, count, int(np.prod(shape)))
+
+  seed = results['seed-style loader (ImageDataGenerator, batch 64)']
+  print(f'\n{count} train examples of {list(shape)} from {_RECORDS_DIR.value}; '
+        f'{os.cpu_count()} cores; median of {epochs} epochs after a warm-up\n')
+  print('| method | images/s | x seed-style loader | % of tf.data ceiling (same batch) |')
+  print('|---|---:|---:|---:|')
+  for name, rate in results.items():
+    ceiling = results['tf.data ceiling (batch 256)' if 'batch 256' in name
+                      else 'tf.data ceiling (batch 64)']
+    share = f'{100 * rate / ceiling:.0f}%' if 'pipeline' in name or 'ceiling' in name else ''
+    print(f'| {name} | {rate:,.0f} | {rate / seed:,.1f} | {share} |')
+    rows.append({'method': name, 'images_per_second': rate, 'x_seed': rate / seed})
+  print(f'\ncache memory: {cache_ratio:.2f}x the raw image bytes ({count} examples)')
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump({'examples': count, 'image_shape': shape, 'rows': rows,
+                 'cache_memory_ratio': cache_ratio}, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
