@@ -129,6 +129,18 @@ def _files_for_pipeline(records_dir, manifest, split, input_context):
   return paths, sum(s['count'] for s in shards)
 
 
+def steps_per_epoch(manifest, split, batch_size, num_input_pipelines=1):
+  """Training steps that every input pipeline can serve in one epoch.
+
+  Pipelines read different shards and so hold different counts; synchronous
+  training must take the same number of steps on each, the smallest.
+  """
+  shards = manifest['splits'][split]['shards']
+  counts = [sum(s['count'] for s in shards[i::num_input_pipelines])
+            for i in range(num_input_pipelines)]
+  return min(counts) // batch_size
+
+
 def make_dataset(records_dir, split, *, batch_size, training, cache=True, augment=None,
                  seed=None, input_context=None, with_ids=False):
   """Builds the input pipeline of one split.

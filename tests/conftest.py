@@ -17,6 +17,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_PATCHES = ROOT.parent / 'shared' / 'fixtures' / 'real_patches'
 
 
+def pytest_configure(config):
+  """Two logical CPU devices, so MirroredStrategy runs (and is tested) without GPUs.
+
+  Must happen before TensorFlow starts its runtime, hence here.
+  """
+  del config
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  cpu = tf.config.list_physical_devices('CPU')[0]
+  tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
 @pytest.fixture(scope='session')
 def kaggle_dir(tmp_path_factory):
   """A read-only tiny Kaggle folder: 60 labelled patches (24 positive), 10 test."""

@@ -24,6 +24,8 @@ It also reports what the cache costs in memory against the raw bytes it holds.
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -39,11 +41,6 @@ _EPOCHS = flags.DEFINE_integer('epochs', 5, 'Timed epochs per pipeline figure (m
 _SEED_IMAGES = flags.DEFINE_integer('seed_images', 6400, 'Images read by the seed-style loader.')
 _TFDS_IMAGES = flags.DEFINE_integer('tfds_images', 20000, 'Images in the TFDS-style PNG records.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
-
-
-def _rss_mib():
-  with open('/proc/self/status') as f:
-    return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
 
 
 def _epoch_rate(ds, batch_size):
@@ -64,17 +61,33 @@ def pipeline_rates(records_dir, batch_size, augment, epochs):
   return first, statistics.median(_epoch_rate(ds, batch_size) for _ in range(epochs))
 
 
+_CACHE_PROBE = r"""
+import sys
+from pcam_tfdata import pipeline
+def rss_mib():
+  with open('/proc/self/status') as f:
+    return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
+ds = pipeline.make_dataset(sys.argv[1], 'train', batch_size=256, training=True,
+                           cache=sys.argv[2] == 'True')
+before = rss_mib()
+for _ in ds:
+  pass
+print(rss_mib() - before)
+"""
+
+
 def cache_cost(records_dir, count, image_bytes):
-  """RSS added by a cached first epoch over an uncached one, per raw byte."""
-  from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
-  costs = {}
+  """Memory the cache keeps after the first epoch, per raw image byte.
+
+  Each of a cached and an uncached pipeline runs one epoch in a fresh
+  process; the difference of their resident-memory growth is the cache.
+  """
+  growth = {}
   for cache in (False, True):
-    before = _rss_mib()
-    ds = pipeline.make_dataset(records_dir, 'train', batch_size=256, training=True, cache=cache)
-    _epoch_rate(ds, 256)
-    costs[cache] = _rss_mib() - before
-    del ds
-  return (costs[True] - costs[False]) * 2**20 / (count * image_bytes)
+    proc = subprocess.run([sys.executable, '-c', _CACHE_PROBE, records_dir, str(cache)],
+                          capture_output=True, text=True, check=True)
+    growth[cache] = float(proc.stdout.strip().splitlines()[-1])
+  return (growth[True] - growth[False]) * 2**20 / (count * image_bytes)
 
 
 def seed_loader_rate(data_dir, images, crop):

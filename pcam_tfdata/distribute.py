@@ -1,0 +1,121 @@
+"""Precision policy and tf.distribute strategy, chosen from the hardware or asked for."""
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+PRECISIONS = ('auto', 'float16', 'bfloat16', 'off')
+STRATEGIES = ('auto', 'default', 'mirrored', 'multi_worker')
+_POLICIES = {'float16': 'mixed_float16', 'bfloat16': 'mixed_bfloat16', 'off': 'float32'}
+
+
+def split_cpu(num_devices):
+  """Splits the host CPU into `num_devices` logical devices (before TF starts).
+
+  MirroredStrategy then runs, and can be tested, on a machine with no GPU.
+
+  Raises:
+    ValueError: TensorFlow's runtime already started with another layout.
+  """
+  if num_devices <= 1:
+    return
+  cpu = tf.config.list_physical_devices('CPU')[0]
+  layout = [tf.config.LogicalDeviceConfiguration()] * num_devices
+  try:
+    tf.config.set_logical_device_configuration(cpu, layout)
+  except RuntimeError:
+    if len(tf.config.list_logical_devices('CPU')) != num_devices:
+      raise ValueError(f'--num_cpu_devices={num_devices}: TensorFlow already started with '
+                       f'{len(tf.config.list_logical_devices("CPU"))} CPU devices') from None
+
+
+def _tensor_core_gpus():
+  gpus = tf.config.list_physical_devices('GPU')
+  details = [tf.config.experimental.get_device_details(g) for g in gpus]
+  return bool(gpus) and all(d.get('compute_capability', (0, 0)) >= (7, 0) for d in details)
+
+
+def set_precision(mode):
+  """Sets the global Keras precision policy and returns its name.
+
+  `auto` is float16 with loss scaling on GPUs with tensor cores (compute
+  capability 7.0+); elsewhere float32, which measured fastest on CPU hosts
+  (tools/bench_train.py: bfloat16 and float16 are emulated there; see BUILD.md).
+
+  Raises:
+    ValueError: unknown mode.
+  """
+  if mode not in PRECISIONS:
+    raise ValueError(f'--mixed_precision={mode}: choose one of {", ".join(PRECISIONS)}')
+  if mode == 'auto':
+    policy = 'mixed_float16' if _tensor_core_gpus() else 'float32'
+  else:
+    policy = _POLICIES[mode]
+  keras.mixed_precision.set_global_policy(policy)
+  return policy
+
+
+def _cluster_workers():
+  """Number of workers TF_CONFIG or Slurm describe (1 when neither does)."""
+  config = json.loads(os.environ.get('TF_CONFIG') or '{}')
+  cluster = config.get('cluster', {})
+  workers = len(cluster.get('worker', ())) + len(cluster.get('chief', ()))
+  if workers:
+    return workers
+  return int(os.environ.get('SLURM_NTASKS', '1'))
+
+
+def _resolver():
+  if 'TF_CONFIG' not in os.environ and 'SLURM_JOB_ID' in os.environ:
+    return tf.distribute.cluster_resolver.SlurmClusterResolver()
+  return None  # TFConfigClusterResolver, the default.
+
+
+def make_strategy(kind):
+  """Builds the strategy.
+
+  `auto`: MultiWorkerMirroredStrategy when TF_CONFIG (or Slurm) describes
+  several workers, MirroredStrategy over all GPUs (or logical CPU devices)
+  when there are several, else the default strategy.
+
+  Raises:
+    ValueError: unknown kind.
+  """
+  if kind not in STRATEGIES:
+    raise ValueError(f'--strategy={kind}: choose one of {", ".join(STRATEGIES)}')
+  if kind == 'auto':
+    devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
+    kind = ('multi_worker' if _cluster_workers() > 1
+            else 'mirrored' if len(devices) > 1 else 'default')
+  if kind == 'multi_worker':
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=_resolver())
+  if kind == 'mirrored':
+    devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
+  return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+  """True on the worker that writes checkpoints, logs, metrics and plots."""
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return True
+  task_type, task_id = resolver.task_type, resolver.task_id
+  return task_type in (None, 'chief') or (task_type == 'worker' and task_id == 0
+                                          and 'chief' not in resolver.cluster_spec().as_dict())
+
+
+def num_workers(strategy):
+  """Hosts in the job, each with one input pipeline (1 outside multi-worker)."""
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return 1
+  spec = resolver.cluster_spec().as_dict()
+  return max(1, len(spec.get('worker', ())) + len(spec.get('chief', ())))
+
+
+def strategy_name(strategy):
+  return {tf.distribute.MultiWorkerMirroredStrategy: 'multi_worker',
+          tf.distribute.MirroredStrategy: 'mirrored'}.get(type(strategy), 'default')

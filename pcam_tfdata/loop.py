@@ -1,0 +1,119 @@
+"""One training loop for every strategy, with the seed's callbacks as plain code.
+
+Keras 3's `Model.fit` does not run under MultiWorkerMirroredStrategy
+(keras-team/keras#20585), so training is a short custom loop: `strategy.run`
+over Keras layers and optimizer (whose TF backend all-reduces gradients), a
+few steps per compiled call. EarlyStopping, ReduceLROnPlateau, ModelCheckpoint
+and BackupAndRestore become the small state machine below, with Keras'
+semantics (mode max on val AUC, `wait` counters, best weights restored).
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+import keras
+import tensorflow as tf
+
+MONITOR = 'val_auc'  # Maximized, as the seed's EarlyStopping and checkpoint.
+
+
+@dataclasses.dataclass
+class CallbackState:
+  """What EarlyStopping, ReduceLROnPlateau and ModelCheckpoint remember."""
+  best: float = -math.inf
+  best_epoch: int = 0
+  wait: int = 0  # Epochs since the monitor last improved (EarlyStopping).
+  lr_wait: int = 0  # The same, reset at each LR reduction (ReduceLROnPlateau).
+  stopped_early: bool = False
+
+  def update(self, epoch, value, *, early_stopping_patience, reduce_lr_patience, lr,
+             lr_factor=0.5, min_lr=1e-6):
+    """Takes one epoch's monitor value; returns (improved, new learning rate)."""
+    improved = value > self.best  # NaN never improves, as in Keras.
+    if improved:
+      self.best, self.best_epoch, self.wait, self.lr_wait = value, epoch, 0, 0
+    else:
+      self.wait += 1
+      self.lr_wait += 1
+      if self.lr_wait >= reduce_lr_patience and lr > min_lr:
+        lr = max(lr * lr_factor, min_lr)
+        self.lr_wait = 0
+      if self.wait >= early_stopping_patience:
+        self.stopped_early = True
+    return improved, lr
+
+
+def make_train_fn(model, optimizer, strategy, global_batch_size):
+  """A compiled function running `n` training steps from a distributed iterator.
+
+  Returns:
+    fn(iterator, n) -> (sum of per-example losses, correct predictions), both
+    summed over the n steps and all replicas.
+  """
+  loss_fn = keras.losses.BinaryCrossentropy(reduction=None)
+
+  def step(images, labels):
+    labels = tf.reshape(labels, [-1, 1])
+    with tf.GradientTape() as tape:
+      probs = model(images, training=True)
+      per_example = loss_fn(labels, probs)
+      # Summed over replicas by the optimizer: divide by the global batch.
+      loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+      scaled = optimizer.scale_loss(loss)  # Loss scaling under float16; else a no-op.
+    grads = tape.gradient(scaled, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    correct = tf.reduce_sum(tf.cast(tf.equal(tf.cast(probs >= 0.5, tf.float32), labels),
+                                    tf.float32))
+    return tf.reduce_sum(per_example), correct
+
+  @tf.function
+  def train_steps(iterator, n):
+    loss_sum = tf.constant(0.0)
+    correct = tf.constant(0.0)
+    for _ in tf.range(n):
+      images, labels = next(iterator)
+      per_replica = strategy.run(step, args=(images, labels))
+      loss, right = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+      loss_sum += loss
+      correct += right
+    return loss_sum, correct
+
+  return train_steps
+
+
+class Backup:
+  """BackupAndRestore: model, optimizer and loop state after every epoch.
+
+  Every worker saves (MultiWorkerMirroredStrategy needs all of them in the
+  save); only the chief's copy is kept in `model_dir/backup`, the others go
+  to scratch folders. A restarted run restores the chief's copy.
+  """
+
+  def __init__(self, model_dir, model, optimizer, is_chief, task_id=0):
+    self._chief_dir = os.path.join(model_dir, 'backup')
+    self._dir = self._chief_dir if is_chief else os.path.join(
+        model_dir, f'.worker{task_id}_backup')
+    self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self._state = tf.Variable('', dtype=tf.string, trainable=False)
+    self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                           epoch=self._epoch, state=self._state)
+    self._manager = tf.train.CheckpointManager(self._checkpoint, self._dir, max_to_keep=1)
+
+  def restore(self):
+    """Returns (last finished epoch, loop state dict) or (0, None) to start anew."""
+    latest = tf.train.latest_checkpoint(self._chief_dir)
+    if latest is None:
+      return 0, None
+    self._checkpoint.restore(latest).assert_existing_objects_matched()
+    return int(self._epoch.numpy()), json.loads(self._state.numpy().decode())
+
+  def save(self, epoch, state):
+    self._epoch.assign(epoch)
+    self._state.assign(json.dumps(state))
+    self._manager.save(checkpoint_number=epoch)
+
+  def remove_scratch(self):
+    if self._dir != self._chief_dir:
+      tf.io.gfile.rmtree(self._dir)

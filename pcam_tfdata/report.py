@@ -1,0 +1,52 @@
+r"""Prints the seed's results table for several runs as Markdown.
+
+    python -m pcam_tfdata.report runs/demo/baseline runs/demo/batchnorm
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+
+from pcam_tfdata import trainer
+
+_COLUMNS = (('Train Accuracy', 'train_accuracy'), ('Train AUC', 'train_auc'),
+            ('Validation Accuracy', 'val_accuracy'), ('Validation AUC', 'val_auc'))
+
+
+def table(model_dirs):
+  """The Markdown table of the runs' metrics.json.
+
+  Raises:
+    ValueError: a folder without metrics.json (a run that has not finished).
+  """
+  lines = ['| Model | ' + ' | '.join(c for c, _ in _COLUMNS) + ' | Best epoch | Precision | Replicas |',
+           '|---' * (len(_COLUMNS) + 4) + '|']
+  for model_dir in model_dirs:
+    path = os.path.join(model_dir, trainer.METRICS_JSON)
+    try:
+      with open(path) as f:
+        m = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f'{path}: no finished run here ({e.__class__.__name__})') from None
+    name = {'baseline': 'Baseline', 'batchnorm': 'BatchNorm'}.get(m['model'], m['model'])
+    values = ' | '.join(f'{m[k]:.4f}' for _, k in _COLUMNS)
+    lines.append(f'| {name} | {values} | {m["best_epoch"]} | {m["precision_policy"]} | '
+                 f'{m["num_replicas_in_sync"]} |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) < 2:
+    print('usage: python -m pcam_tfdata.report MODEL_DIR [MODEL_DIR ...]', file=sys.stderr)
+    sys.exit(2)
+  try:
+    print(table(argv[1:]))
+  except ValueError as e:
+    print(f'report: error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,141 @@
+r"""Trains the seed's Baseline or BatchNorm CNN on the records, on any strategy.
+
+    python -m pcam_tfdata.train --flagfile=configs/demo.flags --model=batchnorm
+
+This file is kept short: flags become a `Config`, and `run(config)` does the
+work, so tests and notebooks call `run` directly.
+"""
+
+import dataclasses
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+_MODEL_NAMES = ('baseline', 'batchnorm')  # models.MODELS, without importing Keras here.
+
+_RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records folder.')
+_MODEL_DIR = flags.DEFINE_string('model_dir', None, 'Where checkpoints, logs and results go.')
+_MODEL = flags.DEFINE_enum('model', 'baseline', _MODEL_NAMES, 'Architecture.')
+_EPOCHS = flags.DEFINE_integer('epochs', 10, 'Maximum epochs (early stopping may end sooner).')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Global batch, over all replicas.')
+_LEARNING_RATE = flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
+_MIXED_PRECISION = flags.DEFINE_enum(
+    'mixed_precision', 'auto', ['auto', 'float16', 'bfloat16', 'off'],
+    'auto: float16 with loss scaling on tensor-core GPUs, float32 on CPU hosts.')
+_STRATEGY = flags.DEFINE_enum('strategy', 'auto', ['auto', 'default', 'mirrored', 'multi_worker'],
+                              'tf.distribute strategy; auto picks from the hardware and TF_CONFIG.')
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    'num_cpu_devices', 1, 'Split the CPU into this many logical devices (MirroredStrategy '
+    'without GPUs).')
+_AUGMENT = flags.DEFINE_bool('augment', False, 'Random dihedral flips and rotations.')
+_SEED = flags.DEFINE_integer('seed', None, 'Seed of weights, data order and augmentation.')
+_STEPS_PER_EXECUTION = flags.DEFINE_integer('steps_per_execution', 1,
+                                            'Training steps per compiled call.')
+_EARLY_STOPPING_PATIENCE = flags.DEFINE_integer(
+    'early_stopping_patience', 3, 'Epochs without a better val AUC before stopping.')
+_REDUCE_LR_PATIENCE = flags.DEFINE_integer(
+    'reduce_lr_patience', 2, 'Epochs without a better val AUC before halving the learning rate.')
+_PROFILE_STEPS = flags.DEFINE_string('profile_steps', None,
+                                     'START,STOP: write a profiler trace of these steps.')
+
+
+@dataclasses.dataclass
+class Config:
+  """Everything a run needs; the flags above, as plain values."""
+  records_dir: str
+  model_dir: str
+  model: str = 'baseline'
+  epochs: int = 10
+  batch_size: int = 64
+  learning_rate: float = 1e-3
+  mixed_precision: str = 'auto'
+  strategy: str = 'auto'
+  num_cpu_devices: int = 1
+  augment: bool = False
+  seed: int | None = None
+  steps_per_execution: int = 1
+  early_stopping_patience: int = 3
+  reduce_lr_patience: int = 2
+  profile_steps: tuple | None = None
+  eval_batch_size: int = 512
+
+
+def check_config(config):
+  """Raises ValueError naming the flag for a bad value."""
+  checks = [
+      (config.model in _MODEL_NAMES, f'--model={config.model}: choose one of {_MODEL_NAMES}'),
+      (config.epochs >= 1, f'--epochs={config.epochs}: must be >= 1'),
+      (config.batch_size >= 1, f'--batch_size={config.batch_size}: must be >= 1'),
+      (config.learning_rate > 0, f'--learning_rate={config.learning_rate}: must be > 0'),
+      (config.num_cpu_devices >= 1, f'--num_cpu_devices={config.num_cpu_devices}: must be >= 1'),
+      (config.steps_per_execution >= 1,
+       f'--steps_per_execution={config.steps_per_execution}: must be >= 1'),
+      (config.early_stopping_patience >= 1,
+       f'--early_stopping_patience={config.early_stopping_patience}: must be >= 1'),
+      (config.reduce_lr_patience >= 1,
+       f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(message)
+
+
+def run(config, strategy=None, datasets=None):
+  """Trains, evaluates exactly and writes the results into `config.model_dir`.
+
+  Args:
+    config: a Config.
+    strategy: a tf.distribute strategy to use instead of building one.
+    datasets: optional {'train': fn(input_context) -> dataset, 'val': dataset,
+      'train_eval': dataset} replacing the record pipelines (eval datasets
+      yield (images, labels, ids)).
+
+  Returns:
+    The metrics dict written to metrics.json (on the chief; {} elsewhere).
+
+  Raises:
+    ValueError: a bad setting, naming its flag; schema.ManifestError: no records.
+  """
+  from pcam_tfdata import trainer  # pylint: disable=g-import-not-at-top
+  check_config(config)
+  return trainer.train_and_evaluate(config, strategy, datasets)
+
+
+def _config_from_flags():
+  profile = None
+  if _PROFILE_STEPS.value:
+    try:
+      start, stop = (int(x) for x in _PROFILE_STEPS.value.split(','))
+    except ValueError:
+      raise ValueError(f'--profile_steps={_PROFILE_STEPS.value}: expected START,STOP') from None
+    profile = (start, stop)
+  if not _MODEL_DIR.value:
+    raise ValueError('--model_dir is required')
+  return Config(
+      records_dir=_RECORDS_DIR.value, model_dir=_MODEL_DIR.value, model=_MODEL.value,
+      epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
+      mixed_precision=_MIXED_PRECISION.value, strategy=_STRATEGY.value,
+      num_cpu_devices=_NUM_CPU_DEVICES.value, augment=_AUGMENT.value, seed=_SEED.value,
+      steps_per_execution=_STEPS_PER_EXECUTION.value,
+      early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,
+      reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile)
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f'train: error: unexpected arguments {" ".join(argv[1:])}', file=sys.stderr)
+    sys.exit(1)
+  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
+  try:
+    metrics = run(_config_from_flags())
+  except (ValueError, schema.ManifestError) as e:
+    print(f'train: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  if metrics:
+    print(json.dumps(metrics, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)

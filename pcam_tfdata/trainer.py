@@ -1,0 +1,214 @@
+"""train_and_evaluate: precision, strategy, data, the loop, exact evaluation, outputs."""
+
+import csv
+import json
+import os
+import shutil
+import time
+
+import keras
+import tensorflow as tf
+
+from pcam_tfdata import distribute
+from pcam_tfdata import evaluate
+from pcam_tfdata import loop
+from pcam_tfdata import models
+from pcam_tfdata import pipeline
+from pcam_tfdata import schema
+
+HISTORY_CSV = 'history.csv'
+METRICS_JSON = 'metrics.json'
+MODEL_FILE = 'model.keras'
+_HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
+                   'val_auc', 'learning_rate', 'seconds', 'images_per_second')
+
+
+def _datasets(config, manifest, strategy, global_batch):
+  """The distributed training dataset and the two evaluation datasets."""
+  def train_fn(context):
+    return pipeline.make_dataset(
+        config.records_dir, 'train', batch_size=context.get_per_replica_batch_size(global_batch),
+        training=True, augment=config.augment, seed=config.seed, input_context=context)
+  evaluation = lambda split: pipeline.make_dataset(
+      config.records_dir, split, batch_size=config.eval_batch_size, training=False,
+      with_ids=True)
+  if 'val' not in manifest['splits']:
+    raise ValueError(f'{config.records_dir}: no val split to monitor')
+  return {'train': train_fn, 'val': evaluation('val'), 'train_eval': evaluation('train')}
+
+
+def _append_history(path, row):
+  new = not os.path.exists(path)
+  with open(path, 'a', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=_HISTORY_FIELDS)
+    if new:
+      writer.writeheader()
+    writer.writerow(row)
+
+
+def _trim_history(path, last_epoch):
+  """Drops rows after the restored epoch (a kill between the row and the backup)."""
+  if not os.path.exists(path):
+    return
+  with open(path, newline='') as f:
+    rows = [r for r in csv.DictReader(f) if int(r['epoch']) <= last_epoch]
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=_HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def train_and_evaluate(config, strategy=None, datasets=None):
+  """See train.run."""
+  start = time.time()
+  manifest = schema.load_manifest(config.records_dir)
+  if config.seed is not None:
+    keras.utils.set_random_seed(config.seed)
+  # Policy first, then the strategy, then the batch check, then the model in
+  # its scope (as the Flax and TF Models examples do).
+  policy = distribute.set_precision(config.mixed_precision)
+  if strategy is None:
+    distribute.split_cpu(config.num_cpu_devices)
+    strategy = distribute.make_strategy(config.strategy)
+  replicas = strategy.num_replicas_in_sync
+  if config.batch_size % replicas:
+    raise ValueError(f'--batch_size={config.batch_size} is not divisible by the '
+                     f'{replicas} replicas in sync')
+  chief = distribute.is_chief(strategy)
+  pipelines = distribute.num_workers(strategy)
+  steps = pipeline.steps_per_epoch(manifest, 'train', config.batch_size // pipelines, pipelines)
+  if steps < 1:
+    raise ValueError(f'--batch_size={config.batch_size}: larger than the train split '
+                     f'({manifest["splits"]["train"]["count"]} examples)')
+  datasets = datasets or _datasets(config, manifest, strategy, config.batch_size)
+  train_ds = strategy.distribute_datasets_from_function(datasets['train'])
+
+  model_dir = config.model_dir
+  os.makedirs(model_dir, exist_ok=True)
+  with strategy.scope():
+    model = models.build_model(config.model, tuple(manifest['image_shape']))
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    if policy == 'mixed_float16':
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+  train_steps = loop.make_train_fn(model, optimizer, strategy, config.batch_size)
+  predict_fn = evaluate.make_predict_fn(model)
+  task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0
+  backup = loop.Backup(model_dir, model, optimizer, chief, task_id)
+
+  last_epoch, saved = backup.restore()
+  state = loop.CallbackState(**saved['callbacks']) if saved else loop.CallbackState()
+  learning_rate = saved['learning_rate'] if saved else config.learning_rate
+  optimizer.learning_rate.assign(learning_rate)
+  history_path = os.path.join(model_dir, HISTORY_CSV)
+  best_path = os.path.join(model_dir, MODEL_FILE)
+  if last_epoch:
+    print(f'resuming after epoch {last_epoch} from {os.path.join(model_dir, "backup")}')
+    if chief:
+      _trim_history(history_path, last_epoch)
+  elif chief:  # A fresh run: no rows or best model of an older one.
+    for stale in (history_path, best_path):
+      if os.path.exists(stale):
+        os.remove(stale)
+  writer = tf.summary.create_file_writer(
+      os.path.join(model_dir, 'tensorboard') if chief else os.path.join(
+          model_dir, f'.worker{task_id}_tensorboard'))
+  best_weights = None
+
+  epoch = last_epoch
+  for epoch in range(last_epoch + 1, config.epochs + 1):
+    if state.stopped_early:
+      break
+    epoch_start = time.time()
+    iterator = iter(train_ds)
+    loss_sum = correct = 0.0
+    done = 0
+    while done < steps:
+      n = min(config.steps_per_execution, steps - done)
+      profile = config.profile_steps and chief and epoch == last_epoch + 1
+      if profile and done <= config.profile_steps[0] < done + n:
+        tf.profiler.experimental.start(os.path.join(model_dir, 'tensorboard'))
+      batch_loss, batch_correct = train_steps(iterator, tf.constant(n))
+      if profile and done < config.profile_steps[1] <= done + n:
+        tf.profiler.experimental.stop()
+      loss_sum += float(batch_loss)
+      correct += float(batch_correct)
+      done += n
+    seen = steps * config.batch_size
+    train_seconds = time.time() - epoch_start
+    probs, labels, _ = evaluate.predict(predict_fn, datasets['val'])
+    val = evaluate.binary_metrics(labels, probs)
+    improved, new_lr = state.update(
+        epoch, val['auc'], early_stopping_patience=config.early_stopping_patience,
+        reduce_lr_patience=config.reduce_lr_patience, lr=learning_rate)
+    row = {'epoch': epoch, 'train_loss': loss_sum / seen, 'train_accuracy': correct / seen,
+           'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'val_auc': val['auc'],
+           'learning_rate': learning_rate, 'seconds': round(time.time() - epoch_start, 3),
+           'images_per_second': round(seen / train_seconds, 1)}
+    if improved:
+      best_weights = model.get_weights()
+      if chief:  # ModelCheckpoint(save_best_only=True).
+        model.save(best_path)
+    if new_lr != learning_rate:
+      print(f'epoch {epoch}: val AUC did not improve for {config.reduce_lr_patience} epochs; '
+            f'learning rate {learning_rate:g} -> {new_lr:g}')
+      learning_rate = new_lr
+      optimizer.learning_rate.assign(learning_rate)
+    if chief:
+      _append_history(history_path, row)
+    with writer.as_default(step=epoch):
+      for key, value in row.items():
+        if key != 'epoch':
+          tf.summary.scalar(key, value)
+    writer.flush()
+    print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                   for k, v in row.items()), flush=True)
+    backup.save(epoch, {'callbacks': vars(state), 'learning_rate': learning_rate})
+  if state.stopped_early:
+    print(f'early stopping: val AUC best at epoch {state.best_epoch} ({state.best:.4f})')
+
+  backup.remove_scratch()
+  if not chief:
+    shutil.rmtree(os.path.join(model_dir, f'.worker{task_id}_tensorboard'), ignore_errors=True)
+    return {}
+  # EarlyStopping(restore_best_weights=True): the best epoch's weights, kept in
+  # memory, or (after a resume) from the best checkpoint on disk.
+  if best_weights is not None:
+    model.set_weights(best_weights)
+  elif os.path.exists(best_path):
+    model.load_weights(best_path)
+  return _final_evaluation(config, model, predict_fn, datasets, state, strategy, policy,
+                           time.time() - start, epoch)
+
+
+def _final_evaluation(config, model, predict_fn, datasets, state, strategy, policy, seconds,
+                      epochs_run):
+  results = {}
+  for split in ('train', 'val'):
+    probs, labels, _ = evaluate.predict(predict_fn, datasets[f'{split}_eval' if split == 'train'
+                                                             else 'val'])
+    for key, value in evaluate.binary_metrics(labels, probs).items():
+      results[f'{split}_{key}'] = value
+  model_dir = config.model_dir
+  title = f'{config.model}, val split'
+  evaluate.plot_confusion_matrix(labels, probs, os.path.join(model_dir, 'confusion_matrix.png'),
+                                 title)
+  evaluate.plot_roc_curve(labels, probs, os.path.join(model_dir, 'roc_curve.png'), title)
+  evaluate.plot_training_curves(os.path.join(model_dir, HISTORY_CSV),
+                                os.path.join(model_dir, 'training_curves.png'), config.model)
+  results.update({
+      'model': config.model,
+      'params': int(model.count_params()),
+      'best_epoch': state.best_epoch,
+      'epochs_run': epochs_run,
+      'stopped_early': state.stopped_early,
+      'strategy': distribute.strategy_name(strategy),
+      'num_replicas_in_sync': strategy.num_replicas_in_sync,
+      'precision_policy': policy,
+      'global_batch_size': config.batch_size,
+      'records_dir': os.path.abspath(config.records_dir),
+      'seconds': round(seconds, 1),
+  })
+  with open(os.path.join(model_dir, METRICS_JSON), 'w') as f:
+    json.dump(results, f, indent=1)
+  return results
