@@ -16,8 +16,8 @@ import tensorflow as tf
 from pcam_tfdata import distribute
 from pcam_tfdata import loop
 from pcam_tfdata import models
-from pcam_tfdata import predict
 from pcam_tfdata import report
+from pcam_tfdata import submission
 from pcam_tfdata import synthetic
 from pcam_tfdata import train
 from conftest import ROOT, run_convert, run_tool
@@ -27,6 +27,16 @@ from conftest import ROOT, run_convert, run_tool
 def float32_policy():
   yield
   keras.mixed_precision.set_global_policy('float32')
+
+
+@pytest.fixture(scope='module')
+def mirrored():
+  """One MirroredStrategy over the two logical CPUs for the whole module.
+
+  A second strategy in the same process would reuse the first one's collective
+  instance keys (and fail with a shape mismatch); a real run has one.
+  """
+  return tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
 
 
 @pytest.fixture(scope='module')
@@ -78,8 +88,8 @@ def test_precision_policies(mode, compute):
 
 
 @pytest.mark.parametrize('name', ['baseline', 'batchnorm'])
-def test_a_step_under_mirrored_strategy_on_two_cpus(name):
-  strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+def test_a_step_under_mirrored_strategy_on_two_cpus(name, mirrored):
+  strategy = mirrored
   assert strategy.num_replicas_in_sync == 2
   with strategy.scope():
     model = models.build_model(name)
@@ -94,12 +104,12 @@ def test_a_step_under_mirrored_strategy_on_two_cpus(name):
   step = loop.make_train_fn(model, optimizer, strategy, global_batch_size=8)
   loss_sum, correct = step(iter(dist), tf.constant(2))
   assert np.isfinite(float(loss_sum)) and 0 <= float(correct) <= 16
-  assert int(optimizer.iterations) == 2
+  assert int(optimizer.iterations.numpy()) == 2
   assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
-def test_run_under_mirrored_strategy_writes_every_output(records, tmp_path):
-  metrics = train.run(_config(records, tmp_path / 'run', strategy='mirrored', epochs=2))
+def test_run_under_mirrored_strategy_writes_every_output(records, tmp_path, mirrored):
+  metrics = train.run(_config(records, tmp_path / 'run', epochs=2), strategy=mirrored)
   assert metrics['strategy'] == 'mirrored' and metrics['num_replicas_in_sync'] == 2
   assert metrics['precision_policy'] == 'float32'
   for name in ('metrics.json', 'history.csv', 'model.keras', 'training_curves.png',
@@ -113,9 +123,9 @@ def test_run_under_mirrored_strategy_writes_every_output(records, tmp_path):
   assert [r['epoch'] for r in rows] == ['1', '2'] and list(rows[0])[0] == 'epoch'
 
 
-def test_batch_not_divisible_by_replicas(records, tmp_path):
+def test_batch_not_divisible_by_replicas(records, tmp_path, mirrored):
   with pytest.raises(ValueError, match='--batch_size=7 is not divisible by the 2 replicas'):
-    train.run(_config(records, tmp_path / 'run', strategy='mirrored', batch_size=7))
+    train.run(_config(records, tmp_path / 'run', batch_size=7), strategy=mirrored)
 
 
 def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
@@ -182,19 +192,19 @@ def test_callback_state_follows_keras_semantics():
 
 def test_submission_covers_the_test_split(records, kaggle_dir, tmp_path):
   model = models.build_model('baseline')
-  ids, probs = predict.predict_test(model, str(records), batch_size=4, tta=True)
+  ids, probs = submission.predict_test(model, str(records), batch_size=4, tta=True)
   test_ids = sorted(p.stem for p in (kaggle_dir / 'test').iterdir())
   assert sorted(ids) == test_ids and len(ids) == len(set(ids))
   assert ((probs >= 0) & (probs <= 1)).all()
   out = tmp_path / 'submission.csv'
   sample = kaggle_dir / 'sample_submission.csv'
-  predict.write_submission(ids, probs, str(out), str(sample))
+  submission.write_submission(ids, probs, str(out), str(sample))
   written = pd.read_csv(out, dtype={'id': str})
   assert written['id'].tolist() == pd.read_csv(sample, dtype={'id': str})['id'].tolist()
   broken = tmp_path / 'sample.csv'
   pd.DataFrame({'id': ['0' * 40], 'label': [0]}).to_csv(broken, index=False)
   with pytest.raises(ValueError, match=f'id {"0" * 40} is not in the test records'):
-    predict.write_submission(ids, probs, str(tmp_path / 'x.csv'), str(broken))
+    submission.write_submission(ids, probs, str(tmp_path / 'x.csv'), str(broken))
   assert not (tmp_path / 'x.csv').exists()
 
 
@@ -203,8 +213,8 @@ def test_tta_of_a_symmetric_model_equals_plain_prediction(records):
   x = keras.layers.Rescaling(1 / 255)(inputs)
   outputs = keras.layers.Dense(1, activation='sigmoid')(keras.layers.GlobalAveragePooling2D()(x))
   model = keras.Model(inputs, outputs)  # Invariant to flips and rotations.
-  _, plain = predict.predict_test(model, str(records), batch_size=4)
-  _, tta = predict.predict_test(model, str(records), batch_size=4, tta=True)
+  _, plain = submission.predict_test(model, str(records), batch_size=4)
+  _, tta = submission.predict_test(model, str(records), batch_size=4, tta=True)
   np.testing.assert_allclose(plain, tta, atol=1e-6)
 
 

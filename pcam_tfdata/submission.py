@@ -1,0 +1,57 @@
+"""Test-split predictions (optionally with test-time augmentation) and the Kaggle CSV."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from pcam_tfdata import kaggle
+from pcam_tfdata import pipeline
+
+
+def predict_test(model, records_dir, batch_size=128, tta=False):
+  """Probabilities of class 1 for every test id.
+
+  Returns:
+    (ids, probabilities) in the records' order.
+  """
+  ds = pipeline.make_dataset(records_dir, 'test', batch_size=batch_size, training=False,
+                             with_ids=True)
+  transforms = range(8) if tta else range(1)
+
+  @tf.function(reduce_retracing=True)
+  def forward(images):
+    outs = [model(pipeline.dihedral_transform(images, k), training=False) for k in transforms]
+    return tf.reshape(tf.reduce_mean(tf.stack(outs), 0), [-1])
+
+  ids, probs = [], []
+  for images, _, batch_ids in ds:
+    probs.append(forward(images).numpy())
+    ids.extend(i.decode() for i in batch_ids.numpy())
+  return np.asarray(ids), np.concatenate(probs)
+
+
+def write_submission(ids, probs, output, sample_submission=None):
+  """Writes id,label; in sample_submission's order when given.
+
+  Raises:
+    ValueError: an id of the sample submission is not among the predictions,
+      or the sample has no `id` column or repeats an id.
+  """
+  frame = pd.DataFrame({'id': ids, 'label': probs})
+  if sample_submission:
+    try:
+      order = kaggle.read_id_csv(sample_submission, 'label')['id']
+    except kaggle.SourceError as e:
+      raise ValueError(str(e)) from None
+    known = set(ids)
+    missing = [i for i in order if i not in known]
+    if missing:
+      raise ValueError(f'{sample_submission}: id {missing[0]} is not in the test records '
+                       f'({len(missing)} such ids)')
+    frame = frame.set_index('id').loc[order.to_numpy()].reset_index()
+  tmp = output + '.partial'
+  frame.to_csv(tmp, index=False, float_format='%.6f')
+  os.replace(tmp, output)  # No half-written submission under the real name.
+  return frame
