@@ -176,7 +176,7 @@ def _run_tasks(tasks, workers, total, initial, show_progress):
     bar.close()
 
 
-def _check_out_dir(out_dir, fingerprint, overwrite):
+def check_out_dir(out_dir, fingerprint, overwrite):
   """Returns the manifest of an up-to-date output, None to go ahead; or raises."""
   if not os.path.lexists(out_dir):
     return None
@@ -230,7 +230,7 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
                    val_fraction=val_fraction, seed=seed, groups=groups,
                    num_shards=num_shards, skip_bad=skip_bad)
   out_dir = os.path.abspath(out_dir)
-  existing = _check_out_dir(out_dir, plan['fingerprint'], overwrite)
+  existing = check_out_dir(out_dir, plan['fingerprint'], overwrite)
   if existing is not None:
     log(f'{out_dir}: already complete for these inputs and settings; nothing to do '
         '(--overwrite rebuilds it)')
@@ -260,12 +260,12 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
   manifest = _make_manifest(plan, tasks, done, source, flags)
   if eda:
     from pcam_tfdata import eda as eda_lib  # pylint: disable=g-import-not-at-top
-    eda_lib.write_pictures(work_dir, plan, manifest)
+    eda_lib.write_pictures(work_dir, manifest, eda_lib.samples_from_files(plan['splits']['train']))
   for path in glob.glob(os.path.join(work_dir, '*.done.json')):
     os.remove(path)
   manifest['seconds'] = round(time.time() - start, 3)
   records.write_json_atomic(os.path.join(work_dir, schema.MANIFEST_NAME), manifest)
-  _swap_into_place(work_dir, out_dir)
+  swap_into_place(work_dir, out_dir)
   return manifest
 
 
@@ -315,7 +315,7 @@ def _make_manifest(plan, tasks, done, source, flags):
   }
 
 
-def _swap_into_place(work_dir, out_dir):
+def swap_into_place(work_dir, out_dir):
   """Renames the finished folder to `out_dir`, replacing any old one."""
   if not os.path.lexists(out_dir):
     os.rename(work_dir, out_dir)

@@ -11,7 +11,7 @@ from pcam_tfdata import tiff
 
 CLASS_BALANCE_PNG = 'eda_class_balance.png'
 SAMPLES_PNG = 'eda_samples.png'
-_SAMPLES_PER_CLASS = 8
+SAMPLES_PER_CLASS = 8
 _CLASS_NAMES = {'0': 'no tumour (0)', '1': 'tumour (1)'}
 
 
@@ -49,14 +49,41 @@ def plot_class_balance(before, after, path):
   plt.close(fig)
 
 
-def plot_samples(examples, crop_size, path, per_class=8):
-  """A grid of patches per class, the center crop outlined.
+def plot_samples(samples, crop_size, path):
+  """A grid of patches per class (a row each), the center crop outlined.
 
   Args:
-    examples: iterable of (id, label, file path); unreadable files are left out.
+    samples: {label: [(id, uint8 [96, 96, 3]), ...]} for labels 0 and 1.
     crop_size: side of the crop to outline.
     path: the PNG to write.
-    per_class: patches shown per class.
+  """
+  per_class = max(1, max(len(v) for v in samples.values()))
+  fig, axes = plt.subplots(2, per_class, figsize=(1.6 * per_class, 3.8), squeeze=False)
+  for row, label in enumerate((0, 1)):
+    chosen = samples.get(label, [])
+    for col in range(per_class):
+      ax = axes[row][col]
+      ax.axis('off')
+      if col < len(chosen):
+        example_id, pixels = chosen[col]
+        ax.imshow(pixels)
+        offset = (pixels.shape[0] - crop_size) / 2 - 0.5
+        ax.add_patch(matplotlib.patches.Rectangle(
+            (offset, offset), crop_size, crop_size, fill=False, edgecolor='lime', lw=1.5))
+        ax.set_title(example_id[-8:], fontsize=7)
+    axes[row][0].text(-0.1, 0.5, _CLASS_NAMES[str(label)], rotation=90, va='center',
+                      ha='right', transform=axes[row][0].transAxes)
+  fig.suptitle(f'sample patches; the label describes the outlined center {crop_size}x{crop_size}')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def samples_from_files(examples, per_class=SAMPLES_PER_CLASS):
+  """Reads the first `per_class` readable patches of each class.
+
+  Args:
+    examples: iterable of (id, label, file path).
   """
   chosen = {0: [], 1: []}
   for example_id, label, source in examples:
@@ -67,31 +94,12 @@ def plot_samples(examples, crop_size, path, per_class=8):
         continue
     if all(len(v) == per_class for v in chosen.values()):
       break
-  fig, axes = plt.subplots(2, per_class, figsize=(1.6 * per_class, 3.8), squeeze=False)
-  for row, label in enumerate((0, 1)):
-    for col in range(per_class):
-      ax = axes[row][col]
-      ax.axis('off')
-      if col < len(chosen[label]):
-        example_id, pixels = chosen[label][col]
-        ax.imshow(pixels)
-        offset = (pixels.shape[0] - crop_size) / 2 - 0.5
-        ax.add_patch(matplotlib.patches.Rectangle(
-            (offset, offset), crop_size, crop_size, fill=False, edgecolor='lime', lw=1.5))
-        ax.set_title(example_id[:8], fontsize=7)
-    axes[row][0].text(-0.1, 0.5, _CLASS_NAMES[str(label)], rotation=90, va='center',
-                      ha='right', transform=axes[row][0].transAxes)
-  fig.suptitle(f'sample patches; the label describes the outlined center {crop_size}x{crop_size}')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return chosen
 
 
-def write_pictures(out_dir, plan, manifest):
-  """Writes both pictures for a conversion into `out_dir`."""
+def write_pictures(out_dir, manifest, samples):
+  """Writes both pictures of a conversion into `out_dir`."""
   plot_class_balance(manifest['source']['label_counts'],
                      {s: v['label_counts'] for s, v in manifest['splits'].items()},
                      os.path.join(out_dir, CLASS_BALANCE_PNG))
-  plot_samples(plan['splits']['train'], plan['settings']['crop_size'],
-               os.path.join(out_dir, SAMPLES_PNG), _SAMPLES_PER_CLASS)
-
+  plot_samples(samples, manifest['image_shape'][0], os.path.join(out_dir, SAMPLES_PNG))

@@ -115,5 +115,10 @@ class Backup:
     self._manager.save(checkpoint_number=epoch)
 
   def remove_scratch(self):
-    if self._dir != self._chief_dir:
+    if self._dir != self._chief_dir and tf.io.gfile.exists(self._dir):
+      tf.io.gfile.rmtree(self._dir)
+
+  def remove(self):
+    """Deletes the backup once the run has finished, as Keras' BackupAndRestore."""
+    if tf.io.gfile.exists(self._dir):
       tf.io.gfile.rmtree(self._dir)

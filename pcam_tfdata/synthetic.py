@@ -2,7 +2,10 @@
 
 Patches are 96x96 RGB and look like H&E: pink stroma with purple nuclei. The
 label depends only on the center 32x32: a positive carries a cluster of
-large, dense, dark nuclei there. Half of all patches, of either class, carry
+large, dense, dark nuclei there (4 to 12 of them; in a third of positives only
+2 to 4 small, faint ones). One to three large dark nuclei appear anywhere in
+half of all patches of both classes, so a model
+must see the cluster, not just dark pixels. Half of all patches, of either class, carry
 the same cluster in the outer ring instead (never touching the center), so
 the ring says nothing about the label and a pipeline that crops the wrong
 region learns nothing. Every patch is drawn from its own seed, so the set is
@@ -31,7 +34,9 @@ _LUMEN = np.array([246., 236., 242.])
 _NUCLEUS = np.array([128., 82., 168.])  # Haematoxylin purple.
 _TUMOUR = np.array([72., 34., 112.])
 _CLUSTER_SPREAD = 7.0  # Max distance of a cluster nucleus from the cluster center.
-_TUMOUR_RADIUS = (3.5, 5.5)
+_TUMOUR_RADIUS = (2.8, 5.5)
+MIMIC_PROBABILITY = 0.5  # Lone large dark nuclei, anywhere, in either class.
+SUBTLE_FRACTION = 0.35
 
 
 def example_id(seed, split, index):
@@ -65,12 +70,14 @@ def _draw_nuclei(image, centers, radii, color, alpha, rng):
 
 
 def _cluster(rng, center):
-  n = rng.integers(5, 13)
+  """A tumour cell cluster; about a third are small and faint, like mimics."""
+  subtle = rng.random() < SUBTLE_FRACTION
+  n = rng.integers(2, 5) if subtle else rng.integers(4, 13)
   angle = rng.uniform(0, 2 * np.pi, n)
   dist = _CLUSTER_SPREAD * np.sqrt(rng.uniform(0, 1, n))
   centers = np.stack([center[0] + dist * np.sin(angle), center[1] + dist * np.cos(angle)], 1)
-  radii = rng.uniform(*_TUMOUR_RADIUS, (n, 2))
-  return centers, radii, rng.uniform(0.6, 1.0, n)
+  radii = rng.uniform(2.6, 3.8, (n, 2)) if subtle else rng.uniform(*_TUMOUR_RADIUS, (n, 2))
+  return centers, radii, rng.uniform(0.4, 0.75, n) if subtle else rng.uniform(0.6, 1.0, n)
 
 
 def _ring_center(rng):
@@ -85,7 +92,7 @@ def _ring_center(rng):
 
 def make_patch(rng, label):
   """One synthetic H&E patch, uint8 [96, 96, 3]."""
-  stain = rng.normal(1.0, 0.04, 3)  # Stain and scanner vary from slide to slide.
+  stain = rng.normal(1.0, 0.06, 3)  # Stain and scanner vary from slide to slide.
   image = _STROMA * stain * (1 + 0.05 * _smooth_noise(rng, 6)[..., None])
   fibres = _smooth_noise(rng, 16)[..., None]
   image = image * (1 + 0.04 * fibres)
@@ -95,6 +102,10 @@ def make_patch(rng, label):
   n = rng.integers(20, 60)
   _draw_nuclei(image, rng.uniform(0, SIZE, (n, 2)), rng.uniform(1.2, 3.2, (n, 2)),
                _NUCLEUS * stain, rng.uniform(0.5, 0.95, n), rng)
+  if rng.random() < MIMIC_PROBABILITY:
+    n = rng.integers(1, 4)
+    _draw_nuclei(image, rng.uniform(8, SIZE - 8, (n, 2)), rng.uniform(2.6, 4.2, (n, 2)),
+                 _TUMOUR, rng.uniform(0.4, 0.9, n), rng)
   if label == 1:
     centers, radii, alpha = _cluster(rng, rng.uniform(40, 56, 2))
     _draw_nuclei(image, centers, radii, _TUMOUR, alpha, rng)

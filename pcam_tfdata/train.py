@@ -8,10 +8,12 @@ work, so tests and notebooks call `run` directly.
 
 import dataclasses
 import json
+import os
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _MODEL_NAMES = ('baseline', 'batchnorm')  # models.MODELS, without importing Keras here.
 
@@ -127,6 +129,11 @@ def main(argv):
   if len(argv) > 1:
     print(f'train: error: unexpected arguments {" ".join(argv[1:])}', file=sys.stderr)
     sys.exit(1)
+  # TensorFlow's start-up chatter and per-save INFO lines drown the per-epoch
+  # lines; --verbosity and TF_CPP_MIN_LOG_LEVEL still override.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
   from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
   try:
     metrics = run(_config_from_flags())

@@ -102,6 +102,9 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   optimizer.learning_rate.assign(learning_rate)
   history_path = os.path.join(model_dir, HISTORY_CSV)
   best_path = os.path.join(model_dir, MODEL_FILE)
+  metrics_path = os.path.join(model_dir, METRICS_JSON)
+  if chief and os.path.exists(metrics_path):
+    os.remove(metrics_path)  # Written again at the end; until then the run is unfinished.
   if last_epoch:
     print(f'resuming after epoch {last_epoch} from {os.path.join(model_dir, "backup")}')
     if chief:
@@ -115,9 +118,9 @@ def train_and_evaluate(config, strategy=None, datasets=None):
           model_dir, f'.worker{task_id}_tensorboard'))
   best_weights = None
 
-  epoch = last_epoch
+  finished = last_epoch
   for epoch in range(last_epoch + 1, config.epochs + 1):
-    if state.stopped_early:
+    if state.stopped_early:  # Restored from a run that had stopped.
       break
     epoch_start = time.time()
     iterator = iter(train_ds)
@@ -164,6 +167,7 @@ def train_and_evaluate(config, strategy=None, datasets=None):
     print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                    for k, v in row.items()), flush=True)
     backup.save(epoch, {'callbacks': vars(state), 'learning_rate': learning_rate})
+    finished = epoch
   if state.stopped_early:
     print(f'early stopping: val AUC best at epoch {state.best_epoch} ({state.best:.4f})')
 
@@ -177,8 +181,11 @@ def train_and_evaluate(config, strategy=None, datasets=None):
     model.set_weights(best_weights)
   elif os.path.exists(best_path):
     model.load_weights(best_path)
-  return _final_evaluation(config, model, predict_fn, datasets, state, strategy, policy,
-                           time.time() - start, epoch)
+  metrics = _final_evaluation(config, model, predict_fn, datasets, state, strategy, policy,
+                              time.time() - start, finished)
+  # Only now: a run killed during the final evaluation resumes and redoes it.
+  backup.remove()
+  return metrics
 
 
 def _final_evaluation(config, model, predict_fn, datasets, state, strategy, policy, seconds,

@@ -33,6 +33,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Runs of each method; the median i
 _CROP_SIZE = flags.DEFINE_integer('crop_size', 32, 'Center crop side.')
 _WORKERS = flags.DEFINE_integer('workers', len(os.sched_getaffinity(0)), 'Converter processes.')
 _WORK_DIR = flags.DEFINE_string('work_dir', None, 'Scratch folder (default: a temp folder).')
+_H5_PATCHES = flags.DEFINE_integer(
+    'h5_patches', 30000, 'Patches in the generated PCam HDF5 train split (0 skips that part).')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
 
 # Runs in a fresh interpreter so its peak memory is the converter's alone.
@@ -54,6 +56,93 @@ print(json.dumps({
     'parent_peak_mib': vm_hwm_mib(),
     'worker_peak_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 '''
+
+
+# The HDF5 source, also in a fresh interpreter: its peak memory against the
+# size of x shows whether the split is streamed or loaded.
+_H5_CONVERTER = r'''
+import json, sys, time
+from pcam_tfdata import pcam_h5
+def vm_hwm_mib():
+  with open('/proc/self/status') as f:
+    return next(int(l.split()[1]) for l in f if l.startswith('VmHWM')) / 1024
+start = time.perf_counter()
+source = pcam_h5.read_source(sys.argv[1])
+manifest = pcam_h5.convert_h5(source, sys.argv[2], crop_size=int(sys.argv[3]), eda=False,
+                              show_progress=False, log=lambda _: None)
+print(json.dumps({'seconds': time.perf_counter() - start,
+                  'records': sum(s['count'] for s in manifest['splits'].values()),
+                  'peak_mib': vm_hwm_mib()}))
+'''
+
+
+def make_h5(folder, count, gz):
+  """A PCam-layout train split of `count` synthetic patches, written in blocks."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import h5py  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(0)
+  pool = np.stack([synthetic.make_patch(np.random.default_rng(i), i % 2) for i in range(256)])
+  x_path = os.path.join(folder, 'camelyonpatch_level_2_split_train_x.h5')
+  y_path = os.path.join(folder, 'camelyonpatch_level_2_split_train_y.h5')
+  with h5py.File(x_path, 'w') as f:
+    x = f.create_dataset('x', (count, 96, 96, 3), np.uint8, chunks=(32, 96, 96, 3))
+    for lo in range(0, count, 1024):
+      hi = min(lo + 1024, count)
+      x[lo:hi] = pool[rng.integers(0, len(pool), hi - lo)]
+  with h5py.File(y_path, 'w') as f:
+    f.create_dataset('y', data=rng.integers(0, 2, (count, 1, 1, 1)).astype(np.uint8))
+  if gz:
+    for path in (x_path, y_path):
+      with open(path, 'rb') as src, gzip.open(path + '.gz', 'wb', compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+      os.remove(path)
+
+
+def read_h5_arrays(folder):
+  """Plain h5py: every block of x read once, nothing else."""
+  import h5py  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  with h5py.File(os.path.join(folder, 'camelyonpatch_level_2_split_train_x.h5'), 'r') as f:
+    x = f['x']
+    for lo in range(0, x.shape[0], 2048):
+      x[lo:lo + 2048]
+    n = x.shape[0]
+  return n / (time.perf_counter() - start)
+
+
+def h5_converter(folder, out_dir, crop):
+  shutil.rmtree(out_dir, ignore_errors=True)
+  proc = subprocess.run([sys.executable, '-c', _H5_CONVERTER, folder, out_dir, str(crop)],
+                        capture_output=True, text=True, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_h5(work, count, crop, repeats):
+  """images/s of plain h5py reads and of the HDF5 source (plain and gzipped)."""
+  plain, zipped = os.path.join(work, 'h5'), os.path.join(work, 'h5gz')
+  make_h5(plain, count, gz=False)
+  make_h5(zipped, count, gz=True)
+  reads, runs = [], {'plain': [], 'gzip': []}
+  for _ in range(repeats):
+    reads.append(read_h5_arrays(plain))
+    for name, folder in (('plain', plain), ('gzip', zipped)):
+      runs[name].append(h5_converter(folder, os.path.join(work, 'h5rec'), crop))
+  x_mib = count * 96 * 96 * 3 / 2**20
+  print(f'\nPCam HDF5 source: {count} patches ({x_mib:,.0f} MiB of x), crop {crop}, '
+        f'median of {repeats}')
+  print('| method | images/s | x plain h5py read | peak RSS MiB |')
+  print('|---|---:|---:|---:|')
+  floor = statistics.median(reads)
+  print(f'| plain h5py: read x in blocks of 2048 | {floor:,.0f} | 1.00 | |')
+  result = {'h5py_read': floor}
+  for name, rows in runs.items():
+    rate = statistics.median(count / r['seconds'] for r in rows)
+    peak = max(r['peak_mib'] for r in rows)
+    print(f'| converter, {name} .h5{".gz" if name == "gzip" else ""} | {rate:,.0f} | '
+          f'{rate / floor:.2f} | {peak:,.0f} |')
+    result[name] = {'images_per_second': rate, 'peak_rss_mib': peak}
+  return result
 
 
 def _paths(data_dir):
@@ -129,11 +218,13 @@ def main(argv):
   print(f'\nconverter peak RSS: main process {peak_parent:.0f} MiB, largest worker '
         f'{peak_worker:.0f} MiB, at most {peak_parent + _WORKERS.value * peak_worker:.0f} MiB '
         'in all')
+  h5 = bench_h5(work, _H5_PATCHES.value, _CROP_SIZE.value, _REPEATS.value) if _H5_PATCHES.value else None
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'files': n, 'crop_size': _CROP_SIZE.value, 'workers': _WORKERS.value,
                  'seconds': times, 'images_per_second': rates,
-                 'peak_rss_mib': {'main': peak_parent, 'worker': peak_worker}}, f, indent=1)
+                 'peak_rss_mib': {'main': peak_parent, 'worker': peak_worker}, 'h5': h5},
+                f, indent=1)
   if not _WORK_DIR.value:
     shutil.rmtree(work)
 

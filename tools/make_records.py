@@ -22,6 +22,10 @@ from pcam_tfdata import tiff
 DEMO_SOURCE_DIR = os.path.join('records', 'demo_kaggle')
 DEMO_OUT_DIR = os.path.join('records', 'demo')
 
+_SOURCE = flags.DEFINE_enum(
+    'source', 'kaggle', ['kaggle', 'pcam_h5'],
+    'kaggle: the Kaggle folder of TIFFs. pcam_h5: the original PCam HDF5 files '
+    '(gzipped or not); its own splits are kept unless --per_class or --val_fraction is given.')
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', None, 'Kaggle-layout folder (train/, train_labels.csv, optional test/). '
     'Unset: generate and convert the synthetic demo set.')
@@ -47,7 +51,7 @@ _SKIP_BAD = flags.DEFINE_bool(
     'listing each in the manifest, instead of stopping at the first.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
                                'Replace an existing conversion of other inputs or settings.')
-_CONVERSION_FLAGS = (_DATA_DIR, _OUT_DIR, _CROP_SIZE, _PER_CLASS, _VAL_FRACTION, _SEED,
+_CONVERSION_FLAGS = (_SOURCE, _DATA_DIR, _OUT_DIR, _CROP_SIZE, _PER_CLASS, _VAL_FRACTION, _SEED,
                      _GROUPS_CSV, _NUM_SHARDS, _WORKERS, _SKIP_BAD, _OVERWRITE)
 
 
@@ -60,13 +64,16 @@ def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {" ".join(argv[1:])}; flags take the form --name=value')
   data_dir, per_class = _DATA_DIR.value, _PER_CLASS.value
+  if _SOURCE.value == 'pcam_h5':
+    _convert_h5()
+    return
   try:
     if data_dir is None:
       data_dir = DEMO_SOURCE_DIR
       if not os.path.isdir(data_dir):
         print(f'generating the synthetic demo set in {data_dir}')
         synthetic.make_dataset(data_dir)
-    source = kaggle.read_source(data_dir, allow_missing=_SKIP_BAD.value)
+    source = kaggle.read_source(os.path.expanduser(data_dir), allow_missing=_SKIP_BAD.value)
     if _DATA_DIR.value is None and not flags.FLAGS['per_class'].present:
       per_class = int(min((source.labels == 0).sum(), (source.labels == 1).sum()))
     groups = None
@@ -90,10 +97,37 @@ def main(argv):
   except KeyboardInterrupt:
     _fail('interrupted; rerun the same command to resume')
 
+  _summarize(manifest, out_dir)
+
+
+def _convert_h5():
+  from pcam_tfdata import pcam_h5  # pylint: disable=g-import-not-at-top
+  if not _DATA_DIR.value:
+    _fail('--source=pcam_h5 needs --data_dir (the folder of camelyonpatch_*.h5[.gz] files)')
+  # PCam's own splits stand unless the user asks for a re-split.
+  resplit = flags.FLAGS['per_class'].present or flags.FLAGS['val_fraction'].present
+  per_class = _PER_CLASS.value if flags.FLAGS['per_class'].present else 0
+  out_dir = _OUT_DIR.value or os.path.join('records', 'pcam_h5')
+  try:
+    source = pcam_h5.read_source(os.path.expanduser(_DATA_DIR.value))
+    manifest = pcam_h5.convert_h5(
+        source, out_dir, crop_size=_CROP_SIZE.value, per_class=per_class,
+        val_fraction=_VAL_FRACTION.value, seed=_SEED.value, resplit=resplit,
+        num_shards=_NUM_SHARDS.value, overwrite=_OVERWRITE.value,
+        flags={f.name: f.value for f in _CONVERSION_FLAGS})
+  except (pcam_h5.SourceError, convert.ConvertError, schema.ManifestError) as e:
+    _fail(str(e))
+  except KeyboardInterrupt:
+    _fail('interrupted; rerun the same command to start again')
+  _summarize(manifest, out_dir)
+
+
+def _summarize(manifest, out_dir):
   written = sum(s['count'] for s in manifest['splits'].values())
   for name, info in manifest['splits'].items():
     print(f'{name:>5}: {info["count"]:>7,} examples {info["label_counts"]} in '
-          f'{len(info["shards"])} shards' + (f', {info["skipped"]} skipped' if info['skipped'] else ''))
+          f'{len(info["shards"])} shards' + (f', {info["skipped"]} skipped' if info['skipped'] else '')
+          + (f', {info["slides"]} slides' if 'slides' in info else ''))
   print(f'{written:,} examples of {manifest["image_shape"]} in {manifest["seconds"]:.1f} s '
         f'-> {os.path.abspath(out_dir)}')
 

@@ -1,0 +1,493 @@
+"""The original PatchCamelyon HDF5 release as a second source, streamed in blocks.
+
+    DATA_DIR/camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5[.gz]
+    DATA_DIR/camelyonpatch_level_2_split_{train,valid,test}_meta.csv  (optional)
+
+x is uint8 [N, 96, 96, 3], y is [N, 1, 1, 1] (0/1). Gzipped files are read
+through a seekable decompressing reader, never unpacked to disk, and x is
+read a block at a time in file order, so memory stays bounded whatever N is.
+Records, shard names, manifest and pictures are those of the Kaggle source.
+"""
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+import zlib
+
+import numpy as np
+import pandas as pd
+import tqdm
+
+from pcam_tfdata import convert
+from pcam_tfdata import records
+from pcam_tfdata import schema
+from pcam_tfdata import splits
+
+PCAM_SPLITS = {'train': 'train', 'valid': 'val', 'test': 'test'}  # PCam's name -> ours.
+_PATTERN = 'camelyonpatch_level_2_split_{split}_{part}.h5'
+_BLOCK = 2048  # Patches read per h5py call: 56 MiB of x at 96x96x3.
+_GZIP_BLOCK = 1 << 20
+_GZIP_CACHE_BLOCKS = 64
+_MARK_EVERY = 8 << 20  # Decompressed bytes between saved zlib states.
+_GZIP_INDEX = {}  # (path, size, mtime) -> (decompressed size, marks), per process.
+
+
+class SourceError(ValueError):
+  """The folder or one of its HDF5 files is missing or malformed."""
+
+
+class _SeekableGzip(io.RawIOBase):
+  """A read-only, seekable view of a .gz file for h5py, without unpacking it.
+
+  HDF5 jumps around (metadata, B-tree nodes), a gzip stream only goes
+  forward. While decompressing, a copy of the zlib state is kept every 8 MiB
+  of output (about 40 KB each, 40 MB for PCam's 7 GB train_x), so a backward
+  seek resumes from the nearest copy instead of from the start of the file;
+  recent 1 MiB blocks are cached. h5py asks for the size first, which
+  decompresses the file once: that pass also finds a truncated or corrupt
+  gzip before anything is written.
+  """
+
+  def __init__(self, path):
+    super().__init__()
+    self._path = path
+    self._file = open(path, 'rb')
+    self._inflate = zlib.decompressobj(31)  # 31: gzip header and trailer.
+    self._head = 0  # Decompressed offset of the start of self._pending.
+    self._pending = b''
+    stat = os.fstat(self._file.fileno())
+    self._key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    # Size and marks of a file opened before (the checks open each file
+    # once, the conversion again) spare a second pass over all of it.
+    self._size, self._marks = _GZIP_INDEX.get(self._key, (None, None))
+    if self._marks is None:
+      self._marks = [(0, 0, self._inflate.copy())]  # (output offset, input offset, state)
+    self._cache = collections.OrderedDict()
+    self._pos = 0
+
+  def readable(self):
+    return True
+
+  def seekable(self):
+    return True
+
+  def tell(self):
+    return self._pos
+
+  def _more(self):
+    """Decompresses the next piece into self._pending; False at the end."""
+    if self._inflate.eof:
+      rest = self._inflate.unused_data
+      if not rest:
+        rest = self._file.read(1 << 16)
+        if not rest:
+          return False
+      self._inflate = zlib.decompressobj(31)  # The next member of a multi-member file.
+    else:
+      rest = self._file.read(1 << 16)
+      if not rest:
+        raise SourceError(f'{self._path}: truncated gzip (ends at {self._head:,} '
+                          'decompressed bytes)')
+    try:
+      self._pending = self._inflate.decompress(rest)
+    except zlib.error as e:
+      raise SourceError(f'{self._path}: corrupt gzip ({e})') from None
+    end = self._head + len(self._pending)
+    if end - self._marks[-1][0] >= _MARK_EVERY:
+      self._marks.append((end, self._file.tell(), self._inflate.copy()))
+    return True
+
+  def _advance_to(self, offset):
+    """Moves the stream so that self._pending starts at `offset` (or ends before)."""
+    # Backward, or far forward past a mark: resume from the last mark before it.
+    out, inp, state = max((m for m in self._marks if m[0] <= offset), key=lambda m: m[0])
+    if offset < self._head or out > self._head + len(self._pending):
+      self._file.seek(inp)
+      self._inflate, self._head, self._pending = state.copy(), out, b''
+    while offset >= self._head + len(self._pending):
+      self._head += len(self._pending)
+      self._pending = b''
+      if not self._more():
+        return
+    cut = offset - self._head
+    self._pending, self._head = self._pending[cut:], offset
+
+  def _block(self, index):
+    if index in self._cache:
+      self._cache.move_to_end(index)
+      return self._cache[index]
+    start = index * _GZIP_BLOCK
+    self._advance_to(start)
+    parts, have = [], 0
+    while have < _GZIP_BLOCK and self._head == start + have:
+      take = self._pending[:_GZIP_BLOCK - have]
+      if not take:
+        if not self._more():
+          break
+        continue
+      parts.append(take)
+      have += len(take)
+      self._pending, self._head = self._pending[len(take):], self._head + len(take)
+    data = b''.join(parts)
+    self._cache[index] = data
+    if len(self._cache) > _GZIP_CACHE_BLOCKS:
+      self._cache.popitem(last=False)
+    return data
+
+  def _length(self):
+    if self._size is None:
+      self._advance_to(self._marks[-1][0])
+      while True:
+        self._head += len(self._pending)
+        self._pending = b''
+        if not self._more():
+          break
+      self._size = self._head
+      _GZIP_INDEX[self._key] = (self._size, self._marks)
+    return self._size
+
+  def seek(self, offset, whence=io.SEEK_SET):
+    base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos}.get(whence)
+    self._pos = (self._length() if base is None else base) + offset
+    return self._pos
+
+  def readinto(self, buffer):
+    view = memoryview(buffer).cast('B')
+    filled = 0
+    while filled < len(view):
+      index, start = divmod(self._pos, _GZIP_BLOCK)
+      chunk = self._block(index)[start:start + len(view) - filled]
+      if not chunk:
+        break
+      view[filled:filled + len(chunk)] = chunk
+      filled += len(chunk)
+      self._pos += len(chunk)
+    return filled
+
+  def close(self):
+    self._file.close()
+    super().close()
+
+
+@dataclasses.dataclass
+class H5Split:
+  name: str  # PCam's split name: train, valid or test.
+  x_path: str
+  y_path: str
+  meta_path: str | None
+  count: int
+  labels: np.ndarray  # int64 [count], read whole: one byte per patch.
+  slides: np.ndarray | None  # The whole-slide image of each patch, from the meta CSV.
+
+
+def _find(data_dir, split, part):
+  base = os.path.join(data_dir, _PATTERN.format(split=split, part=part))
+  for path in (base, base + '.gz'):
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def _unreadable(path, what, error):
+  hint = 'truncated or corrupt gzip, or ' if path.endswith('.gz') else ''
+  return SourceError(f'{path}: {what} ({hint}not HDF5: {str(error).splitlines()[0]})')
+
+
+def _open(path):
+  import h5py  # pylint: disable=g-import-not-at-top
+  try:
+    raw = _SeekableGzip(path) if path.endswith('.gz') else path
+    return h5py.File(raw, 'r')
+  except SourceError:
+    raise
+  except (OSError, ValueError, EOFError) as e:
+    raise _unreadable(path, 'not a readable HDF5 file', e) from None
+
+
+def _dataset(handle, path, key):
+  if key not in handle:
+    raise SourceError(f'{path}: no dataset {key!r} (has {", ".join(handle.keys()) or "none"})')
+  return handle[key]
+
+
+def read_source(data_dir):
+  """Finds and checks every split of a PCam HDF5 folder.
+
+  Returns:
+    {PCam split name: H5Split}, for the splits present.
+
+  Raises:
+    SourceError: one line naming the folder or file: no folder, no files,
+      an x without its y (or the reverse), wrong shapes or dtypes, x and y of
+      different lengths, labels other than 0/1, a truncated gzip.
+  """
+  try:
+    import h5py  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise SourceError("--source=pcam_h5 needs h5py: pip install -e '.[h5]'") from None
+  data_dir = os.path.abspath(data_dir)
+  if not os.path.isdir(data_dir):
+    raise SourceError(f'{data_dir}: no such data folder')
+  found = {}
+  for split in PCAM_SPLITS:
+    x_path, y_path = _find(data_dir, split, 'x'), _find(data_dir, split, 'y')
+    if x_path is None and y_path is None:
+      continue
+    if x_path is None or y_path is None:
+      have, lacking = (x_path, 'y') if x_path else (y_path, 'x')
+      raise SourceError(f'{have}: no matching {_PATTERN.format(split=split, part=lacking)}'
+                        '[.gz] beside it')
+    found[split] = _check_split(data_dir, split, x_path, y_path)
+  if not found:
+    raise SourceError(f'{data_dir}: no {_PATTERN.format(split="{train,valid,test}", part="x")}'
+                      '[.gz] files')
+  return found
+
+
+def _check_split(data_dir, split, x_path, y_path):
+  with _open(x_path) as fx:
+    x = _dataset(fx, x_path, 'x')
+    if x.ndim != 4 or x.shape[1:] != (96, 96, 3) or x.dtype != np.uint8:
+      raise SourceError(f'{x_path}: x is {x.dtype} {list(x.shape)}, expected uint8 '
+                        '[N, 96, 96, 3]')
+    count = x.shape[0]
+  with _open(y_path) as fy:
+    y = _dataset(fy, y_path, 'y')
+    if y.shape[0] != count:
+      raise SourceError(f'{y_path}: {y.shape[0]} labels but {x_path} holds {count} patches')
+    if int(np.prod(y.shape[1:])) != 1 or not (np.issubdtype(y.dtype, np.integer)
+                                             or y.dtype == bool):
+      raise SourceError(f'{y_path}: y is {y.dtype} {list(y.shape)}, expected integer [N, 1, 1, 1]')
+    try:
+      labels = np.asarray(y[...]).reshape(-1).astype(np.int64)
+    except (OSError, ValueError, EOFError) as e:
+      raise _unreadable(y_path, 'labels unreadable', e) from None
+  bad = np.flatnonzero((labels != 0) & (labels != 1))
+  if len(bad):
+    raise SourceError(f'{y_path}: label {labels[bad[0]]} at index {bad[0]} is not 0 or 1')
+  meta_path = os.path.join(data_dir, f'camelyonpatch_level_2_split_{split}_meta.csv')
+  slides = None
+  if os.path.isfile(meta_path):
+    meta = pd.read_csv(meta_path)
+    if len(meta) != count:
+      raise SourceError(f'{meta_path}: {len(meta)} rows but {x_path} holds {count} patches')
+    if 'wsi' in meta.columns:
+      slides = meta['wsi'].astype(str).to_numpy()
+  else:
+    meta_path = None
+  return H5Split(split, x_path, y_path, meta_path, count, labels, slides)
+
+
+def example_id(split, index):
+  """A stable id that says where the patch came from, e.g. pcam-train-000123."""
+  return f'pcam-{split}-{index:06d}'
+
+
+def _plan(source, *, crop_size, per_class, val_fraction, seed, resplit, num_shards):
+  """{our split: (PCam split, indices in file order, shard of each)} and shard counts."""
+  rng = np.random.default_rng(seed)
+  targets = {}  # our split -> list of (pcam split, indices)
+  if resplit:
+    pool = [s for s in ('train', 'valid') if s in source]
+    if not pool:
+      raise convert.ConvertError('a re-split needs the train or valid files')
+    names = np.concatenate([[s] * source[s].count for s in pool])
+    index = np.concatenate([np.arange(source[s].count) for s in pool])
+    labels = np.concatenate([source[s].labels for s in pool])
+    ids = np.asarray([example_id(s, i) for s, i in zip(names, index)])
+    slides = None
+    if all(source[s].slides is not None for s in pool):
+      slides = np.concatenate([source[s].slides for s in pool])
+    try:
+      kept = splits.balance(ids, labels, per_class, rng)
+      train, val = splits.split_train_val(
+          labels[kept], val_fraction, rng, None if slides is None else slides[kept])
+    except ValueError as e:
+      raise convert.ConvertError(str(e)) from None
+    for ours, chosen in (('train', kept[train]), ('val', kept[val])):
+      targets[ours] = [(s, np.sort(index[chosen][names[chosen] == s])) for s in pool]
+    if 'test' in source:
+      targets['test'] = [('test', np.arange(source['test'].count))]
+  else:
+    for pcam, ours in PCAM_SPLITS.items():
+      if pcam in source:
+        targets[ours] = [(pcam, np.arange(source[pcam].count))]
+  record_bytes = crop_size * crop_size * 3 + 100
+  shard_counts = {}
+  for ours, parts in targets.items():
+    count = sum(len(i) for _, i in parts)
+    if ours == 'train' and num_shards > count:
+      raise convert.ConvertError(f'--num_shards={num_shards} but the train split holds only '
+                                 f'{count} examples')
+    shard_counts[ours] = splits.num_shards_for(
+        count, record_bytes,
+        convert.TRAIN_MIN_SHARDS if ours == 'train' else convert.EVAL_MIN_SHARDS,
+        num_shards if ours == 'train' else 0)
+  return targets, shard_counts
+
+
+def _fingerprint(source, settings, shard_counts):
+  digest = hashlib.sha256(json.dumps([settings, shard_counts], sort_keys=True).encode())
+  for split in sorted(source):
+    for path in (source[split].x_path, source[split].y_path):
+      stat = os.stat(path)
+      digest.update(f'{path},{stat.st_size},{stat.st_mtime_ns}\n'.encode())
+  return digest.hexdigest()
+
+
+class _ShardSet:
+  """The open shards of one split; examples are dealt to them in turn."""
+
+  def __init__(self, work_dir, split, total):
+    self.paths = [os.path.join(work_dir, schema.shard_name(split, i, total)) for i in range(total)]
+    self.files = [open(p + '.partial', 'wb') for p in self.paths]
+    self.digests = [hashlib.sha256() for _ in range(total)]
+    self.counts = [0] * total
+    self.labels = [collections.Counter() for _ in range(total)]
+    self.next = 0
+
+  def write(self, crop, label, example_id):
+    k = self.next
+    self.next = (k + 1) % len(self.files)
+    data = records.frame_record(schema.encode_example(crop, label, example_id))
+    self.files[k].write(data)
+    self.digests[k].update(data)
+    self.counts[k] += 1
+    self.labels[k][str(label)] += 1
+
+  def close(self):
+    stats = []
+    for path, f, digest, count, labels in zip(self.paths, self.files, self.digests,
+                                              self.counts, self.labels):
+      f.close()
+      os.replace(path + '.partial', path)
+      stats.append({'file': os.path.basename(path), 'count': count,
+                    'sha256': digest.hexdigest(), 'label_counts': dict(sorted(labels.items()))})
+    return stats
+
+
+def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, seed=0,
+               resplit=False, num_shards=0, overwrite=False, flags=None, eda=True,
+               show_progress=True, log=print):
+  """Converts a PCam HDF5 folder (see `read_source`) into records.
+
+  PCam's own splits are kept (train, valid -> val, test with its labels)
+  unless `resplit`: then train and valid are pooled, balanced to `per_class`
+  (0 keeps all) and split by `val_fraction`, whole slides to one side when
+  the meta CSVs name them. x is streamed in file order; within each block of
+  2,048 patches a seeded permutation deals them to the split's shards in
+  turn, so every shard spans the whole file and mixes classes.
+
+  Returns:
+    The manifest (dict).
+
+  Raises:
+    convert.ConvertError, SourceError: bad settings or input, one line each.
+  """
+  start = time.time()
+  convert.check_settings(crop_size, per_class, val_fraction, num_shards, 1)
+  targets, shard_counts = _plan(source, crop_size=crop_size, per_class=per_class,
+                                val_fraction=val_fraction, seed=seed, resplit=resplit,
+                                num_shards=num_shards)
+  settings = {'source': 'pcam_h5', 'crop_size': crop_size, 'resplit': resplit,
+              'per_class': per_class if resplit else None,
+              'val_fraction': val_fraction if resplit else None, 'seed': seed,
+              'format_version': schema.FORMAT_VERSION}
+  fingerprint = _fingerprint(source, settings, shard_counts)
+  out_dir = os.path.abspath(out_dir)
+  existing = convert.check_out_dir(out_dir, fingerprint, overwrite)
+  if existing is not None:
+    log(f'{out_dir}: already complete for these inputs and settings; nothing to do')
+    return existing
+  parent, name = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  work_dir = os.path.join(parent, f'.{name}.partial-{fingerprint[:16]}')
+  if os.path.exists(work_dir):  # Shards are written side by side: nothing to resume.
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(work_dir)
+  os.makedirs(work_dir)
+
+  rng = np.random.default_rng([seed, 1])
+  total = sum(len(i) for parts in targets.values() for _, i in parts)
+  split_stats, samples = {}, {0: [], 1: []}
+  with tqdm.tqdm(total=total, unit='img', desc='converting', disable=not show_progress) as bar:
+    for ours, parts in targets.items():
+      shards = _ShardSet(work_dir, ours, shard_counts[ours])
+      for pcam, indices in parts:
+        _stream_split(source[pcam], indices, crop_size, rng, shards, samples, bar)
+      split_stats[ours] = shards.close()
+
+  manifest = _manifest(source, targets, split_stats, settings, fingerprint, crop_size, flags)
+  if eda:
+    from pcam_tfdata import eda as eda_lib  # pylint: disable=g-import-not-at-top
+    eda_lib.write_pictures(work_dir, manifest, samples)
+  manifest['seconds'] = round(time.time() - start, 3)
+  records.write_json_atomic(os.path.join(work_dir, schema.MANIFEST_NAME), manifest)
+  convert.swap_into_place(work_dir, out_dir)
+  return manifest
+
+
+def _stream_split(split, indices, crop_size, rng, shards, samples, bar):
+  """Reads x of `indices` (sorted) block by block and deals the crops to shards."""
+  c = (96 - crop_size) // 2
+  with _open(split.x_path) as handle:
+    x = handle['x']
+    for lo in range(0, split.count, _BLOCK):
+      hi = min(lo + _BLOCK, split.count)
+      wanted = indices[(indices >= lo) & (indices < hi)]
+      if not len(wanted):
+        continue
+      try:
+        block = x[lo:hi]
+      except (OSError, ValueError, EOFError) as e:
+        raise _unreadable(split.x_path, f'patches {lo}..{hi} unreadable', e) from None
+      crops = block[:, c:c + crop_size, c:c + crop_size]
+      for i in rng.permutation(wanted):
+        label = int(split.labels[i])
+        ident = example_id(split.name, int(i))
+        shards.write(crops[i - lo].tobytes(), label, ident)
+        if len(samples[label]) < 8:
+          samples[label].append((ident, block[i - lo].copy()))
+      bar.update(len(wanted))
+
+
+def _manifest(source, targets, split_stats, settings, fingerprint, crop_size, flags):
+  split_info = {}
+  for ours, stats in split_stats.items():
+    label_counts = collections.Counter()
+    for s in stats:
+      label_counts.update(s['label_counts'])
+    info = {'count': sum(s['count'] for s in stats), 'skipped': 0,
+            'label_counts': dict(sorted(label_counts.items())),
+            'shards': [{k: s[k] for k in ('file', 'count', 'sha256')} for s in stats],
+            'from': {p: int(len(i)) for p, i in targets[ours]}}
+    slides = [source[p].slides[i] for p, i in targets[ours] if source[p].slides is not None]
+    if slides:
+      info['slides'] = int(len(np.unique(np.concatenate(slides))))
+    split_info[ours] = info
+  all_labels = np.concatenate([s.labels for s in source.values()])
+  values, counts = np.unique(all_labels, return_counts=True)
+  return {
+      'format_version': schema.FORMAT_VERSION,
+      'image_shape': [crop_size, crop_size, 3],
+      'crop': {'size': crop_size, 'offset': (96 - crop_size) // 2, 'patch_size': 96},
+      'keys': {'image': schema.IMAGE_KEY, 'label': schema.LABEL_KEY, 'id': schema.ID_KEY},
+      'splits': split_info,
+      'source': {
+          'kind': 'pcam_h5',
+          'data_dir': os.path.dirname(next(iter(source.values())).x_path),
+          'files': {s.name: {'x': os.path.basename(s.x_path), 'y': os.path.basename(s.y_path),
+                             'meta': s.meta_path and os.path.basename(s.meta_path),
+                             'count': s.count} for s in source.values()},
+          'label_counts': {str(v): int(c) for v, c in zip(values, counts)},
+      },
+      'settings': settings,
+      'flags': flags or {},
+      'fingerprint': fingerprint,
+      'skipped': [],
+  }
+

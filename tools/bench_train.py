@@ -1,0 +1,106 @@
+r"""Training images/s fed by the real pipeline against the same batches held in memory.
+
+    python tools/bench_train.py --records_dir=records/demo --steps=30 --repeats=3
+
+For each model and precision policy, in one run: the training step of
+`pcam_tfdata.loop` (default strategy, batch 64) fed by (a) the cached training
+pipeline of `pcam_tfdata.pipeline` and (b) a dataset over the same batches
+already in memory, whose input cost is nil. Warm-up (tracing, the cache fill)
+is excluded; each figure is the median of --repeats timings of --steps steps,
+the two feeds interleaved so that drift on a shared machine hits both.
+"""
+
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+
+_RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records folder.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size, as the seed.')
+_STEPS = flags.DEFINE_integer('steps', 30, 'Steps per timing.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timings per figure (median).')
+_STEPS_PER_EXECUTION = flags.DEFINE_integer('steps_per_execution', 1, 'Steps per compiled call.')
+_AUGMENT = flags.DEFINE_bool('augment', False, 'Augment in the pipeline.')
+_MODELS = flags.DEFINE_list('models', ['baseline', 'batchnorm'], 'Models to time.')
+_POLICIES = flags.DEFINE_list('policies', ['off', 'bfloat16', 'float16'],
+                              'Precision modes (--mixed_precision values).')
+_JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
+
+
+def _time_steps(train_steps, iterator, steps, per_call):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  done = 0
+  while done < steps:
+    n = min(per_call, steps - done)
+    loss, _ = train_steps(iterator, tf.constant(n))
+    done += n
+  float(loss)  # Waits for the last step.
+  return time.perf_counter() - start
+
+
+def measure(model_name, mode, records_dir, batch_size, steps, repeats, per_call, augment):
+  """(pipeline images/s, in-memory images/s, precision policy) for one model."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import distribute, loop, models, pipeline, schema  # pylint: disable=g-import-not-at-top
+  policy = distribute.set_precision(mode)
+  strategy = tf.distribute.get_strategy()
+  shape = tuple(schema.load_manifest(records_dir)['image_shape'])
+  model = models.build_model(model_name, shape)
+  optimizer = keras.optimizers.Adam(1e-3)
+  if policy == 'mixed_float16':
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  optimizer.build(model.trainable_variables)
+  train_steps = loop.make_train_fn(model, optimizer, strategy, batch_size)
+
+  ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
+                             augment=augment, seed=0)
+  for _ in ds:  # Fills the cache.
+    pass
+  fed = ds.repeat()
+  # The same batches, already in memory: iterating them costs next to nothing.
+  batches = list(ds.take(steps))
+  held = tf.data.Dataset.from_tensor_slices(
+      tuple(tf.stack([b[i] for b in batches]) for i in range(2))).repeat()
+  fed_it, held_it = iter(fed), iter(held)
+  _time_steps(train_steps, fed_it, per_call * 2, per_call)  # Tracing and warm-up.
+  _time_steps(train_steps, held_it, per_call * 2, per_call)
+  times = {'pipeline': [], 'memory': []}
+  for _ in range(repeats):
+    times['pipeline'].append(_time_steps(train_steps, fed_it, steps, per_call))
+    times['memory'].append(_time_steps(train_steps, held_it, steps, per_call))
+  rate = lambda k: steps * batch_size / statistics.median(times[k])
+  keras.mixed_precision.set_global_policy('float32')
+  return rate('pipeline'), rate('memory'), policy
+
+
+def main(argv):
+  del argv
+  rows = []
+  for model_name in _MODELS.value:
+    for mode in _POLICIES.value:
+      fed, held, policy = measure(model_name, mode, _RECORDS_DIR.value, _BATCH_SIZE.value,
+                                  _STEPS.value, _REPEATS.value, _STEPS_PER_EXECUTION.value,
+                                  _AUGMENT.value)
+      rows.append({'model': model_name, 'policy': policy, 'pipeline_images_per_second': fed,
+                   'memory_images_per_second': held, 'pipeline_over_memory': fed / held})
+  print(f'\nbatch {_BATCH_SIZE.value}, {_STEPS.value} steps x median of {_REPEATS.value}, '
+        f'steps_per_execution {_STEPS_PER_EXECUTION.value}, augment {_AUGMENT.value}')
+  print('| model | policy | pipeline images/s | in-memory images/s | pipeline / in-memory | '
+        'x float32 (in-memory) |')
+  print('|---|---|---:|---:|---:|---:|')
+  for row in rows:
+    base = next(r for r in rows if r['model'] == row['model'] and r['policy'] == 'float32')
+    print(f'| {row["model"]} | {row["policy"]} | {row["pipeline_images_per_second"]:,.0f} | '
+          f'{row["memory_images_per_second"]:,.0f} | {100 * row["pipeline_over_memory"]:.1f}% | '
+          f'{row["memory_images_per_second"] / base["memory_images_per_second"]:.2f} |')
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
