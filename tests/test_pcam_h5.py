@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from pcam_tfdata import gzip_reader
 from pcam_tfdata import pcam_h5
 from pcam_tfdata import schema
 from conftest import run_tool
@@ -161,14 +162,14 @@ def test_bad_input_fails_with_one_line(tmp_path, kind):
 
 @pytest.mark.parametrize('members', [1, 2])
 def test_seekable_gzip_reads_any_range(tmp_path, monkeypatch, members):
-  monkeypatch.setattr(pcam_h5, '_MARK_EVERY', 1 << 16)  # Many saved states on a small file.
+  monkeypatch.setattr(gzip_reader, 'MARK_EVERY', 1 << 16)  # Many saved states on a small file.
   rng = np.random.default_rng(members)
   raw = (np.arange(3 << 20) % 251).astype(np.uint8).tobytes() + rng.bytes(1 << 20)
   path = tmp_path / 'data.gz'
   with open(path, 'wb') as f:  # Several members, as `cat a.gz b.gz` makes.
     for part in np.array_split(np.frombuffer(raw, np.uint8), members):
       f.write(gzip.compress(part.tobytes()))
-  reader = pcam_h5._SeekableGzip(str(path))
+  reader = gzip_reader.SeekableGzip(str(path))
   assert reader.seek(0, os.SEEK_END) == len(raw)
   for _ in range(200):
     offset, size = int(rng.integers(0, len(raw))), int(rng.integers(1, 1 << 21))

@@ -247,3 +247,16 @@ def test_report_prints_the_seed_table(tmp_path):
   assert '| BatchNorm | 0.9000 | 0.9500 | 0.8500 | 0.9537 |' in text
   with pytest.raises(ValueError, match='no finished run'):
     report.table([str(tmp_path / 'absent')])
+
+
+@pytest.mark.parametrize('mode, policy', [('float16', 'mixed_float16'),
+                                          ('bfloat16', 'mixed_bfloat16')])
+def test_mixed_precision_run_trains_with_finite_loss(records, tmp_path, mode, policy):
+  metrics = train.run(_config(records, tmp_path / 'run', mixed_precision=mode))
+  assert metrics['precision_policy'] == policy
+  with open(tmp_path / 'run' / 'history.csv') as f:
+    row = next(csv.DictReader(f))
+  assert np.isfinite(float(row['train_loss'])) and np.isfinite(float(row['val_loss']))
+  model = keras.models.load_model(tmp_path / 'run' / 'model.keras')
+  assert model.get_layer('block1_conv').compute_dtype == policy.split('_')[1]
+  assert model.get_layer('probability').compute_dtype == 'float32'
