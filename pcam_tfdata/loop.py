@@ -74,10 +74,10 @@ def make_train_fn(model, optimizer, strategy, global_batch_size):
     correct = tf.constant(0.0)
     for _ in tf.range(n):
       images, labels = next(iterator)
-      per_replica = strategy.run(step, args=(images, labels))
-      loss, right = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-      loss_sum += loss
-      correct += right
+      loss, right = strategy.run(step, args=(images, labels))
+      # One reduce per value: MultiWorkerMirroredStrategy does not take a tuple.
+      loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+      correct += strategy.reduce(tf.distribute.ReduceOp.SUM, right, axis=None)
     return loss_sum, correct
 
   return train_steps

@@ -1,6 +1,7 @@
 """train_and_evaluate: precision, strategy, data, the loop, exact evaluation, outputs."""
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -62,14 +63,15 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   """See train.run."""
   start = time.time()
   manifest = schema.load_manifest(config.records_dir)
-  if config.seed is not None:
-    keras.utils.set_random_seed(config.seed)
-  # Policy first, then the strategy, then the batch check, then the model in
-  # its scope (as the Flax and TF Models examples do).
+  # Policy first, then the strategy (MultiWorkerMirroredStrategy must come
+  # before any TF op), then the batch check, then the model in its scope (as
+  # the Flax and TF Models examples do).
   policy = distribute.set_precision(config.mixed_precision)
   if strategy is None:
     distribute.split_cpu(config.num_cpu_devices)
     strategy = distribute.make_strategy(config.strategy)
+  if config.seed is not None:
+    keras.utils.set_random_seed(config.seed)  # Same initial weights on every worker.
   replicas = strategy.num_replicas_in_sync
   if config.batch_size % replicas:
     raise ValueError(f'--batch_size={config.batch_size} is not divisible by the '
@@ -172,6 +174,9 @@ def train_and_evaluate(config, strategy=None, datasets=None):
     print(f'early stopping: val AUC best at epoch {state.best_epoch} ({state.best:.4f})')
 
   backup.remove_scratch()
+  # Synchronous training keeps replicas identical; this line lets a user (and
+  # the multi-worker test) check that across hosts.
+  print(f'final weights sha256 {_weights_digest(model)} (worker {task_id})', flush=True)
   if not chief:
     shutil.rmtree(os.path.join(model_dir, f'.worker{task_id}_tensorboard'), ignore_errors=True)
     return {}
@@ -186,6 +191,13 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   # Only now: a run killed during the final evaluation resumes and redoes it.
   backup.remove()
   return metrics
+
+
+def _weights_digest(model):
+  digest = hashlib.sha256()
+  for weights in model.get_weights():
+    digest.update(weights.tobytes())
+  return digest.hexdigest()[:16]
 
 
 def _final_evaluation(config, model, predict_fn, datasets, state, strategy, policy, seconds,

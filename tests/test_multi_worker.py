@@ -1,0 +1,73 @@
+"""MultiWorkerMirroredStrategy across local processes, through tools/launch_local_cluster.py."""
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_convert, run_tool
+
+LAUNCHER = 'tools/launch_local_cluster.py'
+
+
+@pytest.fixture(scope='module')
+def records(kaggle_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp('mw_records') / 'rec'
+  run_convert(kaggle_dir, out, per_class=0)
+  return out
+
+
+def _train_flags(records, model_dir, epochs):
+  return [f'--records_dir={records}', f'--model_dir={model_dir}', f'--epochs={epochs}',
+          '--batch_size=8', '--mixed_precision=off', '--seed=3']
+
+
+def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(records, tmp_path):
+  model_dir = tmp_path / 'run'
+  proc = run_tool(LAUNCHER, '--num_workers=2', '--', *_train_flags(records, model_dir, 1),
+                  timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', proc.stdout))
+  assert set(digests) == {'0', '1'} and digests['0'] == digests['1']
+  assert '"strategy": "multi_worker"' in proc.stdout
+  assert '"num_replicas_in_sync": 2' in proc.stdout
+  # The chief's outputs, and nothing of the other worker's scratch.
+  assert (model_dir / 'model.keras').is_file() and (model_dir / 'metrics.json').is_file()
+  assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith('.')) == []
+  assert not (model_dir / 'backup').exists()  # Removed once the run finished.
+
+
+def test_a_killed_worker_fails_the_launch_and_a_restart_resumes(records, tmp_path):
+  model_dir = tmp_path / 'run'
+  args = [sys.executable, LAUNCHER, '--num_workers=2', '--',
+          *_train_flags(records, model_dir, 6)]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  launcher = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
+  deadline = time.time() + 300
+  while not (model_dir / 'backup' / 'checkpoint').exists():  # Epoch 1 is done.
+    assert time.time() < deadline and launcher.poll() is None
+    time.sleep(0.05)
+  worker = subprocess.run(['pgrep', '-f', f'pcam_tfdata.train.*{model_dir}'],
+                          capture_output=True, text=True).stdout.split()
+  assert len(worker) == 2
+  victim = max(worker, key=lambda pid: open(f'/proc/{pid}/environ', 'rb').read()
+               .count(b'"index": 1'))
+  os.kill(int(victim), signal.SIGKILL)
+  out, err = launcher.communicate(timeout=120)
+  assert launcher.returncode != 0
+  assert 'exited with status -9; stopped the others' in err
+  assert not (model_dir / 'metrics.json').exists()
+
+  proc = run_tool(LAUNCHER, '--num_workers=2', '--', *_train_flags(records, model_dir, 6),
+                  timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert re.search(r'\[worker 0\] resuming after epoch [1-5]', proc.stdout), proc.stdout[-3000:]
+  with open(model_dir / 'history.csv') as f:
+    epochs = [r['epoch'] for r in csv.DictReader(f)]
+  assert epochs == [str(e) for e in range(1, len(epochs) + 1)]  # Each epoch once, in order.
