@@ -21,6 +21,8 @@ from pcam_tfdata import schema
 
 _PARSE_BATCH = 1024  # Records parsed per op; also the eval cache's element size.
 _EVAL_READ_BUFFER = 8 << 20
+SERVICE_JOB_NAME = 'pcam_tfdata_train'
+_SERVICE_SHUFFLE_BUFFER = 8192  # Examples per service worker.
 
 
 def parse_batch(serialized, image_shape, with_ids=False):
@@ -241,3 +243,46 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed):
   ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
+
+
+def make_service_dataset(records_dir, split, address, *, batch_size, augment=None, seed=None,
+                         with_ids=False, repeat=False, job_name=SERVICE_JOB_NAME):
+  """The training pipeline, run by the tf.data service at `address`.
+
+  Service workers run its streaming form (read, parse, shuffle in a buffer,
+  batch, augment): the whole-split cache of `make_dataset` does not apply,
+  since the dispatcher hands each worker shard files one at a time (dynamic
+  sharding). Each example is read once per pass whatever the number of
+  workers, and trainers sharing `job_name` share one stream of batches.
+
+  Args:
+    records_dir, split, batch_size, augment, seed, with_ids: as
+      pipeline.make_dataset (training mode).
+    address: the dispatcher, 'grpc://host:port'.
+    repeat: endless passes (training); else one pass, each example once
+      (minus each service worker's last partial batch).
+    job_name: consumers with the same name share one stream of batches.
+
+  Returns:
+    A tf.data.Dataset of batches, read from the service.
+  """
+  manifest = schema.load_manifest(records_dir)
+  paths = schema.shard_paths(records_dir, manifest, split)
+  image_shape = tuple(manifest['image_shape'])
+  files = tf.data.Dataset.from_tensor_slices(paths)  # Split by the dispatcher, file by file.
+  if repeat:
+    files = files.repeat()
+  ds = files.interleave(tf.data.TFRecordDataset, cycle_length=4, block_length=16,
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.batch(1024).map(lambda x: parse_batch(x, image_shape, with_ids),
+                          num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  ds = ds.shuffle(_SERVICE_SHUFFLE_BUFFER, seed=seed).batch(batch_size, drop_remainder=True)
+  if augment:
+    ds = ds.map(lambda images, *rest: (dihedral_by_position(images), *rest),
+                num_parallel_calls=tf.data.AUTOTUNE)
+  dataset_id = tf.data.experimental.service.register_dataset(address, ds)
+  service = tf.data.experimental.service.from_dataset_id(
+      processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+      service=address, dataset_id=dataset_id, element_spec=ds.element_spec,
+      job_name=job_name)
+  return service.prefetch(tf.data.AUTOTUNE)

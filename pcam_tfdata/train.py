@@ -39,6 +39,9 @@ _EARLY_STOPPING_PATIENCE = flags.DEFINE_integer(
     'early_stopping_patience', 3, 'Epochs without a better val AUC before stopping.')
 _REDUCE_LR_PATIENCE = flags.DEFINE_integer(
     'reduce_lr_patience', 2, 'Epochs without a better val AUC before halving the learning rate.')
+_DATA_SERVICE_ADDRESS = flags.DEFINE_string(
+    'data_service_address', None, 'grpc://host:port of a tf.data service dispatcher '
+    '(python -m pcam_tfdata.data_service): read training batches through it.')
 _PROFILE_STEPS = flags.DEFINE_string('profile_steps', None,
                                      'START,STOP: write a profiler trace of these steps.')
 
@@ -62,6 +65,7 @@ class Config:
   reduce_lr_patience: int = 2
   profile_steps: tuple | None = None
   eval_batch_size: int = 512
+  data_service_address: str | None = None
 
 
 def check_config(config):
@@ -78,6 +82,8 @@ def check_config(config):
        f'--early_stopping_patience={config.early_stopping_patience}: must be >= 1'),
       (config.reduce_lr_patience >= 1,
        f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
+      (not config.data_service_address or config.data_service_address.startswith('grpc://'),
+       f'--data_service_address={config.data_service_address}: expected grpc://host:port'),
   ]
   for ok, message in checks:
     if not ok:
@@ -122,7 +128,8 @@ def _config_from_flags():
       num_cpu_devices=_NUM_CPU_DEVICES.value, augment=_AUGMENT.value, seed=_SEED.value,
       steps_per_execution=_STEPS_PER_EXECUTION.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,
-      reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile)
+      reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile,
+      data_service_address=_DATA_SERVICE_ADDRESS.value)
 
 
 def main(argv):

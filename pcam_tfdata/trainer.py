@@ -27,9 +27,15 @@ _HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_acc
 def _datasets(config, manifest, strategy, global_batch):
   """The distributed training dataset and the two evaluation datasets."""
   def train_fn(context):
+    batch_size = context.get_per_replica_batch_size(global_batch)
+    if config.data_service_address:
+      # Endless, so that every trainer (sharing the job) can take its steps.
+      return pipeline.make_service_dataset(
+          config.records_dir, 'train', config.data_service_address, batch_size=batch_size,
+          augment=config.augment, seed=config.seed, repeat=True)
     return pipeline.make_dataset(
-        config.records_dir, 'train', batch_size=context.get_per_replica_batch_size(global_batch),
-        training=True, augment=config.augment, seed=config.seed, input_context=context)
+        config.records_dir, 'train', batch_size=batch_size, training=True,
+        augment=config.augment, seed=config.seed, input_context=context)
   evaluation = lambda split: pipeline.make_dataset(
       config.records_dir, split, batch_size=config.eval_batch_size, training=False,
       with_ids=True)
@@ -121,11 +127,15 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   best_weights = None
 
   finished = last_epoch
+  # The service stream is endless and shared: one iterator for the whole run.
+  # The local pipeline gives each new iterator an epoch in a new order.
+  iterator = iter(train_ds) if config.data_service_address else None
   for epoch in range(last_epoch + 1, config.epochs + 1):
     if state.stopped_early:  # Restored from a run that had stopped.
       break
     epoch_start = time.time()
-    iterator = iter(train_ds)
+    if not config.data_service_address:
+      iterator = iter(train_ds)
     loss_sum = correct = 0.0
     done = 0
     while done < steps:
