@@ -24,7 +24,7 @@ _HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_acc
                    'val_auc', 'learning_rate', 'seconds', 'images_per_second')
 
 
-def _datasets(config, manifest, strategy, global_batch):
+def _datasets(config, manifest, global_batch):
   """The distributed training dataset and the two evaluation datasets."""
   def train_fn(context):
     batch_size = context.get_per_replica_batch_size(global_batch)
@@ -88,7 +88,7 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   if steps < 1:
     raise ValueError(f'--batch_size={config.batch_size}: larger than the train split '
                      f'({manifest["splits"]["train"]["count"]} examples)')
-  datasets = datasets or _datasets(config, manifest, strategy, config.batch_size)
+  datasets = datasets or _datasets(config, manifest, config.batch_size)
   train_ds = strategy.distribute_datasets_from_function(datasets['train'])
 
   model_dir = config.model_dir
