@@ -36,6 +36,14 @@ def kaggle_dir(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope='session')
+def records(kaggle_dir, tmp_path_factory):
+  """`kaggle_dir` converted, unbalanced: 48 train, 12 val, 10 test; read-only."""
+  out = tmp_path_factory.mktemp('records') / 'rec'
+  run_convert(kaggle_dir, out, per_class=0)
+  return out
+
+
 @pytest.fixture
 def kaggle_copy(kaggle_dir, tmp_path):
   """A private copy of `kaggle_dir` that a test may break."""

@@ -8,14 +8,6 @@ import tensorflow as tf
 from pcam_tfdata import pipeline
 from pcam_tfdata import schema
 from pcam_tfdata import train
-from conftest import run_convert
-
-
-@pytest.fixture(scope='module')
-def records(kaggle_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp('service_records') / 'rec'
-  run_convert(kaggle_dir, out, per_class=0)
-  return out
 
 
 @pytest.fixture(scope='module')

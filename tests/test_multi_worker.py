@@ -10,16 +10,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_convert, run_tool
+from conftest import ROOT, run_tool
 
 LAUNCHER = 'tools/launch_local_cluster.py'
-
-
-@pytest.fixture(scope='module')
-def records(kaggle_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp('mw_records') / 'rec'
-  run_convert(kaggle_dir, out, per_class=0)
-  return out
 
 
 def _train_flags(records, model_dir, epochs):

@@ -10,15 +10,6 @@ import tensorflow as tf
 from pcam_tfdata import pipeline
 from pcam_tfdata import schema
 from pcam_tfdata import tiff
-from conftest import run_convert
-
-
-@pytest.fixture(scope='module')
-def records(kaggle_dir, tmp_path_factory):
-  """60 labelled patches -> 48 train, 12 val; 10 test."""
-  out = tmp_path_factory.mktemp('records') / 'rec'
-  run_convert(kaggle_dir, out, per_class=0, val_fraction=0.2)
-  return out
 
 
 @pytest.fixture(scope='module')

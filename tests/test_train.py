@@ -40,13 +40,6 @@ def mirrored():
 
 
 @pytest.fixture(scope='module')
-def records(kaggle_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp('train_records') / 'rec'
-  run_convert(kaggle_dir, out, per_class=0)
-  return out
-
-
-@pytest.fixture(scope='module')
 def learnable_records(tmp_path_factory):
   """400 synthetic patches: enough for a model to learn the center cluster."""
   base = tmp_path_factory.mktemp('learnable')
