@@ -12,6 +12,7 @@ Records, shard names, manifest and pictures are those of the Kaggle source.
 import collections
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import time
@@ -87,10 +88,8 @@ def read_source(data_dir):
       an x without its y (or the reverse), wrong shapes or dtypes, x and y of
       different lengths, labels other than 0/1, a truncated gzip.
   """
-  try:
-    import h5py  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    raise SourceError("--source=pcam_h5 needs h5py: pip install -e '.[h5]'") from None
+  if importlib.util.find_spec('h5py') is None:
+    raise SourceError("--source=pcam_h5 needs h5py: pip install -e '.[h5]'")
   data_dir = os.path.abspath(data_dir)
   if not os.path.isdir(data_dir):
     raise SourceError(f'{data_dir}: no such data folder')
