@@ -253,3 +253,22 @@ def test_mixed_precision_run_trains_with_finite_loss(records, tmp_path, mode, po
   model = keras.models.load_model(tmp_path / 'run' / 'model.keras')
   assert model.get_layer('block1_conv').compute_dtype == policy.split('_')[1]
   assert model.get_layer('probability').compute_dtype == 'float32'
+
+
+def test_predict_cli_writes_the_submission(records, kaggle_dir, tmp_path):
+  model_dir = tmp_path / 'run'
+  train.run(_config(records, model_dir))
+  out = tmp_path / 'submission.csv'
+  sample = kaggle_dir / 'sample_submission.csv'
+  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={model_dir}',
+                  f'--records_dir={records}', f'--output={out}', f'--sample_submission={sample}',
+                  '--tta', timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  written = pd.read_csv(out, dtype={'id': str})
+  assert written['id'].tolist() == pd.read_csv(sample, dtype={'id': str})['id'].tolist()
+  assert list(written.columns) == ['id', 'label'] and written['label'].between(0, 1).all()
+
+  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={tmp_path / "absent"}',
+                  f'--records_dir={records}', f'--output={tmp_path / "x.csv"}', timeout=300)
+  assert proc.returncode == 1 and 'model.keras: no such model' in proc.stderr
+  assert not (tmp_path / 'x.csv').exists()
