@@ -124,8 +124,9 @@ def test_batch_not_divisible_by_replicas(records, tmp_path, mirrored):
 def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
   """The demo model learns, and metrics.json holds the exact whole-split figures."""
   metrics = train.run(_config(learnable_records, tmp_path / 'run', epochs=4, batch_size=16,
-                              model='baseline'))
+                              model='baseline', profile_steps=(1, 3)))
   assert metrics['val_auc'] > 0.8, metrics
+  assert list((tmp_path / 'run' / 'tensorboard' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   from pcam_tfdata import evaluate, pipeline  # pylint: disable=g-import-not-at-top
   model = keras.models.load_model(tmp_path / 'run' / 'model.keras')
