@@ -81,16 +81,7 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
   if len(source.test_ids):
     plan_splits['test'] = [(i, schema.TEST_LABEL, source.test_path(i)) for i in source.test_ids]
 
-  record_bytes = crop_size * crop_size * 3 + _RECORD_OVERHEAD
-  shard_counts = {}
-  for name, examples in plan_splits.items():
-    is_train = name == 'train'
-    if is_train and num_shards > len(examples):
-      raise ConvertError(f'--num_shards={num_shards} but the train split holds only '
-                         f'{len(examples)} examples')
-    shard_counts[name] = splits.num_shards_for(
-        len(examples), record_bytes, TRAIN_MIN_SHARDS if is_train else EVAL_MIN_SHARDS,
-        num_shards if is_train else 0)
+  shard_counts = count_shards({n: len(e) for n, e in plan_splits.items()}, crop_size, num_shards)
 
   settings = {'source': 'kaggle', 'crop_size': crop_size, 'per_class': per_class,
               'val_fraction': val_fraction, 'seed': seed, 'grouped': groups is not None,
@@ -100,6 +91,25 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
     digest.update(json.dumps([name, plan_splits[name]]).encode())
   return {'settings': settings, 'splits': plan_splits, 'num_shards': shard_counts,
           'fingerprint': digest.hexdigest()}
+
+
+def count_shards(split_sizes, crop_size, num_shards):
+  """Shards per split: `num_shards` (0: auto) for train, auto for the others.
+
+  Raises:
+    ConvertError: more train shards asked for than train examples.
+  """
+  record_bytes = crop_size * crop_size * 3 + _RECORD_OVERHEAD
+  counts = {}
+  for name, size in split_sizes.items():
+    is_train = name == 'train'
+    if is_train and num_shards > size:
+      raise ConvertError(f'--num_shards={num_shards} but the train split holds only '
+                         f'{size} examples')
+    counts[name] = splits.num_shards_for(
+        size, record_bytes, TRAIN_MIN_SHARDS if is_train else EVAL_MIN_SHARDS,
+        num_shards if is_train else 0)
+  return counts
 
 
 def _make_tasks(plan, work_dir):
@@ -292,11 +302,7 @@ def _make_manifest(plan, tasks, done, source, flags):
   crop = plan['settings']['crop_size']
   labels, counts = np.unique(source.labels, return_counts=True)
   return {
-      'format_version': schema.FORMAT_VERSION,
-      'image_shape': [crop, crop, 3],
-      'crop': {'size': crop, 'offset': (schema.PATCH_SIZE - crop) // 2,
-               'patch_size': schema.PATCH_SIZE},
-      'keys': {'image': schema.IMAGE_KEY, 'label': schema.LABEL_KEY, 'id': schema.ID_KEY},
+      **schema.manifest_header(crop),
       'splits': split_info,
       'source': {
           'kind': 'kaggle',

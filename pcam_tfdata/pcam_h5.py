@@ -177,18 +177,8 @@ def _plan(source, *, crop_size, per_class, val_fraction, seed, resplit, num_shar
     for pcam, ours in PCAM_SPLITS.items():
       if pcam in source:
         targets[ours] = [(pcam, np.arange(source[pcam].count))]
-  record_bytes = crop_size * crop_size * 3 + 100
-  shard_counts = {}
-  for ours, parts in targets.items():
-    count = sum(len(i) for _, i in parts)
-    if ours == 'train' and num_shards > count:
-      raise convert.ConvertError(f'--num_shards={num_shards} but the train split holds only '
-                                 f'{count} examples')
-    shard_counts[ours] = splits.num_shards_for(
-        count, record_bytes,
-        convert.TRAIN_MIN_SHARDS if ours == 'train' else convert.EVAL_MIN_SHARDS,
-        num_shards if ours == 'train' else 0)
-  return targets, shard_counts
+  sizes = {ours: sum(len(i) for _, i in parts) for ours, parts in targets.items()}
+  return targets, convert.count_shards(sizes, crop_size, num_shards)
 
 
 def _fingerprint(source, settings, shard_counts):
@@ -204,31 +194,16 @@ class _ShardSet:
   """The open shards of one split; examples are dealt to them in turn."""
 
   def __init__(self, work_dir, split, total):
-    self.paths = [os.path.join(work_dir, schema.shard_name(split, i, total)) for i in range(total)]
-    self.files = [open(p + '.partial', 'wb') for p in self.paths]
-    self.digests = [hashlib.sha256() for _ in range(total)]
-    self.counts = [0] * total
-    self.labels = [collections.Counter() for _ in range(total)]
-    self.next = 0
+    self._writers = [records.ShardWriter(os.path.join(work_dir, schema.shard_name(split, i, total)))
+                     for i in range(total)]
+    self._next = 0
 
   def write(self, crop, label, example_id):
-    k = self.next
-    self.next = (k + 1) % len(self.files)
-    data = records.frame_record(schema.encode_example(crop, label, example_id))
-    self.files[k].write(data)
-    self.digests[k].update(data)
-    self.counts[k] += 1
-    self.labels[k][str(label)] += 1
+    self._writers[self._next].write(crop, label, example_id)
+    self._next = (self._next + 1) % len(self._writers)
 
   def close(self):
-    stats = []
-    for path, f, digest, count, labels in zip(self.paths, self.files, self.digests,
-                                              self.counts, self.labels):
-      f.close()
-      os.replace(path + '.partial', path)
-      stats.append({'file': os.path.basename(path), 'count': count,
-                    'sha256': digest.hexdigest(), 'label_counts': dict(sorted(labels.items()))})
-    return stats
+    return [w.close() for w in self._writers]
 
 
 def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, seed=0,
@@ -294,7 +269,7 @@ def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, 
 
 def _stream_split(split, indices, crop_size, rng, shards, samples, bar):
   """Reads x of `indices` (sorted) block by block and deals the crops to shards."""
-  c = (96 - crop_size) // 2
+  c = (schema.PATCH_SIZE - crop_size) // 2
   with _open(split.x_path) as handle:
     x = handle['x']
     for lo in range(0, split.count, _BLOCK):
@@ -333,10 +308,7 @@ def _manifest(source, targets, split_stats, settings, fingerprint, crop_size, fl
   all_labels = np.concatenate([s.labels for s in source.values()])
   values, counts = np.unique(all_labels, return_counts=True)
   return {
-      'format_version': schema.FORMAT_VERSION,
-      'image_shape': [crop_size, crop_size, 3],
-      'crop': {'size': crop_size, 'offset': (96 - crop_size) // 2, 'patch_size': 96},
-      'keys': {'image': schema.IMAGE_KEY, 'label': schema.LABEL_KEY, 'id': schema.ID_KEY},
+      **schema.manifest_header(crop_size),
       'splits': split_info,
       'source': {
           'kind': 'pcam_h5',

@@ -7,6 +7,7 @@ TFRecord framing is done by hand (tests check it byte for byte against
 `tf.io.TFRecordWriter`).
 """
 
+import collections
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import google_crc32c
 from pcam_tfdata import schema
 from pcam_tfdata import tiff
 
-_FLUSH_EVERY = 256  # Records per write, hash update and progress update.
+_FLUSH_EVERY = 256  # Records per write and hash update, and per progress update.
 
 
 def _masked_crc(data):
@@ -34,12 +35,51 @@ def frame_record(record):
                    struct.pack('<I', _masked_crc(record))))
 
 
-def write_shard(task, progress=None):
-  """Writes one shard; a finished shard is committed by a sidecar JSON file.
+class ShardWriter:
+  """One shard: framed records, their SHA-256 and counts, committed by `close`.
 
-  The shard is written as `<name>.partial` and renamed when complete; the
-  sidecar `<name>.done.json` (stats) is written after the rename. A shard
-  without a sidecar is redone on resume.
+  Records go to `<path>.partial`, written 256 at a time; `close` syncs the
+  file and renames it to `path`, so a shard under its real name is whole.
+  """
+
+  def __init__(self, path):
+    self.path = path
+    self._file = open(path + '.partial', 'wb')
+    self._digest = hashlib.sha256()
+    self._pending = []
+    self.count = 0
+    self.label_counts = collections.Counter()
+
+  def write(self, image, label, example_id):
+    self._pending.append(frame_record(schema.encode_example(image, label, example_id)))
+    self.count += 1
+    self.label_counts[str(label)] += 1
+    if len(self._pending) == _FLUSH_EVERY:
+      self._flush()
+
+  def _flush(self):
+    data = b''.join(self._pending)
+    self._file.write(data)
+    self._digest.update(data)
+    self._pending.clear()
+
+  def close(self):
+    """Commits the shard; returns its stats: file, count, sha256, label_counts."""
+    self._flush()
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self._file.close()
+    os.replace(self.path + '.partial', self.path)
+    return {'file': os.path.basename(self.path), 'count': self.count,
+            'sha256': self._digest.hexdigest(),
+            'label_counts': dict(sorted(self.label_counts.items()))}
+
+
+def write_shard(task, progress=None):
+  """Writes one shard from patch files; a finished shard is committed by a sidecar.
+
+  The sidecar `<name>.done.json` (stats) is written after the shard's rename;
+  a shard without one is redone on resume.
 
   Args:
     task: dict with `path` (final shard path), `examples` (list of
@@ -54,45 +94,31 @@ def write_shard(task, progress=None):
   Raises:
     tiff.BadImageError: a bad patch, unless `skip_bad`.
   """
-  path, crop_size = task['path'], task['crop_size']
-  digest = hashlib.sha256()
-  label_counts = {}
+  writer = ShardWriter(task['path'])
   skipped = []
-  count = seen = 0
-  pending = []
-  with open(path + '.partial', 'wb') as f:
-    def flush():
-      nonlocal seen
-      data = b''.join(pending)
-      f.write(data)
-      digest.update(data)
-      if progress is not None:
-        with progress.get_lock():
-          progress.value += seen
-      seen = 0
-      pending.clear()
-    for example_id, label, source in task['examples']:
-      seen += 1
-      try:
-        pixels = tiff.read_patch(source, task['patch_size'])
-      except (tiff.BadImageError, OSError) as e:
-        if not task['skip_bad']:
-          raise tiff.BadImageError(str(e)) from None
-        skipped.append({'id': example_id, 'reason': str(e)})
-        continue
-      crop = tiff.center_crop(pixels, crop_size).tobytes()
-      pending.append(frame_record(schema.encode_example(crop, label, example_id)))
-      count += 1
-      label_counts[str(label)] = label_counts.get(str(label), 0) + 1
-      if len(pending) == _FLUSH_EVERY:
-        flush()
-    flush()
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + '.partial', path)
-  stats = {'file': os.path.basename(path), 'count': count, 'sha256': digest.hexdigest(),
-           'label_counts': dict(sorted(label_counts.items())), 'skipped': skipped}
-  write_json_atomic(path + '.done.json', stats)
+  seen = 0
+  def report():
+    nonlocal seen
+    if progress is not None:
+      with progress.get_lock():
+        progress.value += seen
+    seen = 0
+  for example_id, label, source in task['examples']:
+    seen += 1
+    if seen == _FLUSH_EVERY:
+      report()
+    try:
+      pixels = tiff.read_patch(source, task['patch_size'])
+    except (tiff.BadImageError, OSError) as e:
+      if not task['skip_bad']:
+        raise tiff.BadImageError(str(e)) from None
+      skipped.append({'id': example_id, 'reason': str(e)})
+      continue
+    writer.write(tiff.center_crop(pixels, task['crop_size']).tobytes(), label, example_id)
+  report()
+  stats = writer.close()
+  stats['skipped'] = skipped
+  write_json_atomic(task['path'] + '.done.json', stats)
   return stats
 
 

@@ -115,6 +115,17 @@ def feature_spec():
   }
 
 
+def manifest_header(crop_size):
+  """The manifest entries every source writes: format, image shape, crop, keys."""
+  return {
+      'format_version': FORMAT_VERSION,
+      'image_shape': [crop_size, crop_size, 3],
+      'crop': {'size': crop_size, 'offset': (PATCH_SIZE - crop_size) // 2,
+               'patch_size': PATCH_SIZE},
+      'keys': {'image': IMAGE_KEY, 'label': LABEL_KEY, 'id': ID_KEY},
+  }
+
+
 def load_manifest(records_dir):
   """Reads and checks `manifest.json`; refuses a folder without one.
 
