@@ -8,12 +8,10 @@ Service workers run the streaming form of the training pipeline; see
 pipeline.make_service_dataset.
 """
 
-import sys
-
 from absl import app
 from absl import flags
-import tensorflow as tf
 
+from pcam_tfdata import cli
 
 _ROLE = flags.DEFINE_enum('role', None, ['dispatcher', 'worker'], 'Which server to run.')
 _PORT = flags.DEFINE_integer('port', 5050, 'Port to serve on.')
@@ -22,22 +20,22 @@ _DISPATCHER_ADDRESS = flags.DEFINE_string('dispatcher_address', None,
 _WORKER_ADDRESS = flags.DEFINE_string(
     'worker_address', None, 'host:port the dispatcher should reach this worker at '
     '(default: this host and --port).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines.")
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    cli.fail('data_service', f'unexpected arguments {" ".join(argv[1:])}')
   if _ROLE.value is None:
-    print('data_service: error: --role=dispatcher or --role=worker is required', file=sys.stderr)
-    sys.exit(1)
+    cli.fail('data_service', '--role=dispatcher or --role=worker is required')
+  if _ROLE.value == 'worker' and not _DISPATCHER_ADDRESS.value:
+    cli.fail('data_service', '--dispatcher_address is required for a worker')
+  tf = cli.import_tensorflow(_VERBOSE.value)
   if _ROLE.value == 'dispatcher':
     server = tf.data.experimental.service.DispatchServer(
         tf.data.experimental.service.DispatcherConfig(port=_PORT.value))
     print(f'dispatcher serving on grpc://localhost:{_PORT.value}', flush=True)
   else:
-    if not _DISPATCHER_ADDRESS.value:
-      print('data_service: error: --dispatcher_address is required for a worker',
-            file=sys.stderr)
-      sys.exit(1)
     server = tf.data.experimental.service.WorkerServer(
         tf.data.experimental.service.WorkerConfig(
             dispatcher_address=_DISPATCHER_ADDRESS.value.removeprefix('grpc://'),

@@ -23,17 +23,24 @@ def make_predict_fn(model):
   return predict
 
 
-def predict(predict_fn, dataset):
+def predict(predict_fn, dataset, bar=None):
   """Runs `predict_fn` over a dataset of (images, labels, ids) batches.
+
+  Args:
+    predict_fn: images -> probabilities [B].
+    dataset: yields (images, labels, ids) batches.
+    bar: an optional progress.Progress, told of each finished batch.
 
   Returns:
     (probabilities float32 [N], labels float32 [N], ids str [N]) in dataset order.
   """
   probs, labels, ids = [], [], []
-  for images, batch_labels, batch_ids in dataset:
+  for step, (images, batch_labels, batch_ids) in enumerate(dataset, 1):
     probs.append(predict_fn(images).numpy())
     labels.append(batch_labels.numpy())
     ids.extend(i.decode() for i in batch_ids.numpy())
+    if bar is not None:
+      bar.update(step)
   return (np.concatenate(probs).astype(np.float32), np.concatenate(labels), np.asarray(ids))
 
 

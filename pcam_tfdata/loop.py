@@ -16,6 +16,8 @@ import os
 import keras
 import tensorflow as tf
 
+from pcam_tfdata import rundir
+
 MONITOR = 'val_auc'  # Maximized, as the seed's EarlyStopping and checkpoint.
 
 
@@ -92,7 +94,7 @@ class Backup:
   """
 
   def __init__(self, model_dir, model, optimizer, is_chief, task_id=0):
-    self._chief_dir = os.path.join(model_dir, 'backup')
+    self._chief_dir = os.path.join(model_dir, rundir.BACKUP_DIR)
     self._dir = self._chief_dir if is_chief else os.path.join(
         model_dir, f'.worker{task_id}_backup')
     self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)

@@ -6,10 +6,13 @@ r"""Writes the Kaggle submission: id,label with label the probability of class 1
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
+
+from pcam_tfdata import cli
+from pcam_tfdata import rundir
+from pcam_tfdata import schema
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'A finished run (holds model.keras).')
 _RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records with a test split.')
@@ -19,31 +22,35 @@ _SAMPLE_SUBMISSION = flags.DEFINE_string(
     'id in it must be in the records.')
 _TTA = flags.DEFINE_bool('tta', False, 'Average the 8 flips and rotations of each patch.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Prediction batch, as the seed.')
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress over the test batches '
+                              '(--noprogress for none).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines.")
 
 
 def main(argv):
   if len(argv) > 1:
-    print(f'predict: error: unexpected arguments {" ".join(argv[1:])}', file=sys.stderr)
-    sys.exit(1)
-  import keras  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import submission  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import trainer  # pylint: disable=g-import-not-at-top
+    cli.fail('predict', f'unexpected arguments {" ".join(argv[1:])}')
   if not _MODEL_DIR.value:
-    print('predict: error: --model_dir is required', file=sys.stderr)
-    sys.exit(1)
-  path = os.path.join(_MODEL_DIR.value, trainer.MODEL_FILE)
+    cli.fail('predict', '--model_dir is required')
+  if _BATCH_SIZE.value < 1:
+    cli.fail('predict', f'--batch_size={_BATCH_SIZE.value}: must be >= 1')
+  path = os.path.join(_MODEL_DIR.value, rundir.MODEL_FILE)
   if not os.path.isfile(path):
-    print(f'predict: error: {path}: no such model (train first)', file=sys.stderr)
-    sys.exit(1)
+    cli.fail('predict', f'{path}: no such model (train first)')
+  try:
+    schema.load_manifest(_RECORDS_DIR.value)  # A wrong folder fails before TF starts.
+  except schema.ManifestError as e:
+    cli.fail('predict', e)
+  cli.import_tensorflow(_VERBOSE.value)
+  import keras  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import submission  # pylint: disable=g-import-not-at-top
   try:
     model = keras.models.load_model(path)
     ids, probs = submission.predict_test(model, _RECORDS_DIR.value, _BATCH_SIZE.value,
-                                         _TTA.value)
+                                         _TTA.value, show_progress=_PROGRESS.value)
     frame = submission.write_submission(ids, probs, _OUTPUT.value, _SAMPLE_SUBMISSION.value)
-  except (ValueError, schema.ManifestError) as e:
-    print(f'predict: error: {e}', file=sys.stderr)
-    sys.exit(1)
+  except ValueError as e:  # schema.ManifestError is one.
+    cli.fail('predict', e)
   print(f'wrote {len(frame)} predictions to {_OUTPUT.value}')
 
 

@@ -9,7 +9,8 @@ import sys
 
 from absl import app
 
-from pcam_tfdata import trainer
+from pcam_tfdata import cli
+from pcam_tfdata import rundir
 
 _COLUMNS = (('Train Accuracy', 'train_accuracy'), ('Train AUC', 'train_auc'),
             ('Validation Accuracy', 'val_accuracy'), ('Validation AUC', 'val_auc'))
@@ -24,7 +25,7 @@ def table(model_dirs):
   lines = ['| Model | ' + ' | '.join(c for c, _ in _COLUMNS) + ' | Best epoch | Precision | Replicas |',
            '|---' * (len(_COLUMNS) + 4) + '|']
   for model_dir in model_dirs:
-    path = os.path.join(model_dir, trainer.METRICS_JSON)
+    path = os.path.join(model_dir, rundir.METRICS_JSON)
     try:
       with open(path) as f:
         m = json.load(f)
@@ -44,8 +45,7 @@ def main(argv):
   try:
     print(table(argv[1:]))
   except ValueError as e:
-    print(f'report: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail('report', e)
 
 
 if __name__ == '__main__':

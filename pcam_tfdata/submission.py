@@ -8,10 +8,18 @@ import tensorflow as tf
 
 from pcam_tfdata import kaggle
 from pcam_tfdata import pipeline
+from pcam_tfdata import progress
 
 
-def predict_test(model, records_dir, batch_size=128, tta=False):
+def predict_test(model, records_dir, batch_size=128, tta=False, show_progress=False):
   """Probabilities of class 1 for every test id.
+
+  Args:
+    model: a Keras model of uint8 images to probabilities [B, 1].
+    records_dir: records with a test split.
+    batch_size: images per forward pass (times 8 with `tta`).
+    tta: average the model over the 8 dihedral transforms of each image.
+    show_progress: show a progress bar (or log lines) over the batches.
 
   Returns:
     (ids, probabilities) in the records' order.
@@ -19,6 +27,8 @@ def predict_test(model, records_dir, batch_size=128, tta=False):
   ds = pipeline.make_dataset(records_dir, 'test', batch_size=batch_size, training=False,
                              with_ids=True)
   transforms = range(8) if tta else range(1)
+  bar = progress.Progress(int(ds.cardinality()), 'predicting' + (' with TTA x8' if tta else ''),
+                          images_per_step=batch_size, enabled=show_progress)
 
   @tf.function(reduce_retracing=True)
   def forward(images):
@@ -26,9 +36,11 @@ def predict_test(model, records_dir, batch_size=128, tta=False):
     return tf.reshape(tf.reduce_mean(tf.stack(outs), 0), [-1])
 
   ids, probs = [], []
-  for images, _, batch_ids in ds:
-    probs.append(forward(images).numpy())
-    ids.extend(i.decode() for i in batch_ids.numpy())
+  with bar:
+    for step, (images, _, batch_ids) in enumerate(ds, 1):
+      probs.append(forward(images).numpy())
+      ids.extend(i.decode() for i in batch_ids.numpy())
+      bar.update(step)
   return np.asarray(ids), np.concatenate(probs)
 
 

@@ -8,12 +8,13 @@ work, so tests and notebooks call `run` directly.
 
 import dataclasses
 import json
-import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from pcam_tfdata import cli
+from pcam_tfdata import schema
 
 _MODEL_NAMES = ('baseline', 'batchnorm')  # models.MODELS, without importing Keras here.
 
@@ -44,6 +45,11 @@ _DATA_SERVICE_ADDRESS = flags.DEFINE_string(
     '(python -m pcam_tfdata.data_service): read training batches through it.')
 _PROFILE_STEPS = flags.DEFINE_string('profile_steps', None,
                                      'START,STOP: write a profiler trace of these steps.')
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress within each epoch and '
+                              'evaluation (a bar on a terminal, a line every 30 s in logs); '
+                              '--noprogress for none.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines "
+                             '(hidden unless TF_CPP_MIN_LOG_LEVEL says otherwise).')
 
 
 @dataclasses.dataclass
@@ -66,6 +72,7 @@ class Config:
   profile_steps: tuple | None = None
   eval_batch_size: int = 512
   data_service_address: str | None = None
+  progress: bool = True  # On the chief only.
 
 
 def check_config(config):
@@ -129,24 +136,25 @@ def _config_from_flags():
       steps_per_execution=_STEPS_PER_EXECUTION.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,
       reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile,
-      data_service_address=_DATA_SERVICE_ADDRESS.value)
+      data_service_address=_DATA_SERVICE_ADDRESS.value, progress=_PROGRESS.value)
 
 
 def main(argv):
   if len(argv) > 1:
-    print(f'train: error: unexpected arguments {" ".join(argv[1:])}', file=sys.stderr)
-    sys.exit(1)
-  # TensorFlow's start-up chatter and per-save INFO lines drown the per-epoch
-  # lines; --verbosity and TF_CPP_MIN_LOG_LEVEL still override.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-  if not flags.FLAGS['verbosity'].present:
+    cli.fail('train', f'unexpected arguments {" ".join(argv[1:])}')
+  # Per-save INFO lines drown the per-epoch lines; --verbosity still overrides.
+  if _VERBOSE.value:
+    logging.set_verbosity(logging.INFO)
+  elif not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
   try:
-    metrics = run(_config_from_flags())
-  except (ValueError, schema.ManifestError) as e:
-    print(f'train: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    config = _config_from_flags()
+    check_config(config)
+    schema.load_manifest(config.records_dir)  # A wrong folder fails before TF starts.
+    cli.import_tensorflow(_VERBOSE.value)
+    metrics = run(config)
+  except ValueError as e:  # schema.ManifestError is one.
+    cli.fail('train', e)
   if metrics:
     print(json.dumps(metrics, indent=1))
 

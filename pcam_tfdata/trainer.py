@@ -15,11 +15,10 @@ from pcam_tfdata import evaluate
 from pcam_tfdata import loop
 from pcam_tfdata import models
 from pcam_tfdata import pipeline
+from pcam_tfdata import progress
+from pcam_tfdata import rundir
 from pcam_tfdata import schema
 
-HISTORY_CSV = 'history.csv'
-METRICS_JSON = 'metrics.json'
-MODEL_FILE = 'model.keras'
 _HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
                    'val_auc', 'learning_rate', 'seconds', 'images_per_second')
 
@@ -83,6 +82,7 @@ def train_and_evaluate(config, strategy=None, datasets=None):
     raise ValueError(f'--batch_size={config.batch_size} is not divisible by the '
                      f'{replicas} replicas in sync')
   chief = distribute.is_chief(strategy)
+  show_progress = config.progress and chief
   pipelines = distribute.num_workers(strategy)
   steps = pipeline.steps_per_epoch(manifest, 'train', config.batch_size // pipelines, pipelines)
   if steps < 1:
@@ -108,13 +108,13 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   state = loop.CallbackState(**saved['callbacks']) if saved else loop.CallbackState()
   learning_rate = saved['learning_rate'] if saved else config.learning_rate
   optimizer.learning_rate.assign(learning_rate)
-  history_path = os.path.join(model_dir, HISTORY_CSV)
-  best_path = os.path.join(model_dir, MODEL_FILE)
-  metrics_path = os.path.join(model_dir, METRICS_JSON)
+  history_path = os.path.join(model_dir, rundir.HISTORY_CSV)
+  best_path = os.path.join(model_dir, rundir.MODEL_FILE)
+  metrics_path = os.path.join(model_dir, rundir.METRICS_JSON)
   if chief and os.path.exists(metrics_path):
     os.remove(metrics_path)  # Written again at the end; until then the run is unfinished.
   if last_epoch:
-    print(f'resuming after epoch {last_epoch} from {os.path.join(model_dir, "backup")}')
+    print(f'resuming after epoch {last_epoch} from {os.path.join(model_dir, rundir.BACKUP_DIR)}')
     if chief:
       _trim_history(history_path, last_epoch)
   elif chief:  # A fresh run: no rows or best model of an older one.
@@ -138,17 +138,22 @@ def train_and_evaluate(config, strategy=None, datasets=None):
       iterator = iter(train_ds)
     loss_sum = correct = 0.0
     done = 0
-    while done < steps:
-      n = min(config.steps_per_execution, steps - done)
-      profile = config.profile_steps and chief and epoch == last_epoch + 1
-      if profile and done <= config.profile_steps[0] < done + n:
-        tf.profiler.experimental.start(os.path.join(model_dir, 'tensorboard'))
-      batch_loss, batch_correct = train_steps(iterator, tf.constant(n))
-      if profile and done < config.profile_steps[1] <= done + n:
-        tf.profiler.experimental.stop()
-      loss_sum += float(batch_loss)
-      correct += float(batch_correct)
-      done += n
+    bar = progress.Progress(steps, f'epoch {epoch}/{config.epochs}',
+                            images_per_step=config.batch_size, enabled=show_progress)
+    with bar:
+      while done < steps:
+        n = min(config.steps_per_execution, steps - done)
+        profile = config.profile_steps and chief and epoch == last_epoch + 1
+        if profile and done <= config.profile_steps[0] < done + n:
+          tf.profiler.experimental.start(os.path.join(model_dir, 'tensorboard'))
+        batch_loss, batch_correct = train_steps(iterator, tf.constant(n))
+        if profile and done < config.profile_steps[1] <= done + n:
+          tf.profiler.experimental.stop()
+        loss_sum += float(batch_loss)
+        correct += float(batch_correct)
+        done += n
+        bar.update(done, loss=loss_sum / (done * config.batch_size),
+                   accuracy=correct / (done * config.batch_size))
     seen = steps * config.batch_size
     train_seconds = time.time() - epoch_start
     probs, labels, _ = evaluate.predict(predict_fn, datasets['val'])
@@ -214,8 +219,11 @@ def _final_evaluation(config, model, predict_fn, datasets, state, strategy, poli
                       epochs_run):
   results = {}
   for split in ('train', 'val'):
-    probs, labels, _ = evaluate.predict(predict_fn, datasets[f'{split}_eval' if split == 'train'
-                                                             else 'val'])
+    dataset = datasets['train_eval' if split == 'train' else 'val']
+    bar = progress.Progress(int(dataset.cardinality()), f'evaluating {split}',
+                            images_per_step=config.eval_batch_size, enabled=config.progress)
+    with bar:
+      probs, labels, _ = evaluate.predict(predict_fn, dataset, bar)
     for key, value in evaluate.binary_metrics(labels, probs).items():
       results[f'{split}_{key}'] = value
   model_dir = config.model_dir
@@ -223,7 +231,7 @@ def _final_evaluation(config, model, predict_fn, datasets, state, strategy, poli
   evaluate.plot_confusion_matrix(labels, probs, os.path.join(model_dir, 'confusion_matrix.png'),
                                  title)
   evaluate.plot_roc_curve(labels, probs, os.path.join(model_dir, 'roc_curve.png'), title)
-  evaluate.plot_training_curves(os.path.join(model_dir, HISTORY_CSV),
+  evaluate.plot_training_curves(os.path.join(model_dir, rundir.HISTORY_CSV),
                                 os.path.join(model_dir, 'training_curves.png'), config.model)
   results.update({
       'model': config.model,
@@ -238,6 +246,6 @@ def _final_evaluation(config, model, predict_fn, datasets, state, strategy, poli
       'records_dir': os.path.abspath(config.records_dir),
       'seconds': round(seconds, 1),
   })
-  with open(os.path.join(model_dir, METRICS_JSON), 'w') as f:
+  with open(os.path.join(model_dir, rundir.METRICS_JSON), 'w') as f:
     json.dump(results, f, indent=1)
   return results

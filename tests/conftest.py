@@ -23,7 +23,8 @@ def pytest_configure(config):
   Must happen before TensorFlow starts its runtime, hence here.
   """
   del config
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import cli  # pylint: disable=g-import-not-at-top
+  tf = cli.import_tensorflow()  # The test run's own output without start-up chatter.
   cpu = tf.config.list_physical_devices('CPU')[0]
   tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
@@ -62,8 +63,62 @@ def run_convert(data_dir, out_dir, **kwargs):
   return convert.convert(source, str(out_dir), show_progress=False, **kwargs)
 
 
-def run_tool(*args, timeout=300, cwd=ROOT):
-  """Runs a tools/ script in a fresh interpreter; returns CompletedProcess."""
+def user_env(**overrides):
+  """The environment of a user who set no TensorFlow logging variable.
+
+  TF_ENABLE_ONEDNN_OPTS=1 makes TensorFlow on any x86 CPU print the start-up
+  lines that hosts with AVX-512/AMX print by default, so what the entry points
+  show on stderr is tested under the noisiest start-up on every machine.
+  """
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  env['TF_ENABLE_ONEDNN_OPTS'] = '1'
+  env.update(overrides)
+  return env
+
+
+def run_tool(*args, timeout=300, cwd=ROOT, env=None):
+  """Runs a tools/ script or `-m module` in a fresh interpreter, as a user would."""
   return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                        timeout=timeout, cwd=cwd,
-                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+                        timeout=timeout, cwd=cwd, env=env or user_env())
+
+
+def error_lines(stderr):
+  """The stderr lines that mention an error (case-insensitive)."""
+  return [line for line in stderr.splitlines() if 'error' in line.lower()]
+
+
+def run_in_terminal(*args, timeout=300, cwd=ROOT, env=None):
+  """Runs `python *args` with a pseudo-terminal as stdin, stdout and stderr.
+
+  Returns:
+    (exit status, everything written to the terminal, as text).
+  """
+  import pty  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  master, slave = pty.openpty()
+  proc = subprocess.Popen([sys.executable, *args], stdin=slave, stdout=slave, stderr=slave,
+                          cwd=cwd, env=env or user_env(), close_fds=True)
+  os.close(slave)
+  chunks = []
+
+  def read():  # As it comes: a full terminal buffer would block the child.
+    while True:
+      try:
+        data = os.read(master, 1 << 16)
+      except OSError:  # EIO once the child has closed its end.
+        return
+      if not data:
+        return
+      chunks.append(data)
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  try:
+    proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    reader.join(timeout=10)
+    os.close(master)
+  return proc.returncode, b''.join(chunks).decode(errors='replace')

@@ -9,7 +9,7 @@ import sys
 import time
 
 
-from conftest import ROOT, run_tool
+from conftest import ROOT, run_tool, user_env
 
 LAUNCHER = 'tools/launch_local_cluster.py'
 
@@ -38,12 +38,15 @@ def test_a_killed_worker_fails_the_launch_and_a_restart_resumes(records, tmp_pat
   model_dir = tmp_path / 'run'
   args = [sys.executable, LAUNCHER, '--num_workers=2', '--',
           *_train_flags(records, model_dir, 6)]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  launcher = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env)
+  # Files, not pipes: nobody reads a pipe while the workers run, and once its
+  # buffer filled the launcher (and the workers) would block for good.
+  out_path, err_path = tmp_path / 'launcher.out', tmp_path / 'launcher.err'
+  with open(out_path, 'w') as out, open(err_path, 'w') as err:
+    launcher = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=err, text=True,
+                                env=user_env())
   deadline = time.time() + 300
   while not (model_dir / 'backup' / 'checkpoint').exists():  # Epoch 1 is done.
-    assert time.time() < deadline and launcher.poll() is None
+    assert time.time() < deadline and launcher.poll() is None, err_path.read_text()[-3000:]
     time.sleep(0.05)
   worker = subprocess.run(['pgrep', '-f', f'pcam_tfdata.train.*{model_dir}'],
                           capture_output=True, text=True).stdout.split()
@@ -51,15 +54,19 @@ def test_a_killed_worker_fails_the_launch_and_a_restart_resumes(records, tmp_pat
   victim = max(worker, key=lambda pid: open(f'/proc/{pid}/environ', 'rb').read()
                .count(b'"index": 1'))
   os.kill(int(victim), signal.SIGKILL)
-  out, err = launcher.communicate(timeout=120)
+  launcher.wait(timeout=120)
   assert launcher.returncode != 0
-  assert 'exited with status -9; stopped the others' in err
+  assert 'exited with status -9; stopped the others' in err_path.read_text()
   assert not (model_dir / 'metrics.json').exists()
 
   proc = run_tool(LAUNCHER, '--num_workers=2', '--', *_train_flags(records, model_dir, 6),
                   timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert re.search(r'\[worker 0\] resuming after epoch [1-5]', proc.stdout), proc.stdout[-3000:]
+  resumed = re.findall(r'\[worker (\d)\] resuming after epoch (\d)', proc.stdout)
+  assert sorted(resumed) == [('0', resumed[0][1]), ('1', resumed[0][1])], proc.stdout[-3000:]
+  assert 1 <= int(resumed[0][1]) <= 5  # Both restored the same finished epoch.
+  digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', proc.stdout))
+  assert set(digests) == {'0', '1'} and digests['0'] == digests['1']
   with open(model_dir / 'history.csv') as f:
     epochs = [r['epoch'] for r in csv.DictReader(f)]
   assert epochs == [str(e) for e in range(1, len(epochs) + 1)]  # Each epoch once, in order.

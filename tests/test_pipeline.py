@@ -132,6 +132,45 @@ def test_augmentation_keeps_pixels_and_labels(records, kaggle_dir, truth, cache)
   assert changed >= 16  # 7 of 8 transforms move pixels.
 
 
+def _which_transform(image, source, table):
+  """The k with image == transform k of source, or None when it is ambiguous."""
+  views = [source.reshape(-1, 3)[table[k]].reshape(source.shape) for k in range(8)]
+  matches = [k for k, v in enumerate(views) if np.array_equal(v, image)]
+  return matches[0] if len(matches) == 1 else None
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_augmentation_is_uniform_per_image_and_new_each_epoch(records, kaggle_dir, cache):
+  """Fails for a transform fixed per image, one per batch, or a subset of the 8."""
+  ds = pipeline.make_dataset(str(records), 'train', batch_size=16, training=True, augment=True,
+                             cache=cache, seed=5, with_ids=True)
+  table = pipeline.dihedral_permutations(32)
+  sources = {}
+  per_image = collections.defaultdict(list)
+  per_batch = []
+  epochs = 12
+  for _ in range(epochs):
+    for images, _, ids in ds:
+      batch = []
+      for image, example_id in zip(images.numpy(), ids.numpy()):
+        example_id = example_id.decode()
+        if example_id not in sources:
+          sources[example_id] = _crop(kaggle_dir, example_id)
+        k = _which_transform(image, sources[example_id], table)
+        assert k is not None, example_id  # Some transform of its own crop, unambiguous.
+        per_image[example_id].append(k)
+        batch.append(k)
+      per_batch.append(batch)
+  draws = [k for ks in per_image.values() for k in ks]
+  counts = collections.Counter(draws)
+  expected = len(draws) / 8
+  assert sorted(counts) == list(range(8)), counts  # All eight appear,
+  assert all(0.5 * expected <= c <= 1.5 * expected for c in counts.values()), counts  # evenly,
+  assert np.mean([len(set(b)) for b in per_batch]) > 4  # mixed within a batch,
+  # and new for each image from epoch to epoch.
+  assert all(len(set(ks)) >= 2 for ks in per_image.values()), per_image
+
+
 @pytest.mark.parametrize('k', range(8))
 def test_dihedral_transform_matches_the_permutation_table_eager_and_in_map(k):
   images = np.random.default_rng(k).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)

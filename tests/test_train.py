@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,11 +17,13 @@ import tensorflow as tf
 from pcam_tfdata import distribute
 from pcam_tfdata import loop
 from pcam_tfdata import models
+from pcam_tfdata import pipeline
 from pcam_tfdata import report
 from pcam_tfdata import submission
 from pcam_tfdata import synthetic
+from pcam_tfdata import tiff
 from pcam_tfdata import train
-from conftest import ROOT, run_convert, run_tool
+from conftest import ROOT, error_lines, run_convert, run_in_terminal, run_tool, user_env
 
 
 @pytest.fixture(autouse=True)
@@ -69,15 +72,31 @@ def test_unknown_model_is_refused():
     models.build_model('resnet')
 
 
-@pytest.mark.parametrize('mode, compute', [('off', 'float32'), ('float16', 'float16'),
-                                           ('bfloat16', 'bfloat16'), ('auto', 'float32')])
-def test_precision_policies(mode, compute):
+@pytest.mark.parametrize('mode, tensor_cores, compute', [
+    ('off', False, 'float32'), ('float16', False, 'float16'), ('bfloat16', False, 'bfloat16'),
+    ('auto', False, 'float32'), ('auto', True, 'float16'), ('off', True, 'float32')])
+def test_precision_policies(monkeypatch, mode, tensor_cores, compute):
+  # Whether this host has tensor-core GPUs must not change what the test means.
+  monkeypatch.setattr(distribute, '_tensor_core_gpus', lambda: tensor_cores)
   distribute.set_precision(mode)
   model = models.build_model('batchnorm')
   out = model(np.zeros((2, 32, 32, 3), np.uint8), training=False)
   assert out.dtype == tf.float32  # The sigmoid stays in float32.
   assert model.get_layer('block1_conv').compute_dtype == compute
   assert {v.dtype for v in model.weights} == {'float32'}  # Variables stay float32.
+
+
+@pytest.mark.parametrize('capabilities, expected', [
+    ([], False), ([(8, 0)], True), ([(7, 0), (9, 0)], True), ([(6, 1)], False),
+    ([(8, 6), (6, 1)], False)])
+def test_tensor_cores_means_every_gpu_has_them(monkeypatch, capabilities, expected):
+  gpus = [f'GPU:{i}' for i in range(len(capabilities))]
+  details = dict(zip(gpus, capabilities))
+  monkeypatch.setattr(tf.config, 'list_physical_devices', lambda kind: gpus if kind == 'GPU'
+                      else [])
+  monkeypatch.setattr(tf.config.experimental, 'get_device_details',
+                      lambda gpu: {'compute_capability': details[gpu]})
+  assert distribute._tensor_core_gpus() is expected
 
 
 @pytest.mark.parametrize('name', ['baseline', 'batchnorm'])
@@ -137,32 +156,66 @@ def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
   assert metrics['val_auc'] == pytest.approx(roc_auc_score(labels, probs), abs=1e-6)
 
 
-_KILL_AFTER_SECOND_BACKUP = '''
+# Both scripts dump the model's weights and the optimizer's variables (step
+# count, Adam's moments, learning rate) to an .npz: the first as it saves the
+# epoch-2 backup (then dies), the second right after the restart restores it.
+_STATE = '''
+import numpy as np
+def dump(path, checkpoint):
+  arrays = [np.asarray(w) for w in checkpoint.model.get_weights()]
+  arrays += [np.asarray(v) for v in checkpoint.optimizer.variables]
+  np.savez(path, *arrays)
+'''
+_KILL_AFTER_SECOND_BACKUP = _STATE + '''
 import os, signal, sys
 from pcam_tfdata import loop, train
 real = loop.Backup.save
 def save_then_die(self, epoch, state):
   real(self, epoch, state)
   if epoch == 2:
+    dump(sys.argv[3], self._checkpoint)
     os.kill(os.getpid(), signal.SIGKILL)
 loop.Backup.save = save_then_die
 train.run(train.Config(records_dir=sys.argv[1], model_dir=sys.argv[2], epochs=4, batch_size=8,
                        eval_batch_size=16, mixed_precision='off', strategy='default', seed=1))
 '''
+_RESUME_THROUGH_THE_CLI = _STATE + '''
+import sys
+from absl import app
+from pcam_tfdata import loop, train
+real = loop.Backup.restore
+out = sys.argv[1]
+def restore_and_dump(self):
+  result = real(self)
+  dump(out, self._checkpoint)
+  return result
+loop.Backup.restore = restore_and_dump
+sys.argv = ['train'] + sys.argv[2:]
+app.run(train.main)
+'''
 
 
-def test_killed_run_resumes_at_its_last_finished_epoch(records, tmp_path):
+def test_killed_run_resumes_with_the_weights_and_optimizer_of_its_last_epoch(records, tmp_path):
   model_dir = tmp_path / 'run'
   proc = subprocess.run([sys.executable, '-c', _KILL_AFTER_SECOND_BACKUP, str(records),
-                         str(model_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+                         str(model_dir), str(tmp_path / 'saved.npz')], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=user_env())
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert not (model_dir / 'metrics.json').exists()
-  proc = run_tool('-m', 'pcam_tfdata.train', f'--records_dir={records}', f'--model_dir={model_dir}',
-                  '--epochs=4', '--batch_size=8', '--mixed_precision=off', '--strategy=default',
-                  '--seed=1', timeout=600)
+  proc = subprocess.run([sys.executable, '-c', _RESUME_THROUGH_THE_CLI,
+                         str(tmp_path / 'restored.npz'), f'--records_dir={records}',
+                         f'--model_dir={model_dir}', '--epochs=4', '--batch_size=8',
+                         '--mixed_precision=off', '--strategy=default', '--seed=1'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=user_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert 'resuming after epoch 2' in proc.stdout
+  saved, restored = np.load(tmp_path / 'saved.npz'), np.load(tmp_path / 'restored.npz')
+  assert saved.files == restored.files
+  for key in saved.files:  # Every weight, moment and counter, bit for bit.
+    np.testing.assert_array_equal(restored[key], saved[key], err_msg=key)
+  model = models.build_model('baseline')
+  steps = int(np.asarray(restored[f'arr_{len(model.weights)}']))  # optimizer.iterations
+  assert steps == 2 * (48 // 8)  # Two epochs of 6 steps, not a fresh optimizer.
   with open(model_dir / 'history.csv') as f:
     assert [r['epoch'] for r in csv.DictReader(f)] == ['1', '2', '3', '4']
   metrics = json.loads((model_dir / 'metrics.json').read_text())
@@ -184,21 +237,67 @@ def test_callback_state_follows_keras_semantics():
   assert trace[-1][2] and state.best_epoch == 5 and state.best == 0.86
 
 
-def test_submission_covers_the_test_split(records, kaggle_dir, tmp_path):
-  model = models.build_model('baseline')
-  ids, probs = submission.predict_test(model, str(records), batch_size=4, tta=True)
-  test_ids = sorted(p.stem for p in (kaggle_dir / 'test').iterdir())
-  assert sorted(ids) == test_ids and len(ids) == len(set(ids))
-  assert ((probs >= 0) & (probs <= 1)).all()
+def _linear_model(seed=0):
+  """sigmoid(w . pixels/255 + b) with fixed random weights: its answer for an image is
+  known in NumPy, and differs between an image's 8 flips and rotations."""
+  inputs = keras.Input((32, 32, 3), dtype='uint8')
+  x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+  dense = keras.layers.Dense(1, activation='sigmoid')
+  model = keras.Model(inputs, dense(x))
+  rng = np.random.default_rng(seed)
+  dense.set_weights([rng.normal(0, 0.02, (32 * 32 * 3, 1)).astype(np.float32),
+                     np.array([0.1], np.float32)])
+  return model, dense.get_weights()
+
+
+def _expected_probability(weights, image, tta):
+  """The linear model's probability for one uint8 crop, computed in NumPy."""
+  kernel, bias = weights
+  table = pipeline.dihedral_permutations(32)  # np.rot90-built, independent of the TF code.
+  views = [image.reshape(-1, 3)[table[k]].reshape(32, 32, 3) for k in (range(8) if tta else [0])]
+  logits = [v.reshape(-1).astype(np.float64) / 255 @ kernel[:, 0] + bias[0] for v in views]
+  return float(np.mean([1 / (1 + np.exp(-z)) for z in logits]))
+
+
+def _test_crops(kaggle_dir):
+  return {p.stem: tiff.read_patch(str(p))[32:64, 32:64] for p in (kaggle_dir / 'test').iterdir()}
+
+
+@pytest.mark.parametrize('tta', [False, True])
+def test_each_test_id_gets_its_own_probability(records, kaggle_dir, tmp_path, tta):
+  model, weights = _linear_model()
+  ids, probs = submission.predict_test(model, str(records), batch_size=4, tta=tta)
+  crops = _test_crops(kaggle_dir)
+  assert sorted(ids) == sorted(crops) and len(ids) == len(set(ids))
+  expected = {i: _expected_probability(weights, crops[i], tta) for i in crops}
+  gaps = np.diff(sorted(expected.values()))
+  assert gaps.min() > 1e-4  # Far apart, against the 2e-6 of the check below.
   out = tmp_path / 'submission.csv'
   sample = kaggle_dir / 'sample_submission.csv'
   submission.write_submission(ids, probs, str(out), str(sample))
   written = pd.read_csv(out, dtype={'id': str})
   assert written['id'].tolist() == pd.read_csv(sample, dtype={'id': str})['id'].tolist()
+  for example_id, label in zip(written['id'], written['label']):
+    assert label == pytest.approx(expected[example_id], abs=2e-6), example_id
+
+
+def test_tta_averages_the_eight_views(records, kaggle_dir):
+  """An asymmetric model: TTA that skipped or repeated a view would miss the average."""
+  model, weights = _linear_model(seed=4)
+  ids, plain = submission.predict_test(model, str(records), batch_size=4)
+  _, tta = submission.predict_test(model, str(records), batch_size=4, tta=True)
+  crops = _test_crops(kaggle_dir)
+  for example_id, p, q in zip(ids, plain, tta):
+    assert q == pytest.approx(_expected_probability(weights, crops[example_id], True), abs=1e-6)
+    assert abs(p - q) > 1e-4  # The views really differ, so the check above means something.
+
+
+def test_a_sample_id_missing_from_the_records_is_refused(tmp_path):
   broken = tmp_path / 'sample.csv'
   pd.DataFrame({'id': ['0' * 40], 'label': [0]}).to_csv(broken, index=False)
   with pytest.raises(ValueError, match=f'id {"0" * 40} is not in the test records'):
-    submission.write_submission(ids, probs, str(tmp_path / 'x.csv'), str(broken))
+    submission.write_submission(np.array(['1' * 40]), np.array([0.5]),
+                                str(tmp_path / 'x.csv'), str(broken))
   assert not (tmp_path / 'x.csv').exists()
 
 
@@ -222,9 +321,11 @@ def test_tta_of_a_symmetric_model_equals_plain_prediction(records):
 ])
 def test_bad_flags_fail_with_one_line(records, tmp_path, flags, message):
   args = ['-m', 'pcam_tfdata.train', f'--records_dir={records}', f'--model_dir={tmp_path / "r"}']
-  proc = run_tool(*args, *flags, timeout=300)
+  # As a user runs it (no TF_CPP_MIN_LOG_LEVEL), with TensorFlow's noisiest start-up on
+  # every CPU (conftest.user_env), and no GPU to change the replica count.
+  proc = run_tool(*args, *flags, timeout=300, env=user_env(CUDA_VISIBLE_DEVICES=''))
   assert proc.returncode != 0
-  errors = [l for l in proc.stderr.splitlines() if 'error' in l.lower()]
+  errors = error_lines(proc.stderr)
   assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert not (tmp_path / 'r' / 'metrics.json').exists()
 
@@ -256,18 +357,26 @@ def test_mixed_precision_run_trains_with_finite_loss(records, tmp_path, mode, po
   assert model.get_layer('probability').compute_dtype == 'float32'
 
 
-def test_predict_cli_writes_the_submission(records, kaggle_dir, tmp_path):
+def test_predict_cli_writes_each_ids_probability(records, kaggle_dir, tmp_path):
   model_dir = tmp_path / 'run'
-  train.run(_config(records, model_dir))
+  model_dir.mkdir()
+  model, weights = _linear_model(seed=2)
+  model.save(model_dir / 'model.keras')
   out = tmp_path / 'submission.csv'
   sample = kaggle_dir / 'sample_submission.csv'
-  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={model_dir}',
-                  f'--records_dir={records}', f'--output={out}', f'--sample_submission={sample}',
-                  '--tta', timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  status, text = run_in_terminal('-m', 'pcam_tfdata.predict', f'--model_dir={model_dir}',
+                                 f'--records_dir={records}', f'--output={out}',
+                                 f'--sample_submission={sample}', '--tta', '--batch_size=4')
+  assert status == 0, text[-2000:]
+  assert re.search(r'predicting with TTA x8: +100%\|[^|]*\| *3/3', text), text[-2000:]
   written = pd.read_csv(out, dtype={'id': str})
   assert written['id'].tolist() == pd.read_csv(sample, dtype={'id': str})['id'].tolist()
-  assert list(written.columns) == ['id', 'label'] and written['label'].between(0, 1).all()
+  assert list(written.columns) == ['id', 'label']
+  crops = _test_crops(kaggle_dir)
+  for example_id, label in zip(written['id'], written['label']):
+    # The CSV keeps 6 decimals.
+    assert label == pytest.approx(_expected_probability(weights, crops[example_id], True),
+                                  abs=2e-6), example_id
 
   proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={tmp_path / "absent"}',
                   f'--records_dir={records}', f'--output={tmp_path / "x.csv"}', timeout=300)

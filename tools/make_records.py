@@ -8,11 +8,11 @@ balancing to the smaller class unless --per_class is given.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 
+from pcam_tfdata import cli
 from pcam_tfdata import convert
 from pcam_tfdata import kaggle
 from pcam_tfdata import schema
@@ -56,8 +56,7 @@ _CONVERSION_FLAGS = (_SOURCE, _DATA_DIR, _OUT_DIR, _CROP_SIZE, _PER_CLASS, _VAL_
 
 
 def _fail(message):
-  print(f'make_records.py: error: {message}', file=sys.stderr)
-  sys.exit(1)
+  cli.fail('make_records.py', message)
 
 
 def main(argv):

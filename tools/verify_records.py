@@ -9,9 +9,13 @@ otherwise a one-line error naming the shard and exit 1.
 import sys
 
 from absl import app
+from absl import flags
 
+from pcam_tfdata import cli
 from pcam_tfdata import schema
 from pcam_tfdata import verify
+
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines.")
 
 
 def main(argv):
@@ -19,10 +23,11 @@ def main(argv):
     print('usage: verify_records.py RECORDS_DIR', file=sys.stderr)
     sys.exit(2)
   try:
+    schema.load_manifest(argv[1])  # A wrong folder fails before TF starts.
+    cli.import_tensorflow(_VERBOSE.value)
     total = verify.verify(argv[1])
   except (schema.ManifestError, verify.VerifyError) as e:
-    print(f'verify_records.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail('verify_records.py', e)
   print(f'{argv[1]}: all {total} records verified')
 
 

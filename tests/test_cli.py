@@ -1,0 +1,193 @@
+"""What every entry point shares: quiet start-up on any CPU, one error line, progress."""
+
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pcam_tfdata import cli
+from pcam_tfdata import progress
+from conftest import ROOT, error_lines, run_in_terminal, run_tool, user_env
+
+# Start-up lines as TensorFlow 2.21 prints them (oneDNN on an x86 host), the
+# older TF form, and what must survive the filter.
+_ONEDNN = ('I0000 00:00:1795800536.636590    1938 port.cc:153] oneDNN custom operations are on. '
+           'You may see slightly different numerical results due to floating-point round-off '
+           'errors from different computation orders.\n')
+_PREAMBLE = ('WARNING: All log messages before absl::InitializeLog() is called are written to '
+             'STDERR\n')
+_CPU_GUARD = ('I0000 00:00:1795800536.731613    1938 cpu_feature_guard.cc:227] This TensorFlow '
+              'binary is optimized to use available CPU instructions in performance-critical '
+              'operations.\n',
+              'To enable the following instructions: AVX2 FMA, in other operations, rebuild '
+              'TensorFlow with the appropriate compiler flags.\n')
+_OLD_WARNING = ('2025-09-17 14:44:05.228000: W external/local_xla/xla/stream_executor/cuda/'
+                'cuda_executor.cc:1000] could not open file to read NUMA node\n')
+_ERROR = ('E0000 00:00:1758131045.203198 3722035 cuda_dnn.cc:8579] Unable to register cuDNN '
+          'factory\n')
+_PY_WARNING = ('/venv/lib/python3.11/site-packages/foo.py:12: DeprecationWarning: bar is '
+               'deprecated\n', '  import bar\n')
+
+
+def test_filter_drops_records_below_the_level_and_keeps_the_rest():
+  lines = [_PREAMBLE, _ONEDNN, *_CPU_GUARD, _OLD_WARNING, _ERROR, *_PY_WARNING, 'plain text\n']
+  assert cli.filter_log_lines(lines, 0) == lines
+  assert cli.filter_log_lines(lines, 1) == [_OLD_WARNING, _ERROR, *_PY_WARNING, 'plain text\n']
+  assert cli.filter_log_lines(lines, 2) == [_ERROR, *_PY_WARNING, 'plain text\n']
+  assert cli.filter_log_lines(lines, 3) == [*_PY_WARNING, 'plain text\n']
+
+
+def test_a_python_warning_right_after_a_dropped_record_is_kept():
+  lines = [*_CPU_GUARD, *_PY_WARNING]  # No blank line between them.
+  assert cli.filter_log_lines(lines, 2) == list(_PY_WARNING)
+
+
+@pytest.mark.parametrize('env_level, verbose, expected', [
+    (None, False, 2), ('1', False, 1), ('0', False, 0), ('3', False, 3), (None, True, 0),
+    ('3', True, 0), ('junk', False, 2)])
+def test_log_level_the_user_sets_wins_over_the_default(monkeypatch, env_level, verbose,
+                                                       expected):
+  if env_level is None:
+    monkeypatch.delenv('TF_CPP_MIN_LOG_LEVEL', raising=False)
+  else:
+    monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', env_level)
+  assert cli.tf_log_level(verbose) == expected
+
+
+_IMPORT = '''
+import sys
+from pcam_tfdata import cli
+cli.import_tensorflow(verbose=sys.argv[1] == 'verbose')
+import os
+print(os.environ['TF_CPP_MIN_LOG_LEVEL'])
+'''
+_RECORD_HEADER = re.compile(r'^[IWEF]\d{4} [\d:.]+\s+\d+ ')
+
+
+def _startup(mode, **env):
+  proc = subprocess.run([sys.executable, '-c', _IMPORT, mode], capture_output=True, text=True,
+                        cwd=ROOT, env=user_env(**env), timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  return proc.stdout.strip(), proc.stderr.splitlines(keepends=True)
+
+
+def _records(lines):
+  # Timestamps and thread ids differ between runs; the records must not.
+  return [_RECORD_HEADER.sub('', l) for l in lines]
+
+
+def test_quiet_by_default_and_verbose_shows_what_tensorflow_prints():
+  level, quiet = _startup('quiet')
+  assert level == '2'
+  # No info or warning record (errors, as a CUDA build may print, would stay).
+  assert quiet == cli.filter_log_lines(quiet, 2) and not any(
+      cli._ABSL_PREAMBLE in l for l in quiet), quiet
+  level, verbose = _startup('verbose')
+  plain = subprocess.run([sys.executable, '-c', 'import tensorflow'], capture_output=True,
+                         text=True, env=user_env(), timeout=300)
+  assert level == '0'
+  assert _records(verbose) == _records(plain.stderr.splitlines(keepends=True))
+  level, _ = _startup('quiet', TF_CPP_MIN_LOG_LEVEL='1')
+  assert level == '1'  # The user's own setting stands.
+
+
+@pytest.mark.parametrize('args, path', [
+    (['-m', 'pcam_tfdata.train', '--records_dir=/nonexistent/records', '--model_dir=MODEL'],
+     '/nonexistent/records'),
+    (['-m', 'pcam_tfdata.predict', '--model_dir=/nonexistent/run', '--records_dir=RECORDS'],
+     '/nonexistent/run/model.keras'),
+    (['tools/make_records.py', '--data_dir=/nonexistent/pcam', '--out_dir=OUT'],
+     '/nonexistent/pcam'),
+    (['tools/verify_records.py', '/nonexistent/records'], '/nonexistent/records'),
+    (['-m', 'pcam_tfdata.report', '/nonexistent/run'], '/nonexistent/run/metrics.json'),
+])
+def test_a_bad_path_is_one_error_line_naming_it(records, tmp_path, args, path):
+  args = [a.replace('MODEL', str(tmp_path / 'run')).replace('RECORDS', str(records))
+          .replace('OUT', str(tmp_path / 'out')) for a in args]
+  proc = run_tool(*args)
+  assert proc.returncode != 0
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and path in errors[0], proc.stderr
+  # Nothing else from TensorFlow's start-up on the terminal.
+  lines = proc.stderr.splitlines(keepends=True)
+  assert cli.filter_log_lines(lines, 2) == lines, proc.stderr
+
+
+def test_an_error_found_after_tensorflow_started_is_still_one_line(records, tmp_path):
+  """The replica check needs TensorFlow's devices: start-up chatter came before it."""
+  proc = run_tool('-m', 'pcam_tfdata.train', f'--records_dir={records}',
+                  f'--model_dir={tmp_path / "run"}', '--strategy=mirrored',
+                  '--num_cpu_devices=2', '--batch_size=7', env=user_env(CUDA_VISIBLE_DEVICES=''))
+  assert proc.returncode == 1
+  assert error_lines(proc.stderr) == [
+      'train: error: --batch_size=7 is not divisible by the 2 replicas in sync'], proc.stderr
+  lines = proc.stderr.splitlines(keepends=True)
+  assert cli.filter_log_lines(lines, 2) == lines, proc.stderr  # No start-up chatter.
+
+
+class _FakeClock:
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_progress_in_a_log_is_a_line_every_interval():
+  clock, out = _FakeClock(), io.StringIO()
+  with progress.Progress(10, 'epoch 2/5', images_per_step=64, stream=out, interval=30,
+                         clock=clock) as bar:
+    for step in range(1, 11):
+      clock.now += 10  # Ten seconds a step: a line every third step.
+      bar.update(step, loss=0.25, accuracy=0.5)
+  lines = out.getvalue().splitlines()
+  assert lines == [f'epoch 2/5: {n}/10 steps loss=0.2500 accuracy=0.5000 images/s=6'
+                   for n in (3, 6, 9)]  # Not at 10: the epoch's own line follows.
+
+
+def test_progress_on_a_terminal_is_a_bar_with_every_step_and_the_metrics():
+  out = io.StringIO()
+  with progress.Progress(4, 'epoch 1/1', images_per_step=8, stream=out, live=True) as bar:
+    for step in range(1, 5):
+      bar.update(step, loss=0.5)
+  text = out.getvalue()
+  assert '0/4' in text and '4/4' in text and 'loss=0.5000' in text and 'images/s=' in text
+
+
+def test_disabled_progress_writes_nothing():
+  out = io.StringIO()
+  with progress.Progress(4, 'x', images_per_step=8, stream=out, live=True,
+                         enabled=False) as bar:
+    bar.update(4, loss=0.5)
+  assert out.getvalue() == ''
+
+
+def _epoch_steps(text, epochs):
+  """{epoch: the set of n/N counts its bar showed} from terminal output."""
+  shown = {e: set() for e in range(1, epochs + 1)}
+  for epoch, done, total in re.findall(r'epoch (\d+)/\d+: +\d+%\|[^|]*\| *(\d+)/(\d+)', text):
+    shown[int(epoch)].add((int(done), int(total)))
+  return shown
+
+
+def test_training_in_a_terminal_shows_steps_of_each_epoch(records, tmp_path):
+  status, text = run_in_terminal('-m', 'pcam_tfdata.train', f'--records_dir={records}',
+                                 f'--model_dir={tmp_path / "run"}', '--epochs=2',
+                                 '--batch_size=8', '--mixed_precision=off', '--strategy=default')
+  assert status == 0, text[-3000:]
+  steps = 48 // 8  # The records fixture holds 48 train examples.
+  for epoch, counts in _epoch_steps(text, 2).items():
+    assert {(0, steps), (steps, steps)} <= counts, (epoch, counts, text[-3000:])
+    assert {total for _, total in counts} == {steps}
+  assert 'loss=' in text and 'accuracy=' in text and 'images/s=' in text
+  assert re.search(r'evaluating train: .*\|', text)  # The final exact evaluation too.
+
+  status, text = run_in_terminal('-m', 'pcam_tfdata.train', f'--records_dir={records}',
+                                 f'--model_dir={tmp_path / "quiet"}', '--epochs=1',
+                                 '--batch_size=8', '--mixed_precision=off', '--strategy=default',
+                                 '--noprogress')
+  assert status == 0, text[-3000:]
+  assert _epoch_steps(text, 1) == {1: set()} and 'epoch=1 ' in text
