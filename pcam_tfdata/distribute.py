@@ -116,6 +116,34 @@ def num_workers(strategy):
   return max(1, len(spec.get('worker', ())) + len(spec.get('chief', ())))
 
 
+def worker_index(strategy):
+  """This worker's input pipeline id: the chief first, then the workers by index.
+
+  The same numbering MultiWorkerMirroredStrategy gives its InputContexts, so a
+  worker reads the same shards whichever way its input is built.
+  """
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return 0
+  return id_in_cluster(resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id)
+
+
+def id_in_cluster(cluster, task_type, task_id):
+  """0 for the chief, then each worker by index after it (a cluster dict as TF_CONFIG's)."""
+  if task_type == 'chief':
+    return 0
+  if task_type != 'worker':
+    raise ValueError(f'task type {task_type!r} trains nothing; expected chief or worker')
+  return int(task_id) + int(bool(cluster.get('chief')))
+
+
+def input_context(strategy):
+  """The InputContext of this worker's input pipeline (one per worker)."""
+  return tf.distribute.InputContext(num_input_pipelines=num_workers(strategy),
+                                    input_pipeline_id=worker_index(strategy),
+                                    num_replicas_in_sync=strategy.num_replicas_in_sync)
+
+
 def strategy_name(strategy):
   return {tf.distribute.MultiWorkerMirroredStrategy: 'multi_worker',
           tf.distribute.MirroredStrategy: 'mirrored'}.get(type(strategy), 'default')

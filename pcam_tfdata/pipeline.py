@@ -245,6 +245,37 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed):
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
 
 
+def make_streaming_dataset(records_dir, split, *, batch_size, augment=None, seed=None,
+                           with_ids=False, repeat=False):
+  """The streaming form of the training pipeline, which tf.data service workers run.
+
+  Read (interleaved), parse 1,024 at a time, shuffle in a buffer of
+  8,192 examples, batch, augment: no whole-split cache, since a service
+  worker sees only the shard files the dispatcher hands it. Also how
+  tools/bench_scale.py separates the service's own cost from the cache's.
+
+  Args: as `make_service_dataset`, without the address.
+
+  Returns:
+    A local tf.data.Dataset of batches.
+  """
+  manifest = schema.load_manifest(records_dir)
+  paths = schema.shard_paths(records_dir, manifest, split)
+  image_shape = tuple(manifest['image_shape'])
+  files = tf.data.Dataset.from_tensor_slices(paths)  # Split by the dispatcher, file by file.
+  if repeat:
+    files = files.repeat()
+  ds = files.interleave(tf.data.TFRecordDataset, cycle_length=4, block_length=16,
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.batch(_PARSE_BATCH).map(lambda x: parse_batch(x, image_shape, with_ids),
+                                  num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  ds = ds.shuffle(_SERVICE_SHUFFLE_BUFFER, seed=seed).batch(batch_size, drop_remainder=True)
+  if augment:
+    ds = ds.map(lambda images, *rest: (dihedral_by_position(images), *rest),
+                num_parallel_calls=tf.data.AUTOTUNE)
+  return ds
+
+
 def make_service_dataset(records_dir, split, address, *, batch_size, augment=None, seed=None,
                          with_ids=False, repeat=False, job_name=SERVICE_JOB_NAME):
   """The training pipeline, run by the tf.data service at `address`.
@@ -266,20 +297,8 @@ def make_service_dataset(records_dir, split, address, *, batch_size, augment=Non
   Returns:
     A tf.data.Dataset of batches, read from the service.
   """
-  manifest = schema.load_manifest(records_dir)
-  paths = schema.shard_paths(records_dir, manifest, split)
-  image_shape = tuple(manifest['image_shape'])
-  files = tf.data.Dataset.from_tensor_slices(paths)  # Split by the dispatcher, file by file.
-  if repeat:
-    files = files.repeat()
-  ds = files.interleave(tf.data.TFRecordDataset, cycle_length=4, block_length=16,
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-  ds = ds.batch(1024).map(lambda x: parse_batch(x, image_shape, with_ids),
-                          num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-  ds = ds.shuffle(_SERVICE_SHUFFLE_BUFFER, seed=seed).batch(batch_size, drop_remainder=True)
-  if augment:
-    ds = ds.map(lambda images, *rest: (dihedral_by_position(images), *rest),
-                num_parallel_calls=tf.data.AUTOTUNE)
+  ds = make_streaming_dataset(records_dir, split, batch_size=batch_size, augment=augment,
+                              seed=seed, with_ids=with_ids, repeat=repeat)
   dataset_id = tf.data.experimental.service.register_dataset(address, ds)
   service = tf.data.experimental.service.from_dataset_id(
       processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,

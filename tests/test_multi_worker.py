@@ -26,6 +26,9 @@ def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(record
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', proc.stdout))
   assert set(digests) == {'0', '1'} and digests['0'] == digests['1']
+  # Each worker reads its own share of the shards.
+  pipelines = dict(re.findall(r'\[worker (\d)\] input pipeline (\d) of 2', proc.stdout))
+  assert pipelines == {'0': '0', '1': '1'}, proc.stdout[-3000:]
   assert '"strategy": "multi_worker"' in proc.stdout
   assert '"num_replicas_in_sync": 2' in proc.stdout
   # The chief's outputs, and nothing of the other worker's scratch.

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import re
 import signal
 import subprocess
@@ -97,6 +96,15 @@ def test_tensor_cores_means_every_gpu_has_them(monkeypatch, capabilities, expect
   monkeypatch.setattr(tf.config.experimental, 'get_device_details',
                       lambda gpu: {'compute_capability': details[gpu]})
   assert distribute._tensor_core_gpus() is expected
+
+
+@pytest.mark.parametrize('cluster, task_type, task_id, expected', [
+    ({'worker': ['a', 'b']}, 'worker', 0, 0), ({'worker': ['a', 'b']}, 'worker', 1, 1),
+    ({'chief': ['c'], 'worker': ['a', 'b']}, 'chief', 0, 0),
+    ({'chief': ['c'], 'worker': ['a', 'b']}, 'worker', 0, 1),
+    ({'chief': ['c'], 'worker': ['a', 'b']}, 'worker', 1, 2)])
+def test_input_pipeline_ids_number_the_chief_first(cluster, task_type, task_id, expected):
+  assert distribute.id_in_cluster(cluster, task_type, task_id) == expected
 
 
 @pytest.mark.parametrize('name', ['baseline', 'batchnorm'])

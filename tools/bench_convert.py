@@ -7,9 +7,13 @@ page cache, in one run:
   * read floor: read each file's bytes once, one process, nothing else;
   * naive loop: Pillow decode, crop, one `tf.train.Example` per image through
     `tf.io.TFRecordWriter`, one process (what a first script does);
-  * converter: `pcam_tfdata.convert` as tools/make_records.py runs it (all
-    cores), in a fresh process whose own and workers' peak RSS are reported.
-Each figure is the median of --repeats runs; ratios are against the same run.
+  * converter, one worker: `pcam_tfdata.convert` in one process, beside the
+    naive loop, so the gain of the code itself reads per core;
+  * converter: `pcam_tfdata.convert` as tools/make_records.py runs it
+    (--workers, all cores by default), in a fresh process whose own and
+    workers' peak RSS are reported.
+Each figure is the median of --repeats runs, interleaved; ratios are against
+the same run. The table says how many processes each method used.
 """
 
 import json
@@ -25,6 +29,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from pcam_tfdata import cli
+from pcam_tfdata import hostinfo
 from pcam_tfdata import kaggle
 from pcam_tfdata import synthetic
 
@@ -185,6 +191,7 @@ def converter(data_dir, out_dir, crop, workers):
 
 def main(argv):
   del argv
+  cli.import_tensorflow()  # Before anything imports it: no start-up chatter in the tables.
   work = _WORK_DIR.value or tempfile.mkdtemp(prefix='bench_convert_')
   data_dir = os.path.join(work, 'kaggle')
   shutil.rmtree(data_dir, ignore_errors=True)
@@ -194,34 +201,38 @@ def main(argv):
   source = kaggle.read_source(data_dir)
   labels = dict(zip(source.ids, source.labels.tolist()))
   n = len(paths)
-  times = {'read floor': [], 'naive loop': [], 'converter': []}
+  one, many = 'converter, 1 worker', f'converter, {_WORKERS.value} workers'
+  processes = {'read floor': 1, 'naive loop': 1, one: 1, many: _WORKERS.value}
+  times = {name: [] for name in processes}
   memory = []
-  for _ in range(_REPEATS.value):  # Interleaved, so drift on a shared machine hits all three.
+  for _ in range(_REPEATS.value):  # Interleaved, so drift on a shared machine hits them all.
     times['read floor'].append(read_floor(paths))
     times['naive loop'].append(naive_loop(paths, labels, os.path.join(work, 'naive.tfrecord'),
                                           _CROP_SIZE.value))
-    result = converter(data_dir, os.path.join(work, 'records'), _CROP_SIZE.value, _WORKERS.value)
-    assert result['records'] == n, result
-    times['converter'].append(result['seconds'])
-    memory.append(result)
+    for name, workers in ((one, 1), (many, _WORKERS.value)):
+      result = converter(data_dir, os.path.join(work, 'records'), _CROP_SIZE.value, workers)
+      assert result['records'] == n, result
+      times[name].append(result['seconds'])
+      if name == many:
+        memory.append(result)
   rates = {k: n / statistics.median(v) for k, v in times.items()}
-  rows = [(k, rates[k], rates[k] / rates['naive loop'], rates[k] / rates['read floor'])
-          for k in ('read floor', 'naive loop', 'converter')]
   peak_parent = max(m['parent_peak_mib'] for m in memory)
   peak_worker = max(m['worker_peak_mib'] for m in memory)
-  print(f'\n{n} files, crop {_CROP_SIZE.value}, {_WORKERS.value} converter workers, '
-        f'{os.cpu_count()} cores, median of {_REPEATS.value}')
-  print('| method | images/s | x naive loop | x read floor |')
-  print('|---|---:|---:|---:|')
-  for name, rate, vs_naive, vs_floor in rows:
-    print(f'| {name} | {rate:,.0f} | {vs_naive:.1f} | {vs_floor:.2f} |')
+  print(f'\n{n} files, crop {_CROP_SIZE.value}, median of {_REPEATS.value}; '
+        f'{hostinfo.describe()}')
+  print('| method | processes | images/s | x naive loop | x read floor |')
+  print('|---|---:|---:|---:|---:|')
+  for name, rate in rates.items():
+    print(f'| {name} | {processes[name]} | {rate:,.0f} | {rate / rates["naive loop"]:.1f} | '
+          f'{rate / rates["read floor"]:.2f} |')
   print(f'\nconverter peak RSS: main process {peak_parent:.0f} MiB, largest worker '
         f'{peak_worker:.0f} MiB, at most {peak_parent + _WORKERS.value * peak_worker:.0f} MiB '
         'in all')
   h5 = bench_h5(work, _H5_PATCHES.value, _CROP_SIZE.value, _REPEATS.value) if _H5_PATCHES.value else None
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
-      json.dump({'files': n, 'crop_size': _CROP_SIZE.value, 'workers': _WORKERS.value,
+      json.dump({'host': hostinfo.describe(), 'files': n, 'crop_size': _CROP_SIZE.value,
+                 'workers': _WORKERS.value,
                  'seconds': times, 'images_per_second': rates,
                  'peak_rss_mib': {'main': peak_parent, 'worker': peak_worker}, 'h5': h5},
                 f, indent=1)

@@ -1,15 +1,22 @@
-r"""Scale-out overhead on one machine: local workers and the tf.data service, in one run.
+r"""Scale-out overhead on one machine: strategies and the tf.data service, in one run.
 
-    python tools/bench_scale.py --records_dir=records/demo --epochs=2
+    python tools/bench_scale.py --records_dir=records/demo --epochs=4 --repeats=3
 
 Two parts, each against its local anchor measured in the same run:
   * input: images/s of training batches (batch 64, no model) from the local
-    cached pipeline and through an in-process tf.data service with 1 and 2
-    workers (median of --repeats passes of --steps batches after a warm-up);
-  * training: images/s of the baseline model (epochs after the first, from
-    history.csv) with the default strategy in one process, and with
-    MultiWorkerMirroredStrategy over 1 and 2 local worker processes started by
-    tools/launch_local_cluster.py, at the same global batch.
+    cached pipeline, the local uncached one, the local streaming pipeline
+    (exactly what service workers run: read, parse, shuffle buffer, batch),
+    and through an in-process tf.data service with 1 and 2 workers (median
+    of --repeats passes of --steps batches after a warm-up). Service against
+    local streaming is the service's own cost; streaming against cached is
+    what the missing whole-split cache costs.
+  * training: images/s of the baseline model through the train CLI (epochs
+    after the first, from history.csv) with the default strategy,
+    MirroredStrategy on 2 logical CPU devices, and MultiWorkerMirroredStrategy
+    over 1 and 2 local worker processes (tools/launch_local_cluster.py), at
+    the same global batch. The runs are interleaved --repeats times, so drift
+    on a shared machine hits them all; each figure is the median over runs of
+    each run's median epoch.
 On 2 cores these figures show overhead, not speed-up: the workers share them.
 """
 
@@ -24,10 +31,14 @@ import time
 from absl import app
 from absl import flags
 
+from pcam_tfdata import cli
+from pcam_tfdata import hostinfo
+
 _RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records folder.')
-_EPOCHS = flags.DEFINE_integer('epochs', 2, 'Training epochs per run (the first is warm-up).')
+_EPOCHS = flags.DEFINE_integer('epochs', 4, 'Training epochs per run (the first is warm-up).')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Batches per input timing.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Input timings per figure (median).')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Input timings per figure, and training runs '
+                                'per configuration (median).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Global batch.')
 
 
@@ -47,8 +58,17 @@ def _input_rate(ds, steps, repeats, batch_size):
 def input_rates(records_dir, steps, repeats, batch_size):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
-  local = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True).repeat()
-  rates = {'local cached pipeline': _input_rate(local, steps, repeats, batch_size)}
+  local = lambda cache: pipeline.make_dataset(records_dir, 'train', batch_size=batch_size,
+                                              training=True, cache=cache).repeat()
+  rates = {
+      'local pipeline, cached (what training uses)': _input_rate(local(True), steps, repeats,
+                                                                 batch_size),
+      'local pipeline, uncached (reads the split each epoch)': _input_rate(
+          local(False), steps, repeats, batch_size),
+      'local streaming pipeline (what service workers run)': _input_rate(
+          pipeline.make_streaming_dataset(records_dir, 'train', batch_size=batch_size,
+                                          repeat=True), steps, repeats, batch_size),
+  }
   for workers in (1, 2):
     dispatcher = tf.data.experimental.service.DispatchServer()
     address = dispatcher.target.split('://')[1]
@@ -58,8 +78,8 @@ def input_rates(records_dir, steps, repeats, batch_size):
     ds = pipeline.make_service_dataset(records_dir, 'train', dispatcher.target,
                                        batch_size=batch_size, repeat=True,
                                        job_name=f'bench{workers}')
-    rates[f'tf.data service, {workers} worker{"s" if workers > 1 else ""}'] = _input_rate(
-        ds, steps, repeats, batch_size)
+    rates[f'tf.data service, {workers} worker{"s" if workers > 1 else ""} (in-process, '
+          'loopback gRPC)'] = _input_rate(ds, steps, repeats, batch_size)
     for s in servers:
       s.stop()
     dispatcher.stop()
@@ -72,35 +92,42 @@ def _train_rate(model_dir):
   return statistics.median(float(r['images_per_second']) for r in rows)
 
 
-def training_rates(records_dir, epochs, batch_size, work):
+def training_rates(records_dir, epochs, batch_size, repeats, work):
+  """{configuration: median images/s}, the configurations run interleaved."""
   common = [f'--records_dir={records_dir}', f'--epochs={epochs}', f'--batch_size={batch_size}',
-            '--mixed_precision=off', '--seed=0', '--early_stopping_patience=99']
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  rates = {}
-  runs = [('default strategy, 1 process', [sys.executable, '-m', 'pcam_tfdata.train',
-                                            '--strategy=default']),
-          ('multi-worker, 1 local worker', [sys.executable, 'tools/launch_local_cluster.py',
-                                            '--num_workers=1', '--']),
-          ('multi-worker, 2 local workers', [sys.executable, 'tools/launch_local_cluster.py',
-                                             '--num_workers=2', '--'])]
-  for i, (name, command) in enumerate(runs):
-    model_dir = os.path.join(work, f'run{i}')
-    subprocess.run([*command, *common, f'--model_dir={model_dir}'], check=True, env=env,
-                   capture_output=True)
-    rates[name] = _train_rate(model_dir)
-  return rates
+            '--mixed_precision=off', '--seed=0', '--early_stopping_patience=99',
+            '--reduce_lr_patience=99', '--noprogress']
+  train = [sys.executable, '-m', 'pcam_tfdata.train']
+  launch = [sys.executable, 'tools/launch_local_cluster.py']
+  runs = [('default strategy, 1 process', [*train, '--strategy=default']),
+          ('MirroredStrategy, 2 logical CPU devices, 1 process',
+           [*train, '--strategy=mirrored', '--num_cpu_devices=2']),
+          ('MultiWorkerMirroredStrategy, 1 local worker', [*launch, '--num_workers=1', '--']),
+          ('MultiWorkerMirroredStrategy, 2 local workers', [*launch, '--num_workers=2', '--'])]
+  rates = {name: [] for name, _ in runs}
+  for repeat in range(repeats):
+    for i, (name, command) in enumerate(runs):
+      model_dir = os.path.join(work, f'run{i}_{repeat}')
+      # CPU only: a GPU would change what "2 logical CPU devices" means.
+      subprocess.run([*command, *common, f'--model_dir={model_dir}'], check=True,
+                     capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
+      rates[name].append(_train_rate(model_dir))
+  return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def main(argv):
   del argv
-  inputs = input_rates(_RECORDS_DIR.value, _STEPS.value, _REPEATS.value, _BATCH_SIZE.value)
+  cli.import_tensorflow()  # Before anything imports it: no start-up chatter in the tables.
+  # Training first: the input part leaves service clients behind in this process.
   with tempfile.TemporaryDirectory() as work:
-    trains = training_rates(_RECORDS_DIR.value, _EPOCHS.value, _BATCH_SIZE.value, work)
-  for title, rates, anchor in (('input only (no model)', inputs, 'local cached pipeline'),
-                               ('training, baseline model', trains,
-                                'default strategy, 1 process')):
-    print(f'\n{title}, batch {_BATCH_SIZE.value}, {os.cpu_count()} cores')
-    print(f'| method | images/s | x {anchor} |')
+    trains = training_rates(_RECORDS_DIR.value, _EPOCHS.value, _BATCH_SIZE.value,
+                            _REPEATS.value, work)
+  inputs = input_rates(_RECORDS_DIR.value, _STEPS.value, _REPEATS.value, _BATCH_SIZE.value)
+  print(f'\n{hostinfo.describe()}')
+  for title, rates in (('input only (no model)', inputs), ('training, baseline model', trains)):
+    anchor = next(iter(rates))
+    print(f'\n{title}, batch {_BATCH_SIZE.value}')
+    print(f'| method | images/s | x {anchor.split(" (")[0]} |')
     print('|---|---:|---:|')
     for name, rate in rates.items():
       print(f'| {name} | {rate:,.0f} | {rate / rates[anchor]:.2f} |')

@@ -8,6 +8,10 @@ pipeline of `pcam_tfdata.pipeline` and (b) a dataset over the same batches
 already in memory, whose input cost is nil. Warm-up (tracing, the cache fill)
 is excluded; each figure is the median of --repeats timings of --steps steps,
 the two feeds interleaved so that drift on a shared machine hits both.
+
+The precision columns depend on the CPU: without AVX-512 BF16/AMX, bfloat16
+and float16 are emulated and far slower than float32; with them, bfloat16
+runs natively. The table's header line names the CPU it ran on.
 """
 
 import json
@@ -16,6 +20,9 @@ import time
 
 from absl import app
 from absl import flags
+
+from pcam_tfdata import cli
+from pcam_tfdata import hostinfo
 
 _RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records folder.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size, as the seed.')
@@ -79,6 +86,7 @@ def measure(model_name, mode, records_dir, batch_size, steps, repeats, per_call,
 
 def main(argv):
   del argv
+  cli.import_tensorflow()  # Before anything imports it: no start-up chatter in the tables.
   rows = []
   for model_name in _MODELS.value:
     for mode in _POLICIES.value:
@@ -87,8 +95,9 @@ def main(argv):
                                   _AUGMENT.value)
       rows.append({'model': model_name, 'policy': policy, 'pipeline_images_per_second': fed,
                    'memory_images_per_second': held, 'pipeline_over_memory': fed / held})
+  host = hostinfo.describe()
   print(f'\nbatch {_BATCH_SIZE.value}, {_STEPS.value} steps x median of {_REPEATS.value}, '
-        f'steps_per_execution {_STEPS_PER_EXECUTION.value}, augment {_AUGMENT.value}')
+        f'steps_per_execution {_STEPS_PER_EXECUTION.value}, augment {_AUGMENT.value}; {host}')
   print('| model | policy | pipeline images/s | in-memory images/s | pipeline / in-memory | '
         'x float32 (in-memory) |')
   print('|---|---|---:|---:|---:|---:|')
@@ -99,7 +108,7 @@ def main(argv):
           f'{row["memory_images_per_second"] / base["memory_images_per_second"]:.2f} |')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
-      json.dump(rows, f, indent=1)
+      json.dump({'host': host, 'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':
