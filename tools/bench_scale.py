@@ -17,11 +17,19 @@ Two parts, each against its local anchor measured in the same run:
     the same global batch. The runs are interleaved --repeats times, so drift
     on a shared machine hits them all; each figure is the median over runs of
     each run's median epoch.
+  * feeding: ms per training step (baseline, batch 64, median of --steps
+    steps after a warm-up) with the default strategy and with
+    MultiWorkerMirroredStrategy over one local worker, each fed by a
+    distributed iterator (`distribute_datasets_from_function`) and by the
+    worker's own dataset iterated directly, which is what the trainer does
+    when each worker holds one replica. Each in a fresh process.
 On 2 cores these figures show overhead, not speed-up: the workers share them.
 """
 
 import csv
+import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -86,6 +94,59 @@ def input_rates(records_dir, steps, repeats, batch_size):
   return rates
 
 
+# One process per (strategy, feed): MultiWorkerMirroredStrategy needs TF_CONFIG
+# before TensorFlow starts.
+_STEP_PROBE = r"""
+import json, os, statistics, sys, time
+records_dir, kind, feed, batch, steps = sys.argv[1:3] + sys.argv[3:4] + [int(a) for a in sys.argv[4:]]
+from pcam_tfdata import cli
+tf = cli.import_tensorflow()
+import keras
+from pcam_tfdata import distribute, loop, models, pipeline
+strategy = distribute.make_strategy(kind)
+make = lambda context: pipeline.make_dataset(records_dir, 'train', batch_size=batch,
+                                             training=True, seed=0,
+                                             input_context=context).repeat()
+if feed == 'distributed':
+  ds = strategy.distribute_datasets_from_function(make)
+else:
+  ds = make(distribute.input_context(strategy))
+with strategy.scope():
+  model = models.build_model('baseline')
+  optimizer = keras.optimizers.Adam()
+  optimizer.build(model.trainable_variables)
+train_steps = loop.make_train_fn(model, optimizer, strategy, batch)
+iterator = iter(ds)
+for _ in range(5):
+  float(train_steps(iterator, tf.constant(1))[0])
+times = []
+for _ in range(steps):
+  start = time.perf_counter()
+  float(train_steps(iterator, tf.constant(1))[0])
+  times.append(time.perf_counter() - start)
+print(json.dumps(1000 * statistics.median(times)))
+"""
+
+
+def step_times(records_dir, batch_size, steps):
+  """{(strategy, feed): median ms per training step}, each in a fresh process."""
+  results = {}
+  for kind in ('default', 'multi_worker'):
+    for feed in ('distributed', 'direct'):
+      env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
+      if kind == 'multi_worker':  # A cluster of this one worker, on a free loopback port.
+        with socket.socket() as probe:
+          probe.bind(('127.0.0.1', 0))
+          port = probe.getsockname()[1]
+        env['TF_CONFIG'] = json.dumps({'cluster': {'worker': [f'127.0.0.1:{port}']},
+                                       'task': {'type': 'worker', 'index': 0}})
+      proc = subprocess.run([sys.executable, '-c', _STEP_PROBE, records_dir, kind, feed,
+                             str(batch_size), str(steps)], capture_output=True, text=True,
+                            check=True, env=env)
+      results[(kind, feed)] = float(proc.stdout.strip().splitlines()[-1])
+  return results
+
+
 def _train_rate(model_dir):
   with open(os.path.join(model_dir, 'history.csv')) as f:
     rows = list(csv.DictReader(f))[1:]  # The first epoch traces and fills the cache.
@@ -122,6 +183,7 @@ def main(argv):
   with tempfile.TemporaryDirectory() as work:
     trains = training_rates(_RECORDS_DIR.value, _EPOCHS.value, _BATCH_SIZE.value,
                             _REPEATS.value, work)
+  steps = step_times(_RECORDS_DIR.value, _BATCH_SIZE.value, _STEPS.value)
   inputs = input_rates(_RECORDS_DIR.value, _STEPS.value, _REPEATS.value, _BATCH_SIZE.value)
   print(f'\n{hostinfo.describe()}')
   for title, rates in (('input only (no model)', inputs), ('training, baseline model', trains)):
@@ -131,6 +193,11 @@ def main(argv):
     print('|---|---:|---:|')
     for name, rate in rates.items():
       print(f'| {name} | {rate:,.0f} | {rate / rates[anchor]:.2f} |')
+  print(f'\nms per training step (baseline, batch {_BATCH_SIZE.value}), by how it is fed')
+  print('| strategy | distributed iterator | the worker\'s dataset directly |')
+  print('|---|---:|---:|')
+  for kind in ('default', 'multi_worker'):
+    print(f'| {kind} | {steps[(kind, "distributed")]:.1f} | {steps[(kind, "direct")]:.1f} |')
 
 
 if __name__ == '__main__':
