@@ -6,29 +6,33 @@ CPU-feature notice, CUDA plugin registration) come before absl's logging is
 initialised, so TF_CPP_MIN_LOG_LEVEL does not reach them (tensorflow/tensorflow
 #100442). Which of them appear depends on the CPU and the build, so a user's
 terminal (and any test that reads stderr) would depend on the machine. Entry
-points therefore import TensorFlow through `import_tensorflow`, which holds
-file descriptor 2 while the libraries load and puts back every line that is
-not such a log record below the chosen level. Library modules never call it:
-they import TensorFlow as usual and leave the terminal to their caller.
+points therefore import TensorFlow through `import_tensorflow`, which sends
+file descriptor 2 through a small filter process while the libraries load:
+C++ log records below the chosen level are dropped, every other line goes on
+to the terminal at once. Library modules never call it: they import
+TensorFlow as usual and leave the terminal to their caller.
 """
 
 import os
 import re
+import subprocess
 import sys
-import tempfile
 
 # TF_CPP_MIN_LOG_LEVEL when neither the user's environment nor --verbose says
 # otherwise: errors and fatal errors only.
 DEFAULT_TF_LOG_LEVEL = '2'
 _SEVERITY = {'I': 0, 'W': 1, 'E': 2, 'F': 3}
-# absl's form (`I0000 00:00:1795800536.636590    1938 port.cc:153] ...`) and
-# the older TF form (`2025-09-17 14:44:05.157831: I tensorflow/...cc:32] ...`).
-_ABSL_RECORD = re.compile(r'^(?P<severity>[IWEF])\d{4} [\d:.]+\s+\d+ \S+:\d+\] ')
-_TF_RECORD = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<severity>[IWEF]) \S+:\d+\] ')
+# A C++ record, in absl's form (`I0000 00:00:1795800536.636590    1938
+# port.cc:153] ...`) or the older TF one (`2025-09-17 14:44:05.157831: I
+# tensorflow/...cc:32] ...`). Only C++ sources: Python's absl logging prints
+# the same form from `.py` files, and TF_CPP_MIN_LOG_LEVEL is not about those.
+_CPP = r'\S+\.(?:cc|cpp|cxx|h|hpp):\d+\] '
+_ABSL_RECORD = re.compile(r'^(?P<severity>[IWEF])\d{4} [\d:.]+\s+\d+ ' + _CPP)
+_TF_RECORD = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<severity>[IWEF]) ' + _CPP)
 _ABSL_PREAMBLE = 'WARNING: All log messages before absl::InitializeLog() is called'
-# A Python warning (`file.py:12: UserWarning: ...`) or traceback starts its own
-# message; it is never the continuation of a dropped C++ record.
-_PYTHON_MESSAGE = re.compile(r'^(\S+:\d+: \w*Warning: |Traceback |\w+Error: )')
+# The one record known to span two lines (cpu_feature_guard.cc); any other
+# line after a dropped record is kept, whatever it is.
+_CONTINUATIONS = ('To enable the following instructions:',)
 
 
 def tf_log_level(verbose=False):
@@ -39,30 +43,52 @@ def tf_log_level(verbose=False):
   return int(level) if level.isdigit() else int(DEFAULT_TF_LOG_LEVEL)
 
 
-def filter_log_lines(lines, level):
-  """Drops TensorFlow C++ log records below `level` from captured stderr lines.
+class LogFilter:
+  """Drops TensorFlow C++ log records below `level` from stderr lines, one at a time.
 
-  Args:
-    lines: lines of text (with or without their newlines).
-    level: 0 keeps everything; 1 drops info; 2 info and warnings; 3 errors too.
-
-  Returns:
-    The lines kept, in order. A record's continuation lines (the CPU-feature
-    notice spans two) go with it.
+  0 keeps everything; 1 drops info; 2 info and warnings; 3 errors too. The
+  absl preamble goes from level 1, and the second line of the CPU-feature
+  notice with its record.
   """
-  kept = []
-  dropping = False
-  for line in lines:
+
+  def __init__(self, level):
+    self._level = level
+    self._dropped_last = False
+
+  def keep(self, line):
     match = _ABSL_RECORD.match(line) or _TF_RECORD.match(line)
     if match:
-      dropping = _SEVERITY[match['severity']] < level
+      drop = _SEVERITY[match['severity']] < self._level
     elif line.startswith(_ABSL_PREAMBLE):
-      dropping = level >= 1  # A warning about where the records below go.
-    elif dropping and (not line.strip() or _PYTHON_MESSAGE.match(line)):
-      dropping = False
-    if not dropping:
-      kept.append(line)
-  return kept
+      drop = self._level >= 1
+    else:
+      drop = self._dropped_last and line.startswith(_CONTINUATIONS)
+    self._dropped_last = drop
+    return not drop
+
+
+def filter_log_lines(lines, level):
+  """The lines a LogFilter at `level` keeps, in order."""
+  log_filter = LogFilter(level)
+  return [line for line in lines if log_filter.keep(line)]
+
+
+def _filter_stream(level):
+  """Runs in the filter process: stdin to stdout, line by line, as it comes."""
+  log_filter = LogFilter(level)
+  out = sys.stdout.buffer
+  for raw in sys.stdin.buffer:
+    if log_filter.keep(raw.decode(errors='replace')):
+      out.write(raw)
+      out.flush()
+
+
+def _stderr_is_open():
+  try:
+    os.fstat(2)
+  except OSError:
+    return False
+  return sys.stderr is not None
 
 
 def import_tensorflow(verbose=False):
@@ -72,6 +98,10 @@ def import_tensorflow(verbose=False):
   TF_CPP_MIN_LOG_LEVEL (a value already in the environment wins unless
   `verbose`), so records logged once TensorFlow runs follow the same level.
 
+  While the libraries load, fd 2 goes through a separate filter process,
+  which forwards each line as it comes: an import that aborts (a CPU
+  without the instructions the build needs) or crashes still shows why.
+
   Args:
     verbose: show every C++ info and warning line, as TensorFlow prints them.
 
@@ -80,34 +110,34 @@ def import_tensorflow(verbose=False):
   """
   level = tf_log_level(verbose)
   os.environ['TF_CPP_MIN_LOG_LEVEL'] = str(level)
-  if 'tensorflow' in sys.modules or level == 0:
+  if 'tensorflow' in sys.modules or level == 0 or not _stderr_is_open():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return tf
   sys.stderr.flush()
   saved = os.dup(2)
-  # A file, not a pipe: nothing reads while the import runs, and a pipe's
-  # buffer could fill and block the loader.
-  with tempfile.TemporaryFile(mode='w+b') as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    except BaseException:
-      _restore(saved, captured, level=0)  # Whatever explains the failure stays.
-      raise
-    _restore(saved, captured, level)
-  return tf
-
-
-def _restore(saved, captured, level):
-  sys.stderr.flush()
-  os.dup2(saved, 2)
-  os.close(saved)
-  captured.seek(0)
-  text = captured.read().decode(errors='replace')
-  kept = filter_log_lines(text.splitlines(keepends=True), level)
-  if kept:
-    sys.stderr.write(''.join(kept))
+  try:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log_filter = subprocess.Popen(
+        [sys.executable, '-c', f'import sys; sys.path.insert(0, {root!r}); '
+         f'from pcam_tfdata import cli; cli._filter_stream({level})'],
+        stdin=subprocess.PIPE, stdout=saved, stderr=saved, close_fds=True)
+  except OSError:  # No process to spare: chatter rather than no TensorFlow.
+    os.close(saved)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf
+  os.dup2(log_filter.stdin.fileno(), 2)
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  finally:
     sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    log_filter.stdin.close()  # EOF once no one else holds the pipe: the filter ends.
+    try:
+      log_filter.wait(timeout=10)  # Its last lines come before ours.
+    except subprocess.TimeoutExpired:
+      pass  # A child of the import still holds the pipe; the filter outlives us.
+  return tf
 
 
 def fail(program, message, status=1):

@@ -59,7 +59,10 @@ def set_precision(mode):
 
 def _cluster_workers():
   """Number of workers TF_CONFIG or Slurm describe (1 when neither does)."""
-  config = json.loads(os.environ.get('TF_CONFIG') or '{}')
+  try:
+    config = json.loads(os.environ.get('TF_CONFIG') or '{}')
+  except json.JSONDecodeError as e:
+    raise ValueError(f'TF_CONFIG: not valid JSON ({e})') from None
   cluster = config.get('cluster', {})
   workers = len(cluster.get('worker', ())) + len(cluster.get('chief', ()))
   if workers:
@@ -85,9 +88,10 @@ def make_strategy(kind):
   """
   if kind not in STRATEGIES:
     raise ValueError(f'--strategy={kind}: choose one of {", ".join(STRATEGIES)}')
+  cluster_workers = _cluster_workers()  # Also checks TF_CONFIG, naming it.
   if kind == 'auto':
     devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
-    kind = ('multi_worker' if _cluster_workers() > 1
+    kind = ('multi_worker' if cluster_workers > 1
             else 'mirrored' if len(devices) > 1 else 'default')
   if kind == 'multi_worker':
     return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=_resolver())
@@ -129,8 +133,12 @@ def worker_index(strategy):
 
 
 def id_in_cluster(cluster, task_type, task_id):
-  """0 for the chief, then each worker by index after it (a cluster dict as TF_CONFIG's)."""
-  if task_type == 'chief':
+  """0 for the chief, then each worker by index after it (a cluster dict as TF_CONFIG's).
+
+  No task type (MultiWorkerMirroredStrategy without TF_CONFIG: one local
+  worker) is 0, as TensorFlow numbers it.
+  """
+  if task_type in (None, 'chief'):
     return 0
   if task_type != 'worker':
     raise ValueError(f'task type {task_type!r} trains nothing; expected chief or worker')

@@ -204,7 +204,8 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   backup.remove_scratch()
   # Synchronous training keeps replicas identical; this line lets a user (and
   # the multi-worker test) check that across hosts.
-  print(f'final weights sha256 {_weights_digest(model)} (worker {task_id})', flush=True)
+  print(f'final weights sha256 {_weights_digest(model)} (input pipeline '
+        f'{distribute.worker_index(strategy)})', flush=True)
   if not chief:
     shutil.rmtree(os.path.join(model_dir, f'.worker{task_id}_tensorboard'), ignore_errors=True)
     return {}

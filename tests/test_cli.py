@@ -39,9 +39,46 @@ def test_filter_drops_records_below_the_level_and_keeps_the_rest():
   assert cli.filter_log_lines(lines, 3) == [*_PY_WARNING, 'plain text\n']
 
 
-def test_a_python_warning_right_after_a_dropped_record_is_kept():
-  lines = [*_CPU_GUARD, *_PY_WARNING]  # No blank line between them.
-  assert cli.filter_log_lines(lines, 2) == list(_PY_WARNING)
+@pytest.mark.parametrize('line', [
+    '<frozen importlib._bootstrap>:241: RuntimeWarning: numpy.ndarray size changed\n',
+    '/Users/me/My Drive/venv/foo.py:12: UserWarning: a path with a space\n',
+    'Exception ignored in: <function _removeHandlerRef at 0x7f>\n',
+    'WARNING:tensorflow:From /x.py:3: a deprecation\n',
+    # Python's absl logging looks like a C++ record, but comes from a .py file.
+    'W1127 20:33:01.123456 140234 tf_logging.py:12] a Python-side TF warning\n',
+    'any other line\n'])
+def test_only_cpp_records_are_dropped_never_what_follows_them(line):
+  lines = [*_CPU_GUARD, line]  # Right after a dropped two-line record.
+  assert cli.filter_log_lines(lines, 2) == [line]
+  assert cli.filter_log_lines([_ONEDNN, line], 3) == [line]
+
+
+_FAKE_TENSORFLOW = '''
+import os
+os.write(2, b"I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on.\\n")
+os.write(2, b"F0000 00:00:1.0 1 cpu_feature_guard.cc:1] This TensorFlow binary was compiled "
+            b"to use AVX instructions, but these aren't available on your machine.\\n")
+os.abort()
+'''
+
+
+def test_an_import_that_aborts_still_shows_why(tmp_path):
+  """What TensorFlow prints on a CPU it cannot run on must reach the user."""
+  (tmp_path / 'tensorflow').mkdir()
+  (tmp_path / 'tensorflow' / '__init__.py').write_text(_FAKE_TENSORFLOW)
+  proc = subprocess.run([sys.executable, '-c', 'from pcam_tfdata import cli; '
+                         'cli.import_tensorflow()'], capture_output=True, text=True, cwd=ROOT,
+                        env=user_env(PYTHONPATH=str(tmp_path)), timeout=120)
+  assert proc.returncode != 0
+  assert "aren't available on your machine" in proc.stderr and 'oneDNN' not in proc.stderr
+
+
+def test_a_closed_stderr_does_not_stop_the_import():
+  proc = subprocess.run([sys.executable, '-c', 'import os, sys; os.close(2); sys.stderr = None; '
+                         'from pcam_tfdata import cli; tf = cli.import_tensorflow(); '
+                         'print(int(tf.constant(41) + 1))'], capture_output=True, text=True,
+                        cwd=ROOT, env=user_env(), timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == '42'
 
 
 @pytest.mark.parametrize('env_level, verbose, expected', [

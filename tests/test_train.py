@@ -102,7 +102,8 @@ def test_tensor_cores_means_every_gpu_has_them(monkeypatch, capabilities, expect
     ({'worker': ['a', 'b']}, 'worker', 0, 0), ({'worker': ['a', 'b']}, 'worker', 1, 1),
     ({'chief': ['c'], 'worker': ['a', 'b']}, 'chief', 0, 0),
     ({'chief': ['c'], 'worker': ['a', 'b']}, 'worker', 0, 1),
-    ({'chief': ['c'], 'worker': ['a', 'b']}, 'worker', 1, 2)])
+    ({'chief': ['c'], 'worker': ['a', 'b']}, 'worker', 1, 2),
+    ({}, None, None, 0)])  # MultiWorkerMirroredStrategy without TF_CONFIG: one local worker.
 def test_input_pipeline_ids_number_the_chief_first(cluster, task_type, task_id, expected):
   assert distribute.id_in_cluster(cluster, task_type, task_id) == expected
 
@@ -319,6 +320,15 @@ def test_tta_of_a_symmetric_model_equals_plain_prediction(records):
   np.testing.assert_allclose(plain, tta, atol=1e-6)
 
 
+def test_multi_worker_without_a_cluster_trains_as_one_local_worker(records, tmp_path):
+  env = {k: v for k, v in user_env().items() if k not in ('TF_CONFIG', 'SLURM_JOB_ID')}
+  proc = run_tool('-m', 'pcam_tfdata.train', f'--records_dir={records}',
+                  f'--model_dir={tmp_path / "run"}', '--epochs=1', '--batch_size=8',
+                  '--mixed_precision=off', '--strategy=multi_worker', env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads((tmp_path / 'run' / 'metrics.json').read_text())['strategy'] == 'multi_worker'
+
+
 @pytest.mark.parametrize('flags, message', [
     (['--model=resnet'], 'model'),
     (['--strategy=mirrored', '--num_cpu_devices=2', '--batch_size=7'],
@@ -326,12 +336,15 @@ def test_tta_of_a_symmetric_model_equals_plain_prediction(records):
     (['--records_dir=/nonexistent/records'], '/nonexistent/records: no such records folder'),
     (['--epochs=0'], '--epochs=0: must be >= 1'),
     (['--profile_steps=5'], '--profile_steps=5: expected START,STOP'),
+    (['--strategy=multi_worker', 'TF_CONFIG={"cluster": '], 'TF_CONFIG: not valid JSON'),
 ])
 def test_bad_flags_fail_with_one_line(records, tmp_path, flags, message):
   args = ['-m', 'pcam_tfdata.train', f'--records_dir={records}', f'--model_dir={tmp_path / "r"}']
+  env = dict(f.split('=', 1) for f in flags if f.startswith('TF_CONFIG='))
+  flags = [f for f in flags if not f.startswith('TF_CONFIG=')]
   # As a user runs it (no TF_CPP_MIN_LOG_LEVEL), with TensorFlow's noisiest start-up on
   # every CPU (conftest.user_env), and no GPU to change the replica count.
-  proc = run_tool(*args, *flags, timeout=300, env=user_env(CUDA_VISIBLE_DEVICES=''))
+  proc = run_tool(*args, *flags, timeout=300, env=user_env(CUDA_VISIBLE_DEVICES='', **env))
   assert proc.returncode != 0
   errors = error_lines(proc.stderr)
   assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
