@@ -1,7 +1,8 @@
 """Turns a Kaggle-layout folder into balanced, split, center-cropped TFRecord shards.
 
 The run is atomic and resumable: shards go into a hidden sibling folder named
-after a fingerprint of the plan (settings plus every id and label); each shard
+after a fingerprint of the plan (settings, every id and label, and the size
+and modification time of every patch file); each shard
 is committed on its own, a rerun after a kill redoes only unfinished shards,
 and the folder is renamed into place after `manifest.json` is written. Same
 inputs and seed give byte-identical shards, whatever the number of workers.
@@ -67,19 +68,24 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
     ConvertError: the data cannot satisfy the settings.
   """
   rng = np.random.default_rng(seed)
+  # Everything below sees the examples sorted by id: the CSV's row order then
+  # changes nothing, neither which examples are kept nor where they go.
+  order = np.argsort(source.ids, kind='stable')
+  ids, labels = source.ids[order], source.labels[order]
+  groups = None if groups is None else np.asarray(groups)[order]
   try:
-    kept = splits.balance(source.ids, source.labels, per_class, rng)
-    train, val = splits.split_train_val(
-        source.labels[kept], val_fraction, rng,
-        None if groups is None else np.asarray(groups)[kept])
+    kept = splits.balance(ids, labels, per_class, rng)
+    train, val = splits.split_train_val(labels[kept], val_fraction, rng,
+                                        None if groups is None else groups[kept])
   except ValueError as e:
     raise ConvertError(str(e)) from None
   plan_splits = {}
   for name, index in (('train', kept[train]), ('val', kept[val])):
     plan_splits[name] = [(i, int(l), source.train_path(i))
-                         for i, l in zip(source.ids[index].tolist(), source.labels[index].tolist())]
+                         for i, l in zip(ids[index].tolist(), labels[index].tolist())]
   if len(source.test_ids):
-    plan_splits['test'] = [(i, schema.TEST_LABEL, source.test_path(i)) for i in source.test_ids]
+    plan_splits['test'] = [(i, schema.TEST_LABEL, source.test_path(i))
+                           for i in sorted(source.test_ids.tolist())]
 
   shard_counts = count_shards({n: len(e) for n, e in plan_splits.items()}, crop_size, num_shards)
 
@@ -89,8 +95,22 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
   digest = hashlib.sha256(json.dumps([settings, shard_counts]).encode())
   for name in sorted(plan_splits):
     digest.update(json.dumps([name, plan_splits[name]]).encode())
+  # The pixels, cheaply: the size and modification time of every patch file
+  # read, so a rewritten TIFF makes a finished output stale and a resume of
+  # old shards impossible (as `make`, rsync and the HDF5 source do).
+  for name in sorted(plan_splits):
+    for _, _, path in plan_splits[name]:
+      digest.update(_file_stamp(path))
   return {'settings': settings, 'splits': plan_splits, 'num_shards': shard_counts,
           'fingerprint': digest.hexdigest()}
+
+
+def _file_stamp(path):
+  try:
+    stat = os.stat(path)
+  except OSError:  # Gone since the folder was listed; the shard writer reports it.
+    return f'{path},missing\n'.encode()
+  return f'{path},{stat.st_size},{stat.st_mtime_ns}\n'.encode()
 
 
 def count_shards(split_sizes, crop_size, num_shards):
@@ -186,33 +206,90 @@ def _run_tasks(tasks, workers, total, initial, show_progress):
     bar.close()
 
 
-def check_out_dir(out_dir, fingerprint, overwrite):
-  """Returns the manifest of an up-to-date output, None to go ahead; or raises."""
+def check_paths(data_dir, out_dir):
+  """Refuses an output folder that is, holds or sits inside the input folder.
+
+  A conversion replaces its output folder as a whole, so an output that
+  overlapped the input could delete the data it was made from.
+
+  Raises:
+    ConvertError: naming both flags.
+  """
+  data, out = os.path.realpath(data_dir), os.path.realpath(out_dir)
+  if out == data:
+    where = 'is'
+  elif out.startswith(data.rstrip(os.sep) + os.sep):
+    where = 'is inside'
+  elif data.startswith(out.rstrip(os.sep) + os.sep):
+    where = 'contains'
+  else:
+    return
+  raise ConvertError(f'--out_dir={out_dir} {where} --data_dir={data_dir}; the records '
+                     'need a folder of their own, apart from the input')
+
+
+def _is_our_output(out_dir):
+  """True for a folder holding a manifest this tool wrote (format and fingerprint)."""
+  try:
+    manifest = schema.load_manifest(out_dir)
+  except schema.ManifestError:
+    return False
+  return bool(manifest.get('fingerprint'))
+
+
+def check_out_dir(out_dir, fingerprint, overwrite, replace_stale=False):
+  """Returns the manifest of an up-to-date output, None to go ahead; or raises.
+
+  `overwrite` rebuilds a finished conversion (a folder with this tool's
+  manifest), `replace_stale` only one of other inputs or settings; a folder
+  holding anything else is never removed.
+  """
   if not os.path.lexists(out_dir):
     return None
   if not os.path.isdir(out_dir):
     raise ConvertError(f'--out_dir={out_dir}: exists and is not a folder')
-  manifest_path = os.path.join(out_dir, schema.MANIFEST_NAME)
-  if os.path.isfile(manifest_path):
-    if overwrite:
-      return None
-    try:
-      manifest = schema.load_manifest(out_dir)
-    except schema.ManifestError:
-      manifest = {}
+  if os.path.isfile(os.path.join(out_dir, schema.MANIFEST_NAME)) and _is_our_output(out_dir):
+    manifest = schema.load_manifest(out_dir)
     if manifest.get('fingerprint') == fingerprint:
-      return manifest
-    raise ConvertError(f'--out_dir={out_dir}: holds a complete conversion of other data or '
-                       'settings; pass --overwrite to replace it')
-  if os.listdir(out_dir) and not overwrite:
-    raise ConvertError(f'--out_dir={out_dir}: exists, is not empty and has no '
-                       f'{schema.MANIFEST_NAME}; pass --overwrite to replace it')
+      return None if overwrite else manifest
+    if overwrite or replace_stale:
+      return None
+    raise ConvertError(f'--out_dir={out_dir}: holds a conversion of other inputs or settings '
+                       '(stale: a file, label or flag changed since); pass --overwrite to '
+                       'rebuild it')
+  if os.listdir(out_dir):
+    raise ConvertError(f'--out_dir={out_dir}: exists and holds files this tool did not write '
+                       f'(no valid {schema.MANIFEST_NAME}); it is never replaced, even with '
+                       '--overwrite: empty it or pick another folder')
   return None
+
+
+def clean_leftovers(out_dir, log=print):
+  """Removes what killed runs left beside `out_dir`: old outputs mid-swap.
+
+  A kill between the two renames of `swap_into_place` leaves the previous
+  output as `.NAME.old-PID`; nothing else ever refers to it.
+  """
+  parent, name = os.path.split(out_dir)
+  for stale in glob.glob(os.path.join(glob.escape(parent), f'.{glob.escape(name)}.old-*')):
+    log(f'removing {stale}, left by a run killed while replacing its output')
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def _keep_only(work_dir, names):
+  """Deletes every file of `work_dir` but `names` (sidecars, .tmp/.partial leftovers)."""
+  for entry in os.listdir(work_dir):
+    if entry not in names:
+      path = os.path.join(work_dir, entry)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
 
 
 def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2, seed=0,
             groups=None, num_shards=0, workers=1, skip_bad=False, overwrite=False,
-            flags=None, eda=True, show_progress=True, log=print):
+            replace_stale=False, flags=None, eda=True, show_progress=True, log=print):
   """Converts a checked source folder into records; see the module docstring.
 
   Args:
@@ -221,7 +298,9 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
     crop_size, per_class, val_fraction, seed, groups, num_shards, skip_bad:
       see `make_plan`.
     workers: processes that write shards.
-    overwrite: replace a complete output of other data or settings.
+    overwrite: rebuild a finished output (only one with this tool's manifest).
+    replace_stale: rebuild a finished output only if it is of other inputs or
+      settings (the demo's default).
     flags: dict recorded in the manifest as given.
     eda: also write the EDA pictures.
     show_progress: show a tqdm bar.
@@ -236,11 +315,12 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
   """
   start = time.time()
   check_settings(crop_size, per_class, val_fraction, num_shards, workers)
+  check_paths(source.data_dir, out_dir)
   plan = make_plan(source, crop_size=crop_size, per_class=per_class,
                    val_fraction=val_fraction, seed=seed, groups=groups,
                    num_shards=num_shards, skip_bad=skip_bad)
   out_dir = os.path.abspath(out_dir)
-  existing = check_out_dir(out_dir, plan['fingerprint'], overwrite)
+  existing = check_out_dir(out_dir, plan['fingerprint'], overwrite, replace_stale)
   if existing is not None:
     log(f'{out_dir}: already complete for these inputs and settings; nothing to do '
         '(--overwrite rebuilds it)')
@@ -248,8 +328,9 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
 
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
+  clean_leftovers(out_dir, log)
   work_dir = os.path.join(parent, f'.{name}.partial-{plan["fingerprint"][:16]}')
-  for stale in glob.glob(os.path.join(parent, f'.{name}.partial-*')):
+  for stale in glob.glob(os.path.join(glob.escape(parent), f'.{glob.escape(name)}.partial-*')):
     if stale != work_dir:
       log(f'removing the unfinished run of other settings {stale}')
       shutil.rmtree(stale)
@@ -271,12 +352,17 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
   if eda:
     from pcam_tfdata import eda as eda_lib  # pylint: disable=g-import-not-at-top
     eda_lib.write_pictures(work_dir, manifest, eda_lib.samples_from_files(plan['splits']['train']))
-  for path in glob.glob(os.path.join(work_dir, '*.done.json')):
-    os.remove(path)
   manifest['seconds'] = round(time.time() - start, 3)
+  finish(work_dir, out_dir, manifest)
+  return manifest
+
+
+def finish(work_dir, out_dir, manifest):
+  """Keeps only the shards and pictures, writes the manifest last, swaps into place."""
+  keep = {s['file'] for info in manifest['splits'].values() for s in info['shards']}
+  _keep_only(work_dir, keep | {f for f in os.listdir(work_dir) if f.endswith('.png')})
   records.write_json_atomic(os.path.join(work_dir, schema.MANIFEST_NAME), manifest)
   swap_into_place(work_dir, out_dir)
-  return manifest
 
 
 def _make_manifest(plan, tasks, done, source, flags):

@@ -23,6 +23,15 @@ _WORKER_ADDRESS = flags.DEFINE_string(
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines.")
 
 
+def _warn(role, port):
+  # TensorFlow 2.21's data service knows one transport, plain gRPC, bound to
+  # every interface; asked for 'grpc+local' it answers "No credentials factory
+  # has been registered for protocol grpc+local".
+  print(f'{role} listens on port {port} of every interface, unauthenticated: whoever reaches '
+        'it can have this process run TensorFlow ops (read and write files as this user). '
+        'Run it on a private network only (README, Security).', flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail('data_service', f'unexpected arguments {" ".join(argv[1:])}')
@@ -34,13 +43,16 @@ def main(argv):
   if _ROLE.value == 'dispatcher':
     server = tf.data.experimental.service.DispatchServer(
         tf.data.experimental.service.DispatcherConfig(port=_PORT.value))
-    print(f'dispatcher serving on grpc://localhost:{_PORT.value}', flush=True)
+    port = int(server.target.rsplit(':', 1)[1])  # The one bound, also for --port=0.
+    print(f'dispatcher serving on grpc://localhost:{port}', flush=True)
+    _warn('dispatcher', port)
   else:
     server = tf.data.experimental.service.WorkerServer(
         tf.data.experimental.service.WorkerConfig(
             dispatcher_address=_DISPATCHER_ADDRESS.value.removeprefix('grpc://'),
             worker_address=_WORKER_ADDRESS.value, port=_PORT.value))
     print(f'worker serving on port {_PORT.value} for {_DISPATCHER_ADDRESS.value}', flush=True)
+    _warn('worker', _PORT.value)
   server.join()
 
 

@@ -120,6 +120,17 @@ def num_workers(strategy):
   return max(1, len(spec.get('worker', ())) + len(spec.get('chief', ())))
 
 
+def server_address(strategy):
+  """host:port of this worker's TensorFlow server under MultiWorkerMirroredStrategy, else None."""
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return None
+  try:
+    return resolver.cluster_spec().task_address(resolver.task_type, resolver.task_id)
+  except ValueError:
+    return None
+
+
 def worker_index(strategy):
   """This worker's input pipeline id: the chief first, then the workers by index.
 

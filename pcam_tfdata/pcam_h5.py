@@ -184,7 +184,9 @@ def _plan(source, *, crop_size, per_class, val_fraction, seed, resplit, num_shar
 def _fingerprint(source, settings, shard_counts):
   digest = hashlib.sha256(json.dumps([settings, shard_counts], sort_keys=True).encode())
   for split in sorted(source):
-    for path in (source[split].x_path, source[split].y_path):
+    # The meta CSVs decide the slides, and so a re-split.
+    for path in filter(None, (source[split].x_path, source[split].y_path,
+                              source[split].meta_path)):
       stat = os.stat(path)
       digest.update(f'{path},{stat.st_size},{stat.st_mtime_ns}\n'.encode())
   return digest.hexdigest()
@@ -226,6 +228,8 @@ def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, 
   """
   start = time.time()
   convert.check_settings(crop_size, per_class, val_fraction, num_shards, 1)
+  for split in source.values():  # The folder of the files: no output inside it.
+    convert.check_paths(os.path.dirname(split.x_path), out_dir)
   targets, shard_counts = _plan(source, crop_size=crop_size, per_class=per_class,
                                 val_fraction=val_fraction, seed=seed, resplit=resplit,
                                 num_shards=num_shards)
@@ -241,6 +245,7 @@ def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, 
     return existing
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
+  convert.clean_leftovers(out_dir, log)
   work_dir = os.path.join(parent, f'.{name}.partial-{fingerprint[:16]}')
   if os.path.exists(work_dir):  # Shards are written side by side: nothing to resume.
     import shutil  # pylint: disable=g-import-not-at-top
@@ -262,8 +267,7 @@ def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, 
     from pcam_tfdata import eda as eda_lib  # pylint: disable=g-import-not-at-top
     eda_lib.write_pictures(work_dir, manifest, samples)
   manifest['seconds'] = round(time.time() - start, 3)
-  records.write_json_atomic(os.path.join(work_dir, schema.MANIFEST_NAME), manifest)
-  convert.swap_into_place(work_dir, out_dir)
+  convert.finish(work_dir, out_dir, manifest)
   return manifest
 
 

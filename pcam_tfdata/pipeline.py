@@ -1,10 +1,11 @@
 """The tf.data input pipeline over the records written by tools/make_records.py.
 
 Training, in the order of the TF performance guide: list the split's shards ->
-shard them per input pipeline -> interleave the files -> parse 1024 records at
-a time -> cache the whole (per-pipeline) split as one tensor -> per epoch, a
-fresh permutation cut into batches that are gathered from the cache -> augment
-each batch with static flips and transposes on eighths of it -> prefetch.
+shard them per input pipeline -> read and parse 1024 records at a time into
+one tensor per field holding the whole (per-pipeline) split, once (the cache)
+-> per epoch, a fresh permutation cut into batches that are gathered from it
+-> augment each batch with static flips and transposes on eighths of it ->
+prefetch.
 
 Why the cache holds one tensor: a per-example cache -> shuffle -> batch chain
 pays tf.data's per-element cost on every image and tops out at 140-170k
@@ -13,6 +14,8 @@ op per batch, and the permutation shuffles the whole epoch, not a buffer.
 Images stay uint8 (the model scales them), a quarter of float32's bytes through
 the pipeline and the host-to-device copy.
 """
+
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -107,14 +110,74 @@ def dihedral_by_position(images):
   return tf.concat([_DIHEDRAL[k](images[bounds[k]:bounds[k + 1]]) for k in range(8)], 0)
 
 
-def _options(deterministic):
+def _options(deterministic, holds_split=False):
   # Measured on 2 cores (tools/bench_input.py, 80k examples, augmented):
   # max_intra_op_parallelism=1, a private pool of 2 threads and a 2 GiB
   # autotune RAM budget each stayed within run-to-run noise of the defaults,
   # so none is set. Order only matters for evaluation and seeded runs.
   options = tf.data.Options()
-  options.deterministic = deterministic
+  if holds_split:
+    # tf.data applies its graph rewrites by serializing the dataset, and with
+    # it the whole split held as an input tensor: a second copy of the split
+    # for a moment (measured: 500 MB more peak for 500 MB of images). This
+    # pipeline sets its parallelism and prefetch itself, so it needs no
+    # default rewrite, and its one parallel map says its determinism itself
+    # (`deterministic=False` in the options is a rewrite too).
+    options.experimental_optimization.apply_default_optimizations = False
+    options.experimental_optimization.inject_prefetch = False
+  else:
+    options.deterministic = deterministic
   return options
+
+
+def _aligned_empty(shape, dtype, alignment=64):
+  """np.empty whose data starts on an `alignment`-byte boundary, as TF's kernels require."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(nbytes + alignment, np.uint8)
+  offset = -raw.ctypes.data % alignment
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def load_split(paths, count, parse):
+  """Reads shards into one tensor per field, [count, ...], at about 1x their bytes.
+
+  Records are parsed 1,024 at a time and copied into arrays allocated once;
+  the image array becomes a tensor without a copy (DLPack). Building the same
+  tensor with tf.data (`unbatch().batch(count)`, then `cache`) peaked at 3.1x
+  the split's bytes.
+
+  Args:
+    paths: shard files, read in this order.
+    count: records they hold (from the manifest).
+    parse: serialized [N] -> tuple of fields, [N, ...] each.
+
+  Returns:
+    A tuple of tensors in the order `parse` returns its fields.
+
+  Raises:
+    schema.ManifestError: the shards hold another number of records.
+  """
+  reader = tf.data.TFRecordDataset(paths, buffer_size=_EVAL_READ_BUFFER).batch(_PARSE_BATCH)
+  reader = reader.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  fields, filled = None, 0
+  for chunk in reader:
+    arrays = [c.numpy() for c in chunk]
+    if fields is None:
+      fields = [np.empty(count, object) if a.dtype == object else
+                _aligned_empty((count, *a.shape[1:]), a.dtype) for a in arrays]
+    n = len(arrays[0])
+    if filled + n > count:
+      break
+    for field, array in zip(fields, arrays):
+      field[filled:filled + n] = array
+    filled += n
+  else:
+    if filled == count:
+      first = tf.experimental.dlpack.from_dlpack(fields[0].__dlpack__())  # No copy.
+      return (first, *(tf.constant(f) for f in fields[1:]))
+  raise schema.ManifestError(f'{os.path.dirname(paths[0])}: its shards hold another number '
+                             f'of records than the {count} manifest.json lists')
 
 
 def _files_for_pipeline(records_dir, manifest, split, input_context):
@@ -153,7 +216,9 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
     batch_size: per input pipeline (per replica batch x replicas per worker).
     training: shuffle each epoch, drop the last partial batch, augment. Else
       every example exactly once, in manifest order, last batch kept.
-    cache: keep parsed images in memory after the first epoch.
+    cache: training: read the split into memory once, here, at about 1x its
+      bytes (else re-read it every epoch); evaluation: keep parsed batches
+      after the first pass.
     augment: True or 'dihedral' for a random flip/rotation per image
       (training only); None or False for none.
     seed: makes training order and augmentation reproducible (and interleave
@@ -202,20 +267,20 @@ def _eval_dataset(paths, count, batch_size, parse, cache):
 
 def _train_dataset(paths, count, batch_size, parse, cache, augment, seed):
   deterministic = seed is not None
-  files = tf.data.Dataset.from_tensor_slices(paths)
-  if not cache:  # Re-read each epoch: at least visit the files in a new order.
-    files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-  records = files.interleave(
-      lambda f: tf.data.TFRecordDataset(f), cycle_length=min(len(paths), 8),
-      block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-  chunks = records.batch(_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
-                                           deterministic=deterministic)
-  # The whole split as one element: one tensor per field, [count, ...]. The
-  # cache then holds just the raw bytes, and an epoch is a gather by index.
-  # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
-  whole = chunks.unbatch().batch(count)
   if cache:
-    whole = whole.cache()
+    # The whole split as one element: one tensor per field, [count, ...],
+    # read once, here. An epoch is then a gather by index.
+    whole = tf.data.Dataset.from_tensors(load_split(paths, count, parse))
+  else:  # Re-read each epoch, the files in a new order.
+    files = tf.data.Dataset.from_tensor_slices(paths).shuffle(
+        len(paths), seed=seed, reshuffle_each_iteration=True)
+    records = files.interleave(
+        lambda f: tf.data.TFRecordDataset(f), cycle_length=min(len(paths), 8),
+        block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    chunks = records.batch(_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                             deterministic=deterministic)
+    # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
+    whole = chunks.unbatch().batch(count)
 
   steps = count // batch_size  # drop_remainder: static shapes, equal steps.
 
@@ -225,7 +290,7 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed):
     order = tf.random.experimental.stateless_shuffle(tf.range(count),
                                                      seed=tf.cast(seed_pair, tf.int32))
     index = tf.reshape(order[:steps * batch_size], [steps, batch_size])
-    # `fields` repeats by reference, not by copy: each batch sees the cache.
+    # `fields` repeats by reference, not by copy: each batch sees the split.
     return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(index),
                                tf.data.Dataset.from_tensors(fields).repeat())
 
@@ -242,7 +307,7 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed):
   # Outside the flat_map, so that batches are gathered on all cores at once.
   ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic, holds_split=cache))
 
 
 def make_streaming_dataset(records_dir, split, *, batch_size, augment=None, seed=None,

@@ -6,6 +6,7 @@ r"""Writes the Kaggle submission: id,label with label the probability of class 1
 """
 
 import os
+import zipfile
 
 from absl import app
 from absl import flags
@@ -45,7 +46,11 @@ def main(argv):
   import keras  # pylint: disable=g-import-not-at-top
   from pcam_tfdata import submission  # pylint: disable=g-import-not-at-top
   try:
-    model = keras.models.load_model(path)
+    # safe_mode (Keras' default, kept explicit): a model file cannot run code on load.
+    model = keras.models.load_model(path, safe_mode=True)
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    cli.fail('predict', f'{path}: unreadable model ({str(e).splitlines()[0] if str(e) else e})')
+  try:
     ids, probs = submission.predict_test(model, _RECORDS_DIR.value, _BATCH_SIZE.value,
                                          _TTA.value, show_progress=_PROGRESS.value)
     frame = submission.write_submission(ids, probs, _OUTPUT.value, _SAMPLE_SUBMISSION.value)

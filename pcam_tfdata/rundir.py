@@ -1,10 +1,77 @@
-"""The files a training run leaves in its model directory.
+"""The files a training run leaves in its model directory, each written whole or not at all.
 
 Kept apart from trainer.py so that the entry points that only read a run
 (report, predict's checks) need not import TensorFlow to know the names.
+Every file a later step trusts is written under a temporary name and renamed:
+a kill at any moment leaves the old file or the new one, never half of one.
 """
+
+import csv
+import glob
+import io
+import os
+import re
 
 HISTORY_CSV = 'history.csv'  # A row per finished epoch.
 METRICS_JSON = 'metrics.json'  # Written last: its presence means the run finished.
 MODEL_FILE = 'model.keras'  # The best epoch by val AUC.
 BACKUP_DIR = 'backup'  # BackupAndRestore state; removed when the run finishes.
+_PENDING_BEST = re.compile(r'^\.best-epoch(\d+)\.keras$')
+
+
+def write_atomic(path, text):
+  """Writes `text` to `path` through a temporary file in the same folder."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', newline='') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_history(path):
+  if not os.path.exists(path):
+    return []
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def write_history(path, rows, fields):
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=fields)
+  writer.writeheader()
+  writer.writerows(rows)
+  write_atomic(path, out.getvalue())
+
+
+def pending_best(model_dir, epoch):
+  """Where epoch `epoch`'s best model waits until the backup of that epoch is saved.
+
+  The name ends in .keras, as Keras requires of the files it saves.
+  """
+  return os.path.join(model_dir, f'.best-epoch{epoch}.keras')
+
+
+def commit_best(model_dir, epoch):
+  """Moves epoch `epoch`'s pending best model to model.keras, if there is one."""
+  path = pending_best(model_dir, epoch)
+  if os.path.exists(path):
+    os.replace(path, os.path.join(model_dir, MODEL_FILE))
+
+
+def settle_best(model_dir, last_epoch, best_epoch):
+  """After a restart: keeps model.keras in step with the restored state.
+
+  A pending best model of an epoch the backup recorded (killed between the
+  backup and the rename) is committed; one of an epoch the backup never
+  saw is deleted, and so is anything of an older run (`last_epoch` 0).
+  """
+  for path in glob.glob(os.path.join(glob.escape(model_dir), '.best-epoch*.keras')):
+    match = _PENDING_BEST.match(os.path.basename(path))
+    epoch = int(match[1]) if match else -1
+    if 0 < epoch <= last_epoch and epoch == best_epoch:
+      os.replace(path, os.path.join(model_dir, MODEL_FILE))
+    else:
+      os.remove(path)
+  for path in glob.glob(os.path.join(glob.escape(model_dir), '*.tmp-*')):
+    os.remove(path)  # A write killed before its rename.

@@ -1,6 +1,5 @@
 """train_and_evaluate: precision, strategy, data, the loop, exact evaluation, outputs."""
 
-import csv
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from pcam_tfdata import pipeline
 from pcam_tfdata import progress
 from pcam_tfdata import rundir
 from pcam_tfdata import schema
+from pcam_tfdata import verify
 
 _HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
                    'val_auc', 'learning_rate', 'seconds', 'images_per_second')
@@ -35,37 +35,37 @@ def _datasets(config, manifest, global_batch):
     return pipeline.make_dataset(
         config.records_dir, 'train', batch_size=batch_size, training=True,
         augment=config.augment, seed=config.seed, input_context=context)
-  evaluation = lambda split: pipeline.make_dataset(
+  evaluation = lambda split, cache: pipeline.make_dataset(
       config.records_dir, split, batch_size=config.eval_batch_size, training=False,
-      with_ids=True)
+      cache=cache, with_ids=True)
   if 'val' not in manifest['splits']:
     raise ValueError(f'{config.records_dir}: no val split to monitor')
-  return {'train': train_fn, 'val': evaluation('val'), 'train_eval': evaluation('train')}
+  # The train split is evaluated once, at the end: streamed, not a second
+  # copy beside the training cache.
+  return {'train': train_fn, 'val': evaluation('val', True),
+          'train_eval': evaluation('train', False)}
 
 
 def _append_history(path, row):
-  new = not os.path.exists(path)
-  with open(path, 'a', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=_HISTORY_FIELDS)
-    if new:
-      writer.writeheader()
-    writer.writerow(row)
+  rundir.write_history(path, rundir.read_history(path) + [row], _HISTORY_FIELDS)
 
 
 def _trim_history(path, last_epoch):
   """Drops rows after the restored epoch (a kill between the row and the backup)."""
-  if not os.path.exists(path):
-    return
-  with open(path, newline='') as f:
-    rows = [r for r in csv.DictReader(f) if int(r['epoch']) <= last_epoch]
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=_HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
+  if os.path.exists(path):
+    rows = [r for r in rundir.read_history(path) if int(r['epoch']) <= last_epoch]
+    rundir.write_history(path, rows, _HISTORY_FIELDS)
 
 
 def train_and_evaluate(config, strategy=None, datasets=None):
   """See train.run."""
+  try:
+    return _train_and_evaluate(config, strategy, datasets)
+  except tf.errors.DataLossError as e:  # TF's message names no file: find it.
+    raise verify.CorruptShardError(verify.describe_data_loss(config.records_dir, e)) from None
+
+
+def _train_and_evaluate(config, strategy, datasets):
   start = time.time()
   manifest = schema.load_manifest(config.records_dir)
   # Policy first, then the strategy (MultiWorkerMirroredStrategy must come
@@ -75,6 +75,11 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   if strategy is None:
     distribute.split_cpu(config.num_cpu_devices)
     strategy = distribute.make_strategy(config.strategy)
+  address = distribute.server_address(strategy)
+  if address:
+    print(f'TensorFlow gRPC server of this worker on {address}: it listens on every interface '
+          'and is unauthenticated; keep the cluster on a private network (README, Security)',
+          flush=True)
   if config.seed is not None:
     keras.utils.set_random_seed(config.seed)  # Same initial weights on every worker.
   replicas = strategy.num_replicas_in_sync
@@ -126,6 +131,8 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   metrics_path = os.path.join(model_dir, rundir.METRICS_JSON)
   if chief and os.path.exists(metrics_path):
     os.remove(metrics_path)  # Written again at the end; until then the run is unfinished.
+  if chief:  # model.keras in step with the restored state, whenever the kill came.
+    rundir.settle_best(model_dir, last_epoch, state.best_epoch)
   if last_epoch:
     print(f'resuming after epoch {last_epoch} from {os.path.join(model_dir, rundir.BACKUP_DIR)}')
     if chief:
@@ -180,8 +187,8 @@ def train_and_evaluate(config, strategy=None, datasets=None):
            'images_per_second': round(seen / train_seconds, 1)}
     if improved:
       best_weights = model.get_weights()
-      if chief:  # ModelCheckpoint(save_best_only=True).
-        model.save(best_path)
+      if chief:  # ModelCheckpoint(save_best_only=True), committed with the backup below.
+        model.save(rundir.pending_best(model_dir, epoch))
     if new_lr != learning_rate:
       print(f'epoch {epoch}: val AUC did not improve for {config.reduce_lr_patience} epochs; '
             f'learning rate {learning_rate:g} -> {new_lr:g}')
@@ -197,6 +204,8 @@ def train_and_evaluate(config, strategy=None, datasets=None):
     print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                    for k, v in row.items()), flush=True)
     backup.save(epoch, {'callbacks': vars(state), 'learning_rate': learning_rate})
+    if chief:  # Only now: a restart restores this epoch, and so this best model.
+      rundir.commit_best(model_dir, epoch)
     finished = epoch
   if state.stopped_early:
     print(f'early stopping: val AUC best at epoch {state.best_epoch} ({state.best:.4f})')
@@ -260,6 +269,6 @@ def _final_evaluation(config, model, predict_fn, datasets, state, strategy, poli
       'records_dir': os.path.abspath(config.records_dir),
       'seconds': round(seconds, 1),
   })
-  with open(os.path.join(model_dir, rundir.METRICS_JSON), 'w') as f:
-    json.dump(results, f, indent=1)
+  rundir.write_atomic(os.path.join(model_dir, rundir.METRICS_JSON),
+                      json.dumps(results, indent=1) + '\n')
   return results

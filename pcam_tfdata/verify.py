@@ -82,3 +82,36 @@ def verify(records_dir, log=print):
     total += written
     log(f'{split}: {written} records in {len(info["shards"])} shards OK {counts}')
   return total
+
+
+class CorruptShardError(ValueError):
+  """A shard could not be read while training or predicting."""
+
+
+def first_corrupt_shard(records_dir):
+  """The path of the first shard whose bytes differ from the manifest, or None."""
+  manifest = schema.load_manifest(records_dir)
+  for info in manifest['splits'].values():
+    for shard in info['shards']:
+      path = os.path.join(records_dir, shard['file'])
+      if records.sha256_file(path) != shard['sha256']:
+        return path
+  return None
+
+
+def describe_data_loss(records_dir, error):
+  """One line for a tf.errors.DataLossError met while reading `records_dir`.
+
+  TensorFlow says only "corrupted record at 47670"; the checksums in the
+  manifest say which shard.
+  """
+  detail = (getattr(error, 'message', None) or str(error)).splitlines()[0]
+  detail = detail.split(' [[')[0].strip()  # Drop TensorFlow's node names.
+  try:
+    bad = first_corrupt_shard(records_dir)
+  except (schema.ManifestError, OSError):
+    bad = None
+  check = f'check the folder with tools/verify_records.py {records_dir}'
+  if bad:
+    return f'{bad}: corrupt or truncated shard ({detail}); {check}'
+  return f'{records_dir}: a shard could not be read ({detail}); {check}'

@@ -11,9 +11,11 @@ import pytest
 import tensorflow as tf
 
 from pcam_tfdata import convert
+from pcam_tfdata import kaggle
 from pcam_tfdata import schema
+from pcam_tfdata import synthetic
 from pcam_tfdata import tiff
-from conftest import ROOT, run_convert
+from conftest import ROOT, error_lines, run_convert, run_tool
 
 
 def read_split(out_dir, split):
@@ -158,3 +160,82 @@ def test_eda_pictures_are_written(kaggle_dir, tmp_path):
   run_convert(kaggle_dir, out, eda=True)
   for name in ('eda_class_balance.png', 'eda_samples.png'):
     assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def _tree(folder):
+  """{relative path: bytes} of every file under `folder`."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*'))
+          if p.is_file()}
+
+
+@pytest.mark.parametrize('where', ['same', 'inside', 'parent'])
+def test_output_overlapping_the_input_is_refused_even_with_overwrite(kaggle_copy, tmp_path,
+                                                                     where):
+  before = _tree(kaggle_copy)
+  out = {'same': kaggle_copy, 'inside': kaggle_copy / 'records',
+         'parent': kaggle_copy.parent}[where]
+  proc = run_tool('tools/make_records.py', f'--data_dir={kaggle_copy}', f'--out_dir={out}',
+                  '--per_class=0', '--overwrite', '--workers=1')
+  assert proc.returncode == 1
+  verb = {'same': 'is', 'inside': 'is inside', 'parent': 'contains'}[where]
+  assert error_lines(proc.stderr) == [
+      f'make_records.py: error: --out_dir={out} {verb} --data_dir={kaggle_copy}; the records '
+      'need a folder of their own, apart from the input'], proc.stderr
+  assert _tree(kaggle_copy) == before  # Every input file, byte for byte.
+  assert not (kaggle_copy / 'records').exists()
+
+
+def test_overwrite_never_removes_a_folder_it_did_not_write(kaggle_dir, tmp_path):
+  out = tmp_path / 'notes'
+  out.mkdir()
+  (out / 'thesis.tex').write_text('years of work')
+  with pytest.raises(convert.ConvertError, match='holds files this tool did not write'):
+    run_convert(kaggle_dir, out, overwrite=True)
+  (out / schema.MANIFEST_NAME).write_text('{"not": "ours"}')  # A manifest, but not ours.
+  with pytest.raises(convert.ConvertError, match='holds files this tool did not write'):
+    run_convert(kaggle_dir, out, overwrite=True)
+  assert (out / 'thesis.tex').read_text() == 'years of work'
+
+
+def test_a_rewritten_tiff_makes_the_output_stale(kaggle_copy, tmp_path):
+  out = tmp_path / 'rec'
+  run_convert(kaggle_copy, out, per_class=0)
+  victim = read_split(out, 'val')[0][0]
+  path = kaggle_copy / 'train' / f'{victim}.tif'
+  pixels = tiff.read_patch(str(path))
+  with open(path, 'wb') as f:
+    synthetic.write_tiff(f, 255 - pixels)  # Same size, new pixels.
+  with pytest.raises(convert.ConvertError, match='stale'):
+    run_convert(kaggle_copy, out, per_class=0)
+  run_convert(kaggle_copy, out, per_class=0, overwrite=True)
+  got = {i: image for i, _, image in read_split(out, 'val')}
+  assert got[victim] == (255 - pixels)[32:64, 32:64].tobytes()
+
+
+def test_csv_row_order_changes_no_byte(kaggle_copy, tmp_path):
+  frame = pd.read_csv(kaggle_copy / 'train_labels.csv', dtype=str)
+  a = run_convert(kaggle_copy, tmp_path / 'a', per_class=20, val_fraction=0.25, seed=4)
+  frame.iloc[::-1].to_csv(kaggle_copy / 'train_labels.csv', index=False)
+  b = run_convert(kaggle_copy, tmp_path / 'b', per_class=20, val_fraction=0.25, seed=4)
+  frame.sample(frac=1, random_state=1).to_csv(kaggle_copy / 'train_labels.csv', index=False)
+  c = run_convert(kaggle_copy, tmp_path / 'c', per_class=20, val_fraction=0.25, seed=4)
+  assert shard_bytes(tmp_path / 'a') == shard_bytes(tmp_path / 'b') == shard_bytes(tmp_path / 'c')
+  assert a['fingerprint'] == b['fingerprint'] == c['fingerprint']
+
+
+def test_leftovers_of_killed_runs_never_reach_an_output(kaggle_dir, tmp_path):
+  out = tmp_path / 'rec'
+  run_convert(kaggle_dir, out, seed=1)
+  old = tmp_path / '.rec.old-4242'  # A kill between the two renames of a swap.
+  old.mkdir()
+  (old / 'manifest.json').write_text('{}')
+  plan = convert.make_plan(kaggle.read_source(str(kaggle_dir)), crop_size=32, per_class=0,
+                           val_fraction=0.2, seed=2)
+  partial = tmp_path / f'.rec.partial-{plan["fingerprint"][:16]}'
+  partial.mkdir()  # A kill mid-write: a sidecar's temporary and a half shard.
+  (partial / 'train-00000-of-00032.tfrecord.done.json.tmp').write_text('{"sha256": "x"')
+  (partial / 'train-00001-of-00032.tfrecord.partial').write_bytes(b'half')
+  manifest = run_convert(kaggle_dir, out, seed=2, overwrite=True)
+  listed = {s['file'] for info in manifest['splits'].values() for s in info['shards']}
+  assert set(os.listdir(out)) == listed | {schema.MANIFEST_NAME}
+  assert [p for p in os.listdir(tmp_path) if p.startswith('.')] == []

@@ -1,11 +1,17 @@
 """The tf.data service path: an in-process dispatcher and two workers."""
 
+import re
+import subprocess
+import sys
+import time
+
 import pytest
 import tensorflow as tf
 
 from pcam_tfdata import pipeline
 from pcam_tfdata import schema
 from pcam_tfdata import train
+from conftest import ROOT, user_env
 
 
 @pytest.fixture(scope='module')
@@ -58,3 +64,23 @@ def test_training_reads_through_the_service(records, service, tmp_path, monkeypa
   steps = schema.load_manifest(str(records))['splits']['train']['count'] // 8
   # Prefetching may pull a few batches more than the steps taken, never fewer.
   assert len(served) >= 2 * steps
+
+
+def test_the_dispatcher_says_it_listens_unauthenticated(tmp_path):
+  out = tmp_path / 'dispatcher.out'
+  with open(out, 'w') as f:
+    proc = subprocess.Popen([sys.executable, '-m', 'pcam_tfdata.data_service',
+                             '--role=dispatcher', '--port=0'], cwd=ROOT, stdout=f,
+                            stderr=subprocess.STDOUT, env=user_env())
+  try:
+    deadline = time.time() + 120
+    while 'unauthenticated' not in out.read_text():
+      assert time.time() < deadline and proc.poll() is None, out.read_text()
+      time.sleep(0.1)
+  finally:
+    proc.kill()
+    proc.wait()
+  port = re.search(r'serving on grpc://localhost:(\d+)', out.read_text())[1]
+  assert port != '0'  # The port really bound, not the flag's 0.
+  assert re.search(rf'dispatcher listens on port {port} of every interface, unauthenticated',
+                   out.read_text())

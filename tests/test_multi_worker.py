@@ -4,6 +4,7 @@ import csv
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,24 @@ LAUNCHER = 'tools/launch_local_cluster.py'
 def _train_flags(records, model_dir, epochs):
   return [f'--records_dir={records}', f'--model_dir={model_dir}', f'--epochs={epochs}',
           '--batch_size=8', '--mixed_precision=off', '--seed=3']
+
+
+def _workers_left(model_dir):
+  return subprocess.run(['pgrep', '-f', f'pcam_tfdata.train.*{model_dir}'], capture_output=True,
+                        text=True).stdout.split()
+
+
+def _servers(stdout):
+  """{worker: port} from each worker's start-up line about its unauthenticated server."""
+  found = re.findall(r'\[worker (\d)\] TensorFlow gRPC server of this worker on '
+                     r'127\.0\.0\.1:(\d+): it listens on every interface and is unauthenticated',
+                     stdout)
+  return {w: int(p) for w, p in found}
+
+
+def _listening(port):
+  with socket.socket() as s:
+    return s.connect_ex(('127.0.0.1', port)) == 0
 
 
 def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(records, tmp_path):
@@ -35,6 +54,10 @@ def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(record
   assert (model_dir / 'model.keras').is_file() and (model_dir / 'metrics.json').is_file()
   assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith('.')) == []
   assert not (model_dir / 'backup').exists()  # Removed once the run finished.
+  # Each worker said it serves unauthenticated; none remains, nor does its port.
+  ports = _servers(proc.stdout)
+  assert set(ports) == {'0', '1'}, proc.stdout[-3000:]
+  assert _workers_left(model_dir) == [] and not any(map(_listening, ports.values()))
 
 
 def test_a_killed_worker_fails_the_launch_and_a_restart_resumes(records, tmp_path):
@@ -60,6 +83,9 @@ def test_a_killed_worker_fails_the_launch_and_a_restart_resumes(records, tmp_pat
   launcher.wait(timeout=120)
   assert launcher.returncode != 0
   assert 'exited with status -9; stopped the others' in err_path.read_text()
+  ports = _servers(out_path.read_text())
+  assert len(ports) == 2 and _workers_left(model_dir) == []
+  assert not any(map(_listening, ports.values()))
   assert not (model_dir / 'metrics.json').exists()
 
   proc = run_tool(LAUNCHER, '--num_workers=2', '--', *_train_flags(records, model_dir, 6),
@@ -73,3 +99,22 @@ def test_a_killed_worker_fails_the_launch_and_a_restart_resumes(records, tmp_pat
   with open(model_dir / 'history.csv') as f:
     epochs = [r['epoch'] for r in csv.DictReader(f)]
   assert epochs == [str(e) for e in range(1, len(epochs) + 1)]  # Each epoch once, in order.
+
+
+def test_ctrl_c_on_the_launcher_leaves_no_worker_and_no_open_port(records, tmp_path):
+  model_dir = tmp_path / 'run'
+  out_path = tmp_path / 'launcher.out'
+  with open(out_path, 'w') as out:
+    launcher = subprocess.Popen([sys.executable, LAUNCHER, '--num_workers=2', '--',
+                                 *_train_flags(records, model_dir, 50)], cwd=ROOT, stdout=out,
+                                stderr=subprocess.PIPE, text=True, env=user_env())
+  deadline = time.time() + 300
+  while len(_servers(out_path.read_text())) < 2:  # Both workers are up.
+    assert time.time() < deadline and launcher.poll() is None
+    time.sleep(0.1)
+  launcher.send_signal(signal.SIGINT)  # What Ctrl-C sends it.
+  _, err = launcher.communicate(timeout=120)
+  assert launcher.returncode == 130
+  assert 'interrupted; stopped every worker' in err
+  assert _workers_left(model_dir) == []
+  assert not any(map(_listening, _servers(out_path.read_text()).values()))

@@ -218,3 +218,19 @@ def test_bad_arguments_and_folders(records, tmp_path):
     pipeline.make_dataset(str(records), 'train', batch_size=4, training=True, augment='mixup')
   with pytest.raises(ValueError, match='fewer than one batch of 1000'):
     pipeline.make_dataset(str(records), 'train', batch_size=1000, training=True)
+
+
+def test_load_split_holds_every_record_in_shard_order(records):
+  manifest = schema.load_manifest(str(records))
+  paths = schema.shard_paths(str(records), manifest, 'train')
+  count = manifest['splits']['train']['count']
+  parse = lambda x: pipeline.parse_batch(x, (32, 32, 3), with_ids=True)
+  images, labels, ids = pipeline.load_split(paths, count, parse)
+  expected = [parse(b) for b in tf.data.TFRecordDataset(paths).batch(count)][0]
+  np.testing.assert_array_equal(images.numpy(), expected[0].numpy())
+  np.testing.assert_array_equal(labels.numpy(), expected[1].numpy())
+  assert ids.numpy().tolist() == expected[2].numpy().tolist()
+  assert images.dtype == tf.uint8 and images.shape == (count, 32, 32, 3)
+  for wrong in (count - 1, count + 1):  # A manifest that lies about the shards.
+    with pytest.raises(schema.ManifestError, match='another number of records'):
+      pipeline.load_split(paths, wrong, parse)

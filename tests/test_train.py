@@ -403,3 +403,78 @@ def test_predict_cli_writes_each_ids_probability(records, kaggle_dir, tmp_path):
                   f'--records_dir={records}', f'--output={tmp_path / "x.csv"}', timeout=300)
   assert proc.returncode == 1 and 'model.keras: no such model' in proc.stderr
   assert not (tmp_path / 'x.csv').exists()
+
+
+def _flip_a_byte(records, tmp_path, split):
+  """A copy of the records with one byte of the split's first shard flipped."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'rec'
+  shutil.copytree(records, copy)
+  manifest = json.loads((copy / 'manifest.json').read_text())
+  shard = copy / manifest['splits'][split]['shards'][0]['file']
+  data = bytearray(shard.read_bytes())
+  data[100] ^= 1  # Inside the first record's image.
+  shard.write_bytes(bytes(data))
+  return copy, shard
+
+
+def test_a_corrupt_train_shard_is_one_line_naming_it(records, tmp_path):
+  copy, shard = _flip_a_byte(records, tmp_path, 'train')
+  proc = run_tool('-m', 'pcam_tfdata.train', f'--records_dir={copy}',
+                  f'--model_dir={tmp_path / "run"}', '--epochs=1', '--batch_size=8',
+                  '--mixed_precision=off', '--strategy=default')
+  assert proc.returncode == 1
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and str(shard) in errors[0], proc.stderr[-3000:]
+  assert 'tools/verify_records.py' in errors[0] and 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'run' / 'metrics.json').exists()
+
+
+def test_a_corrupt_test_shard_is_one_line_naming_it_in_predict(records, tmp_path):
+  copy, shard = _flip_a_byte(records, tmp_path, 'test')
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  _linear_model()[0].save(model_dir / 'model.keras')
+  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={model_dir}',
+                  f'--records_dir={copy}', f'--output={tmp_path / "sub.csv"}')
+  assert proc.returncode == 1
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and str(shard) in errors[0], proc.stderr[-3000:]
+  assert not (tmp_path / 'sub.csv').exists()
+
+
+_KILL_BEFORE_THE_BEST_MODEL_IS_COMMITTED = '''
+import os, signal, sys
+from pcam_tfdata import rundir, train
+real = rundir.commit_best
+def die_at_epoch_1(model_dir, epoch):
+  if epoch == 1:  # The first epoch always improves: its best model is pending.
+    os.kill(os.getpid(), signal.SIGKILL)
+  real(model_dir, epoch)
+rundir.commit_best = die_at_epoch_1
+train.run(train.Config(records_dir=sys.argv[1], model_dir=sys.argv[2], epochs=3, batch_size=8,
+                       eval_batch_size=16, mixed_precision='off', strategy='default', seed=1,
+                       early_stopping_patience=5))
+'''
+
+
+def test_the_best_model_and_the_backup_agree_after_a_kill_between_them(records, tmp_path):
+  model_dir = tmp_path / 'run'
+  proc = subprocess.run([sys.executable, '-c', _KILL_BEFORE_THE_BEST_MODEL_IS_COMMITTED,
+                         str(records), str(model_dir)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600, env=user_env())
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert (model_dir / '.best-epoch1.keras').exists() and not (model_dir / 'model.keras').exists()
+  with open(model_dir / 'history.csv') as f:
+    rows = list(csv.DictReader(f))
+  # Epoch 1 was backed up, so the restart must commit epoch 1's model, not lose it.
+  train.run(_config(records, model_dir, epochs=1, early_stopping_patience=5))
+  assert not list(model_dir.glob('.best-epoch*'))
+  metrics = json.loads((model_dir / 'metrics.json').read_text())
+  assert metrics['best_epoch'] == 1 and metrics['epochs_run'] == 1
+  model = keras.models.load_model(model_dir / 'model.keras')
+  from pcam_tfdata import evaluate  # pylint: disable=g-import-not-at-top
+  ds = pipeline.make_dataset(str(records), 'val', batch_size=16, training=False, with_ids=True)
+  probs, labels, _ = evaluate.predict(evaluate.make_predict_fn(model), ds)
+  assert evaluate.binary_metrics(labels, probs)['auc'] == pytest.approx(
+      float(rows[0]['val_auc']), abs=1e-6)

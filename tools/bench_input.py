@@ -27,7 +27,8 @@ The seed-style loader reads as many images as the pipeline's split holds
 (--seed_images=0), in one process: Keras' generator decodes on the calling
 thread. The tf.data methods use every core. The `processes` column says
 which, so a ratio can be read per core where it matters.
-It also reports what the cache costs in memory against the raw bytes it holds.
+It also reports what the training cache costs in memory against the raw bytes
+it holds, kept and at its peak (for --records_dir and each --memory_records).
 """
 
 import json
@@ -53,6 +54,9 @@ _EPOCHS = flags.DEFINE_integer('epochs', 5, 'Timed epochs per pipeline figure (m
 _SEED_IMAGES = flags.DEFINE_integer(
     'seed_images', 0, 'Images read by the seed-style loader; 0: as many as the train split.')
 _TFDS_IMAGES = flags.DEFINE_integer('tfds_images', 20000, 'Images in the TFDS-style PNG records.')
+_MEMORY_RECORDS = flags.DEFINE_list(
+    'memory_records', [], 'More records folders (e.g. the same split at crop 96) whose '
+    'training cache memory is measured too.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
 
 
@@ -65,42 +69,62 @@ def _epoch_rate(ds, batch_size):
 
 
 def pipeline_rates(records_dir, batch_size, augment, epochs):
-  """(first epoch, median cached epoch) images/s of the training pipeline."""
+  """(first epoch, median cached epoch) images/s of the training pipeline.
+
+  The first epoch includes building the dataset, which reads the split into
+  memory.
+  """
   from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
   ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
                              augment=augment)
-  first = _epoch_rate(ds, batch_size)
+  build = time.perf_counter() - start
+  rate = _epoch_rate(ds, batch_size)
+  steps = len(ds)
+  first = steps * batch_size / (build + steps * batch_size / rate)
   _epoch_rate(ds, batch_size)  # Warm-up of the cached path.
   return first, statistics.median(_epoch_rate(ds, batch_size) for _ in range(epochs))
 
 
 _CACHE_PROBE = r"""
-import sys
+import json, sys
+from pcam_tfdata import cli
+cli.import_tensorflow()
 from pcam_tfdata import pipeline
-def rss_mib():
+def status_mib(key):
   with open('/proc/self/status') as f:
-    return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
-ds = pipeline.make_dataset(sys.argv[1], 'train', batch_size=256, training=True,
-                           cache=sys.argv[2] == 'True')
-before = rss_mib()
+    return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
+import tensorflow as tf
+for _ in tf.data.Dataset.range(10).map(lambda x: x + 1).batch(2):  # tf.data's runtime up.
+  pass
+with open('/proc/self/clear_refs', 'w') as f:
+  f.write('5')  # Linux: VmHWM starts again from VmRSS.
+before = status_mib('VmRSS')
+ds = pipeline.make_dataset(sys.argv[1], 'train', batch_size=256, training=True)
 for _ in ds:
   pass
-print(rss_mib() - before)
+print(json.dumps({'retained': status_mib('VmRSS') - before,
+                  'peak': status_mib('VmHWM') - before}))
 """
 
 
-def cache_cost(records_dir, count, image_bytes):
-  """Memory the cache keeps after the first epoch, per raw image byte.
+def cache_cost(records_dir):
+  """Memory of the training cache, per raw image byte of the split it holds.
 
-  Each of a cached and an uncached pipeline runs one epoch in a fresh
-  process; the difference of their resident-memory growth is the cache.
+  In a fresh process with TensorFlow and tf.data started: `retained` is the
+  resident memory that building the pipeline and one epoch add and keep,
+  `peak` the most they added at any moment (VmHWM, reset before), the part
+  that decides whether the split fits. Both include tracing and prefetch
+  buffers, a few MiB.
   """
-  growth = {}
-  for cache in (False, True):
-    proc = subprocess.run([sys.executable, '-c', _CACHE_PROBE, records_dir, str(cache)],
-                          capture_output=True, text=True, check=True)
-    growth[cache] = float(proc.stdout.strip().splitlines()[-1])
-  return (growth[True] - growth[False]) * 2**20 / (count * image_bytes)
+  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
+  manifest = schema.load_manifest(records_dir)
+  raw = manifest['splits']['train']['count'] * int(np.prod(manifest['image_shape']))
+  proc = subprocess.run([sys.executable, '-c', _CACHE_PROBE, records_dir],
+                        capture_output=True, text=True, check=True)
+  growth = json.loads(proc.stdout.strip().splitlines()[-1])
+  return {'crop': manifest['image_shape'][0], 'raw_mib': raw / 2**20,
+          'retained': growth['retained'] * 2**20 / raw, 'peak': growth['peak'] * 2**20 / raw}
 
 
 def seed_loader_rate(data_dir, images, crop):
@@ -196,7 +220,7 @@ def main(argv):
     results[f'tf.data ceiling (batch {batch_size})'] = ceiling_rate(
         batch_size, shape, count // batch_size, epochs)
   results['memory-copy floor (NumPy)'] = memcpy_rate(count, shape, epochs)
-  cache_ratio = cache_cost(_RECORDS_DIR.value, count, int(np.prod(shape)))
+  memory = [cache_cost(d) for d in [_RECORDS_DIR.value, *_MEMORY_RECORDS.value]]
 
   seed = results['seed-style loader (ImageDataGenerator, batch 64)']
   host = hostinfo.describe()
@@ -214,11 +238,14 @@ def main(argv):
     print(f'| {name} | {processes} | {rate:,.0f} | {rate / seed:,.1f} | {share} |')
     rows.append({'method': name, 'processes': processes, 'images_per_second': rate,
                  'x_seed': rate / seed})
-  print(f'\ncache memory: {cache_ratio:.2f}x the raw image bytes ({count} examples)')
+  print('\n| training cache | raw image bytes MiB | retained x raw | peak x raw |')
+  print('|---|---:|---:|---:|')
+  for m in memory:
+    print(f'| crop {m["crop"]} | {m["raw_mib"]:,.0f} | {m["retained"]:.2f} | {m["peak"]:.2f} |')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'host': host, 'examples': count, 'image_shape': shape, 'rows': rows,
-                 'cache_memory_ratio': cache_ratio}, f, indent=1)
+                 'cache_memory': memory}, f, indent=1)
 
 
 if __name__ == '__main__':

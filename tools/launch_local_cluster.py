@@ -9,6 +9,11 @@ are streamed with a `[worker i]` prefix. If any worker fails, the others are
 stopped and this exits non-zero; rerunning the same command resumes from the
 chief's backup. On real clusters the same train command runs on each host
 (see BUILD.md for Slurm and Kubernetes).
+
+The workers' TensorFlow servers listen on every interface, unauthenticated,
+for the length of the run (TensorFlow offers no loopback-only transport for
+them): on a laptop on a shared network, firewall the ports or do not use it
+there. When this launcher ends, however it ends, no worker remains.
 """
 
 import json
@@ -48,41 +53,57 @@ def _stream(proc, index):
     sys.stdout.flush()
 
 
+def _stop(procs):
+  """Stops every worker's process group: SIGTERM, then SIGKILL after 30 s."""
+  for p in procs:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGTERM)
+  for p in procs:
+    try:
+      p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+
+
 def launch(num_workers, train_args):
-  """Runs the workers; returns 0 when all succeed, else the first failure's code."""
+  """Runs the workers; returns 0 when all succeed, else the first failure's code.
+
+  However it ends (success, a failed worker, Ctrl-C or SIGTERM to this
+  launcher), no worker outlives it, and so none of their ports stays open.
+  """
   ports = free_ports(num_workers)
   procs = []
-  for i in range(num_workers):
-    env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
-    procs.append(subprocess.Popen(
-        [sys.executable, '-m', 'pcam_tfdata.train', *train_args, '--strategy=multi_worker'],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True))
-  streams = [threading.Thread(target=_stream, args=(p, i), daemon=True)
-             for i, p in enumerate(procs)]
-  for t in streams:
-    t.start()
-  failed = None
-  while failed is None and any(p.poll() is None for p in procs):
-    for i, p in enumerate(procs):
-      if p.poll() not in (None, 0):
-        failed = (i, p.returncode)
-        break
-    time.sleep(0.2)
-  if failed is None:
-    failed = next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
-  if failed is not None:
-    for p in procs:  # A collective would wait forever for the lost worker.
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-      try:
-        p.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-  for t in streams:
-    t.join(timeout=5)
+  previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # Runs `finally`.
+  try:
+    for i in range(num_workers):
+      env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
+      # A session of its own: a worker's own children go with it, and Ctrl-C
+      # reaches the launcher, which stops them in order.
+      procs.append(subprocess.Popen(
+          [sys.executable, '-m', 'pcam_tfdata.train', *train_args, '--strategy=multi_worker'],
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+          start_new_session=True))
+    streams = [threading.Thread(target=_stream, args=(p, i), daemon=True)
+               for i, p in enumerate(procs)]
+    for t in streams:
+      t.start()
+    failed = None
+    while failed is None and any(p.poll() is None for p in procs):
+      for i, p in enumerate(procs):
+        if p.poll() not in (None, 0):
+          failed = (i, p.returncode)
+          break
+      time.sleep(0.2)
+    if failed is None:
+      failed = next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
+    if failed is not None:
+      _stop(procs)  # A collective would wait forever for the lost worker.
+    for t in streams:
+      t.join(timeout=5)
+  finally:
+    _stop(procs)
+    signal.signal(signal.SIGTERM, previous)
   if failed is not None:
     index, code = failed
     print(f'launch_local_cluster.py: error: worker {index} exited with status {code}; '
@@ -97,7 +118,13 @@ def main(argv):
     print(f'launch_local_cluster.py: error: --num_workers={_NUM_WORKERS.value}: must be >= 1',
           file=sys.stderr)
     sys.exit(1)
-  sys.exit(launch(_NUM_WORKERS.value, train_args))
+  try:
+    status = launch(_NUM_WORKERS.value, train_args)
+  except KeyboardInterrupt:
+    print('launch_local_cluster.py: error: interrupted; stopped every worker (rerun the '
+          'same command to resume)', file=sys.stderr)
+    sys.exit(130)
+  sys.exit(status)
 
 
 if __name__ == '__main__':

@@ -49,8 +49,9 @@ _WORKERS = flags.DEFINE_integer('workers', len(os.sched_getaffinity(0)),
 _SKIP_BAD = flags.DEFINE_bool(
     'skip_bad', False, 'Skip unreadable or malformed patches (and ids with no file), '
     'listing each in the manifest, instead of stopping at the first.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False,
-                               'Replace an existing conversion of other inputs or settings.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Replace a finished conversion of other inputs or settings (stale). '
+    'Only a folder holding this tool\'s manifest.json is ever replaced.')
 _CONVERSION_FLAGS = (_SOURCE, _DATA_DIR, _OUT_DIR, _CROP_SIZE, _PER_CLASS, _VAL_FRACTION, _SEED,
                      _GROUPS_CSV, _NUM_SHARDS, _WORKERS, _SKIP_BAD, _OVERWRITE)
 
@@ -88,6 +89,9 @@ def main(argv):
         val_fraction=_VAL_FRACTION.value, seed=_SEED.value, groups=groups,
         num_shards=_NUM_SHARDS.value, workers=_WORKERS.value, skip_bad=_SKIP_BAD.value,
         overwrite=_OVERWRITE.value,
+        # The demo's own output is rebuilt when stale (only a folder with this
+        # tool's manifest is ever replaced); anything else needs --overwrite.
+        replace_stale=_DATA_DIR.value is None and _OUT_DIR.value is None,
         flags={f.name: f.value for f in _CONVERSION_FLAGS} | {
             'data_dir': source.data_dir, 'per_class': per_class, 'out_dir': out_dir})
   except (kaggle.SourceError, convert.ConvertError, tiff.BadImageError,
