@@ -98,9 +98,9 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
   # The pixels, cheaply: the size and modification time of every patch file
   # read, so a rewritten TIFF makes a finished output stale and a resume of
   # old shards impossible (as `make`, rsync and the HDF5 source do).
+  # (The path is already in the digest above; one update per split, not per file.)
   for name in sorted(plan_splits):
-    for _, _, path in plan_splits[name]:
-      digest.update(_file_stamp(path))
+    digest.update(''.join(_file_stamp(path) for _, _, path in plan_splits[name]).encode())
   return {'settings': settings, 'splits': plan_splits, 'num_shards': shard_counts,
           'fingerprint': digest.hexdigest()}
 
@@ -109,8 +109,8 @@ def _file_stamp(path):
   try:
     stat = os.stat(path)
   except OSError:  # Gone since the folder was listed; the shard writer reports it.
-    return f'{path},missing\n'.encode()
-  return f'{path},{stat.st_size},{stat.st_mtime_ns}\n'.encode()
+    return 'missing\n'
+  return f'{stat.st_size},{stat.st_mtime_ns}\n'
 
 
 def count_shards(split_sizes, crop_size, num_shards):
