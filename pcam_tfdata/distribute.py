@@ -166,3 +166,65 @@ def input_context(strategy):
 def strategy_name(strategy):
   return {tf.distribute.MultiWorkerMirroredStrategy: 'multi_worker',
           tf.distribute.MirroredStrategy: 'mirrored'}.get(type(strategy), 'default')
+
+
+SYNC_BATCH_NORM = ('auto', 'on', 'off')
+JIT_COMPILE = ('auto', 'on', 'off')
+
+
+def resolve_sync_batch_norm(mode, num_replicas):
+  """Whether BatchNorm layers reduce their statistics over all replicas.
+
+  `auto`: when more than one replica trains, so that BatchNorm sees the
+  global batch's statistics, as the seed's single device did (and the
+  replicas' moving averages stay equal instead of drifting apart).
+
+  Raises:
+    ValueError: unknown mode.
+  """
+  if mode not in SYNC_BATCH_NORM:
+    raise ValueError(f'--sync_batch_norm={mode}: choose one of {", ".join(SYNC_BATCH_NORM)}')
+  return num_replicas > 1 if mode == 'auto' else mode == 'on'
+
+
+def resolve_jit_compile(mode, strategy):
+  """Whether the training step's forward and backward pass is compiled by XLA.
+
+  `auto` decides as Keras' `fit(jit_compile='auto')` does: on with a GPU, on
+  one replica, without op determinism; off on CPU-only hosts (XLA measured
+  about 0.5x there for the Baseline CNN, BUILD.md).
+
+  Raises:
+    ValueError: unknown mode.
+  """
+  if mode not in JIT_COMPILE:
+    raise ValueError(f'--jit_compile={mode}: choose one of {", ".join(JIT_COMPILE)}')
+  if mode != 'auto':
+    return mode == 'on'
+  from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+  return (bool(tf.config.list_physical_devices('GPU')) and strategy.num_replicas_in_sync == 1
+          and not tf_config.is_op_determinism_enabled())
+
+
+def from_chief(strategy, values):
+  """The chief's `values` (a dict of floats) on every worker.
+
+  Each worker computes its own validation figures; on hosts whose CPUs
+  round differently, or with anything replica-local, they may differ in the
+  last bits, and a decision taken on a near tie (stop? halve the rate? best
+  epoch?) would split the workers: a hang, or weights that drift apart. So
+  every worker takes the chief's (replica 0's) figures, in float64.
+  """
+  if num_workers(strategy) <= 1:
+    return values
+  keys = sorted(values)
+  local = tf.constant([float(values[k]) for k in keys], tf.float64)
+
+  def replica_fn(x):
+    context = tf.distribute.get_replica_context()
+    mine = tf.where(context.replica_id_in_sync_group == 0, x, tf.zeros_like(x))
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
+
+  agreed = strategy.experimental_local_results(
+      tf.function(lambda x: strategy.run(replica_fn, args=(x,)))(local))[0]
+  return dict(zip(keys, (float(v) for v in agreed.numpy())))

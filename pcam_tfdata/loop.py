@@ -47,24 +47,43 @@ class CallbackState:
     return improved, lr
 
 
-def make_train_fn(model, optimizer, strategy, global_batch_size):
+def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=False):
   """A compiled function running `n` training steps from a distributed iterator.
+
+  Args:
+    model, optimizer: built in `strategy.scope()`; the optimizer may be a
+      keras.optimizers.LossScaleOptimizer (float16).
+    strategy: the tf.distribute strategy.
+    global_batch_size: examples per step over all replicas; the loss is
+      divided by it, so that the replicas' summed gradients are the mean.
+    jit_compile: compile each replica's forward and backward pass with XLA
+      (the gradient reduction and the update stay outside, where the
+      strategy's collectives run).
 
   Returns:
     fn(iterator, n) -> (sum of per-example losses, correct predictions), both
     summed over the n steps and all replicas.
   """
   loss_fn = keras.losses.BinaryCrossentropy(reduction=None)
+  loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-  def step(images, labels):
-    labels = tf.reshape(labels, [-1, 1])
+  def forward_backward(images, labels):
     with tf.GradientTape() as tape:
       probs = model(images, training=True)
       per_example = loss_fn(labels, probs)
       # Summed over replicas by the optimizer: divide by the global batch.
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
       scaled = optimizer.scale_loss(loss)  # Loss scaling under float16; else a no-op.
-    grads = tape.gradient(scaled, model.trainable_variables)
+    return probs, per_example, tape.gradient(scaled, model.trainable_variables)
+
+  if jit_compile:
+    forward_backward = tf.function(forward_backward, jit_compile=True)
+
+  def step(images, labels):
+    labels = tf.reshape(labels, [-1, 1])
+    probs, per_example, grads = forward_backward(images, labels)
+    if loss_scaled and strategy.num_replicas_in_sync > 1:
+      grads = _agree_on_finite(grads)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     correct = tf.reduce_sum(tf.cast(tf.equal(tf.cast(probs >= 0.5, tf.float32), labels),
                                     tf.float32))
@@ -83,6 +102,22 @@ def make_train_fn(model, optimizer, strategy, global_batch_size):
     return loss_sum, correct
 
   return train_steps
+
+
+def _agree_on_finite(grads):
+  """Makes every replica's gradients non-finite if any replica's are.
+
+  Keras' LossScaleOptimizer checks each replica's own gradients, before they
+  are summed, and follows the first replica's verdict (or each its own): a
+  NaN on any other replica was applied to the weights for good, and under
+  MultiWorkerMirroredStrategy workers that disagreed hung. One all-reduced
+  count per step makes the verdict global, so every replica skips the step
+  and halves the scale together, or none does.
+  """
+  bad = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in grads])
+  bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad)
+  poison = tf.where(bad > 0, tf.constant(float('nan')), tf.constant(0.0))
+  return [grads[0] + tf.cast(poison, grads[0].dtype), *grads[1:]]
 
 
 class Backup:

@@ -11,15 +11,15 @@ import keras
 MODELS = ('baseline', 'batchnorm')
 
 
-def _block(x, filters, batch_norm, name):
+def _block(x, filters, batch_norm, sync, name):
   x = keras.layers.Conv2D(filters, 3, padding='same', name=f'{name}_conv')(x)
   if batch_norm:
-    x = keras.layers.BatchNormalization(name=f'{name}_bn')(x)
+    x = keras.layers.BatchNormalization(synchronized=sync, name=f'{name}_bn')(x)
   x = keras.layers.ReLU(name=f'{name}_relu')(x)
   return keras.layers.MaxPooling2D(2, name=f'{name}_pool')(x)
 
 
-def build_model(name, input_shape=(32, 32, 3)):
+def build_model(name, input_shape=(32, 32, 3), sync_batch_norm=False):
   """Builds an uncompiled model.
 
   Baseline: conv 32/64/128 (3x3 same, ReLU, 2x2 max pool), flatten, dense 128
@@ -30,6 +30,9 @@ def build_model(name, input_shape=(32, 32, 3)):
   Args:
     name: 'baseline' or 'batchnorm'.
     input_shape: (H, W, 3) of the uint8 images.
+    sync_batch_norm: BatchNorm statistics over the global batch (all
+      replicas, Keras' `synchronized=True`) rather than each replica's part.
+      The same weights; a saved model loads and predicts on one device.
 
   Returns:
     A keras.Model mapping uint8 [B, H, W, 3] to float32 probabilities [B, 1].
@@ -44,11 +47,11 @@ def build_model(name, input_shape=(32, 32, 3)):
   inputs = keras.Input(input_shape, dtype='uint8', name='image')
   x = keras.layers.Rescaling(1.0 / 255, name='scale')(inputs)
   for i, f in enumerate(filters):
-    x = _block(x, f, batch_norm, f'block{i + 1}')
+    x = _block(x, f, batch_norm, sync_batch_norm, f'block{i + 1}')
   x = keras.layers.Flatten(name='flatten')(x)
   x = keras.layers.Dense(dense, name='dense')(x)
   if batch_norm:
-    x = keras.layers.BatchNormalization(name='dense_bn')(x)
+    x = keras.layers.BatchNormalization(synchronized=sync_batch_norm, name='dense_bn')(x)
   x = keras.layers.ReLU(name='dense_relu')(x)
   x = keras.layers.Dropout(dropout, name='dropout')(x)
   outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='probability')(x)

@@ -3,9 +3,9 @@
 Training, in the order of the TF performance guide: list the split's shards ->
 shard them per input pipeline -> read and parse 1024 records at a time into
 one tensor per field holding the whole (per-pipeline) split, once (the cache)
--> per epoch, a fresh permutation cut into batches that are gathered from it
--> augment each batch with static flips and transposes on eighths of it ->
-prefetch.
+-> per epoch, a permutation (from the seed and the epoch number) cut into
+batches that are gathered from it -> a dihedral transform per image, applied
+as static flips and transposes to the groups that drew each one -> prefetch.
 
 Why the cache holds one tensor: a per-example cache -> shuffle -> batch chain
 pays tf.data's per-element cost on every image and tops out at 140-170k
@@ -20,6 +20,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from pcam_tfdata import augment as augment_lib
 from pcam_tfdata import schema
 
 _PARSE_BATCH = 1024  # Records parsed per op; also the eval cache's element size.
@@ -47,67 +48,6 @@ def parse_batch(serialized, image_shape, with_ids=False):
   if with_ids:
     return images, labels, features[schema.ID_KEY]
   return images, labels
-
-
-def dihedral_permutations(size):
-  """[8, size*size] int32: pixel index maps of the 8 symmetries of a square.
-
-  Row t sends output pixel p to input pixel table[t, p]: transforms 0-3 rotate
-  by 0/90/180/270 degrees counterclockwise (`np.rot90`), 4-7 do the same after
-  a left-right flip. The reference that `dihedral_transform` is tested against.
-  """
-  grid = np.arange(size * size, dtype=np.int32).reshape(size, size)
-  table = [np.rot90(g, k).reshape(-1) for g in (grid, grid[:, ::-1]) for k in range(4)]
-  return np.stack(table)
-
-
-_transpose = lambda x: tf.transpose(x, [0, 2, 1, 3])
-_flip_rows = lambda x: tf.reverse(x, [1])
-_flip_cols = lambda x: tf.reverse(x, [2])
-_flip_both = lambda x: tf.reverse(x, [1, 2])
-# Each transform in the fewest whole-batch ops (row flips are the cheap ones).
-_DIHEDRAL = (
-    lambda x: x,
-    lambda x: _flip_rows(_transpose(x)),  # rot90
-    _flip_both,  # rot180
-    lambda x: _flip_cols(_transpose(x)),  # rot270
-    _flip_cols,  # flip
-    _transpose,  # rot90 of flip
-    _flip_rows,  # rot180 of flip
-    lambda x: _flip_both(_transpose(x)),  # rot270 of flip
-)
-
-
-def dihedral_transform(images, k):
-  """Applies dihedral transform k (0..7, see `dihedral_permutations`) to a batch.
-
-  Args:
-    images: [B, S, S, C] tensor.
-    k: Python int in 0..7, the same for the whole batch (e.g. each pass of
-      test-time augmentation).
-  """
-  return _DIHEDRAL[k](images)
-
-
-def dihedral_by_position(images):
-  """A random-looking dihedral transform per image, at the cost of static ops.
-
-  Position i of a batch of B gets transform 8 * i // B: a per-image choice
-  with exactly B/8 images per transform (as a stratified draw). The batch must
-  come in a random order, as the training batches do (a fresh permutation of
-  the split each epoch), so each image's transform is uniform over the 8 and
-  new every epoch. Static transforms on eight slices cost about half of one
-  per-pixel gather with a transform index per image, which is what kept
-  augmented batches of 256 below 150k images/s on 2 cores.
-
-  Args:
-    images: [B, S, S, C] tensor with a static batch size.
-  """
-  size = images.shape[0]
-  if size is None:
-    raise ValueError('dihedral_by_position needs a static batch size')
-  bounds = [-(-size * k // 8) for k in range(9)]  # Position i gets 8 * i // size.
-  return tf.concat([_DIHEDRAL[k](images[bounds[k]:bounds[k + 1]]) for k in range(8)], 0)
 
 
 def _options(deterministic, holds_split=False):
@@ -207,7 +147,7 @@ def steps_per_epoch(manifest, split, batch_size, num_input_pipelines=1):
 
 
 def make_dataset(records_dir, split, *, batch_size, training, cache=True, augment=None,
-                 seed=None, input_context=None, with_ids=False):
+                 seed=None, input_context=None, with_ids=False, first_epoch=1, num_epochs=1):
   """Builds the input pipeline of one split.
 
   Args:
@@ -219,18 +159,21 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
     cache: training: read the split into memory once, here, at about 1x its
       bytes (else re-read it every epoch); evaluation: keep parsed batches
       after the first pass.
-    augment: True or 'dihedral' for a random flip/rotation per image
-      (training only); None or False for none.
-    seed: makes training order and augmentation reproducible (and interleave
-      deterministic); None draws new ones each run. Every iteration of the
-      returned dataset is one epoch in a new order either way.
+    augment: True or 'dihedral' for a flip/rotation per image, uniform over
+      the 8 and independent (training only); None or False for none.
+    seed: training: epoch e's order and augmentation derive from (seed, e,
+      input pipeline) alone, so a run resumed at epoch e sees what the
+      uninterrupted run saw. None: a fresh base seed each iteration.
     input_context: tf.distribute.InputContext; each pipeline reads its own
       subset of the shard files.
     with_ids: yield (images, labels, ids) instead of (images, labels).
+    first_epoch: training: the number of the first epoch yielded (1-based).
+    num_epochs: training: epochs yielded per iteration, one after the other
+      (None: endless).
 
   Returns:
     A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches (plus
-    string ids [B]). Iterating it once is one epoch.
+    string ids [B]). Training: `num_epochs` epochs of steps_per_epoch batches.
 
   Raises:
     schema.ManifestError: no manifest, or no such split.
@@ -240,6 +183,8 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
     raise ValueError(f'batch_size={batch_size}: must be >= 1')
   if augment not in (None, False, True, 'dihedral'):
     raise ValueError(f'augment={augment!r}: use None, False, True or "dihedral"')
+  if first_epoch < 1 or (num_epochs is not None and num_epochs < 1):
+    raise ValueError(f'first_epoch={first_epoch}, num_epochs={num_epochs}: must be >= 1')
   manifest = schema.load_manifest(records_dir)
   schema.shard_paths(records_dir, manifest, split)  # Raises for an unknown split.
   image_shape = tuple(manifest['image_shape'])
@@ -250,7 +195,9 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
   if count < batch_size:
     raise ValueError(f'{records_dir}: split {split!r} holds {count} examples for this input '
                      f'pipeline, fewer than one batch of {batch_size}')
-  return _train_dataset(paths, count, batch_size, parse, cache, bool(augment), seed)
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+  return _train_dataset(paths, count, batch_size, parse, cache, bool(augment), seed,
+                        pipeline_id, first_epoch, num_epochs)
 
 
 def _eval_dataset(paths, count, batch_size, parse, cache):
@@ -265,16 +212,41 @@ def _eval_dataset(paths, count, batch_size, parse, cache):
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic=True))
 
 
-def _train_dataset(paths, count, batch_size, parse, cache, augment, seed):
+def epoch_keys(base, epoch, pipeline_id):
+  """Stateless seeds (order, augmentation), [2] int64 each, of one epoch of one pipeline.
+
+  A pure function of its arguments: nothing carries over from the epochs
+  before, so a restarted process computes epoch e's keys as the first did.
+  """
+  key = tf.random.experimental.stateless_fold_in(
+      tf.stack([tf.cast(base, tf.int64), tf.cast(epoch, tf.int64)]), pipeline_id)
+  order_key, augment_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  return order_key, augment_key
+
+
+def _gather_augmented(images, batch_index, seed):
+  """images[batch_index], each with a dihedral transform drawn from `seed`.
+
+  The images are gathered already grouped by transform, so the grouping
+  costs no copy of its own. (tools/bench_input.py swaps this function to
+  compare augmentation methods inside the same pipeline.)
+  """
+  order, bounds = augment_lib.draw_dihedral(tf.shape(batch_index)[0], seed)
+  grouped = tf.gather(images, tf.gather(batch_index, order))
+  return augment_lib.apply_dihedral(grouped, order, bounds)
+
+
+def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeline_id,
+                   first_epoch, num_epochs):
   deterministic = seed is not None
   if cache:
     # The whole split as one element: one tensor per field, [count, ...],
     # read once, here. An epoch is then a gather by index.
     whole = tf.data.Dataset.from_tensors(load_split(paths, count, parse))
-  else:  # Re-read each epoch, the files in a new order.
-    files = tf.data.Dataset.from_tensor_slices(paths).shuffle(
-        len(paths), seed=seed, reshuffle_each_iteration=True)
-    records = files.interleave(
+  else:
+    # Re-read each epoch, in manifest order (interleaved; in a fixed order
+    # when seeded): the permutation below shuffles the whole split anyway.
+    records = tf.data.Dataset.from_tensor_slices(paths).interleave(
         lambda f: tf.data.TFRecordDataset(f), cycle_length=min(len(paths), 8),
         block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     chunks = records.batch(_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
@@ -284,29 +256,42 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed):
 
   steps = count // batch_size  # drop_remainder: static shapes, equal steps.
 
-  def epoch(seed_pair, fields):
-    # A new permutation of the whole split each epoch, from one stateless seed
-    # per epoch; it also decides each image's augmentation (by position).
-    order = tf.random.experimental.stateless_shuffle(tf.range(count),
-                                                     seed=tf.cast(seed_pair, tf.int32))
+  def epoch(base_and_number, fields):
+    order_key, augment_key = epoch_keys(*base_and_number, pipeline_id)
+    # A new permutation of the whole split each epoch, from that epoch's key.
+    order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=order_key)
     index = tf.reshape(order[:steps * batch_size], [steps, batch_size])
     # `fields` repeats by reference, not by copy: each batch sees the split.
-    return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(index),
-                               tf.data.Dataset.from_tensors(fields).repeat())
+    return tf.data.Dataset.zip(
+        tf.data.Dataset.from_tensor_slices((index, tf.range(steps))),
+        tf.data.Dataset.from_tensors((augment_key, fields)).repeat())
 
-  def gather(batch_index, fields):
-    batch = tuple(tf.gather(f, batch_index) for f in fields)
+  def gather(step, key_and_fields):
+    batch_index, step_number = step
+    augment_key, fields = key_and_fields
+    images, *rest = fields
     if augment:
-      batch = (dihedral_by_position(batch[0]),) + batch[1:]
-    return batch
+      # Each step's draw from (epoch key, step): parallel and reproducible.
+      images = _gather_augmented(images, batch_index,
+                                 tf.random.experimental.stateless_fold_in(augment_key, step_number))
+    else:
+      images = tf.gather(images, batch_index)
+    return (images, *(tf.gather(f, batch_index) for f in rest))
 
-  # One element per iteration: a fresh (or, with `seed`, reproducible) seed
-  # pair for each epoch.
-  seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2).take(1)
-  ds = tf.data.Dataset.zip(seeds, whole).flat_map(epoch)
+  # One base seed per iteration (the given one, or a fresh draw), then the
+  # epoch numbers: (base, e) decides everything random in epoch e.
+  if seed is None:
+    bases = tf.data.Dataset.random(rerandomize_each_iteration=True).take(1)
+  else:
+    bases = tf.data.Dataset.from_tensors(tf.constant(seed, tf.int64))
+  numbers = (tf.data.Dataset.counter(first_epoch) if num_epochs is None
+             else tf.data.Dataset.range(first_epoch, first_epoch + num_epochs))
+  epochs = bases.flat_map(lambda base: numbers.map(lambda e: (base, e)))
+  ds = tf.data.Dataset.zip(epochs, whole.repeat()).flat_map(epoch)
   # Outside the flat_map, so that batches are gathered on all cores at once.
   ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-  ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
+  ds = ds.apply(tf.data.experimental.assert_cardinality(
+      tf.data.INFINITE_CARDINALITY if num_epochs is None else steps * num_epochs))
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic, holds_split=cache))
 
 
@@ -336,8 +321,12 @@ def make_streaming_dataset(records_dir, split, *, batch_size, augment=None, seed
                                   num_parallel_calls=tf.data.AUTOTUNE).unbatch()
   ds = ds.shuffle(_SERVICE_SHUFFLE_BUFFER, seed=seed).batch(batch_size, drop_remainder=True)
   if augment:
-    ds = ds.map(lambda images, *rest: (dihedral_by_position(images), *rest),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    # A stateless seed per batch: (seed, batch number), or random pairs.
+    keys = (tf.data.Dataset.random().batch(2) if seed is None else
+            tf.data.Dataset.counter().map(lambda i: tf.stack([tf.constant(seed, tf.int64), i])))
+    ds = tf.data.Dataset.zip(ds, keys).map(
+        lambda batch, key: (augment_lib.random_dihedral(batch[0], key), *batch[1:]),
+        num_parallel_calls=tf.data.AUTOTUNE)
   return ds
 
 

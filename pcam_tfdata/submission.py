@@ -33,7 +33,7 @@ def predict_test(model, records_dir, batch_size=128, tta=False, show_progress=Fa
 
   @tf.function(reduce_retracing=True)
   def forward(images):
-    outs = [model(pipeline.dihedral_transform(images, k), training=False) for k in transforms]
+    outs = [model(augment.dihedral_transform(images, k), training=False) for k in transforms]
     return tf.reshape(tf.reduce_mean(tf.stack(outs), 0), [-1])
 
   ids, probs = [], []

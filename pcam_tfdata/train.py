@@ -32,8 +32,17 @@ _STRATEGY = flags.DEFINE_enum('strategy', 'auto', ['auto', 'default', 'mirrored'
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     'num_cpu_devices', 1, 'Split the CPU into this many logical devices (MirroredStrategy '
     'without GPUs).')
-_AUGMENT = flags.DEFINE_bool('augment', False, 'Random dihedral flips and rotations.')
-_SEED = flags.DEFINE_integer('seed', None, 'Seed of weights, data order and augmentation.')
+_SYNC_BATCH_NORM = flags.DEFINE_enum(
+    'sync_batch_norm', 'auto', ['auto', 'on', 'off'],
+    'BatchNorm statistics over the global batch; auto: on when more than one replica trains.')
+_JIT_COMPILE = flags.DEFINE_enum(
+    'jit_compile', 'auto', ['auto', 'on', 'off'],
+    "XLA for the training step's forward and backward pass; auto: as Keras decides "
+    '(on with one GPU, off on CPU hosts and under op determinism).')
+_AUGMENT = flags.DEFINE_bool('augment', False, 'A random dihedral flip/rotation per image.')
+_SEED = flags.DEFINE_integer(
+    'seed', None, 'Seed of weights, data order, augmentation and dropout: a rerun, or a '
+    'resumed run, ends with bit-identical weights (turns on TF op determinism).')
 _STEPS_PER_EXECUTION = flags.DEFINE_integer('steps_per_execution', 1,
                                             'Training steps per compiled call.')
 _EARLY_STOPPING_PATIENCE = flags.DEFINE_integer(
@@ -64,6 +73,8 @@ class Config:
   mixed_precision: str = 'auto'
   strategy: str = 'auto'
   num_cpu_devices: int = 1
+  sync_batch_norm: str = 'auto'
+  jit_compile: str = 'auto'
   augment: bool = False
   seed: int | None = None
   steps_per_execution: int = 1
@@ -89,6 +100,10 @@ def check_config(config):
        f'--early_stopping_patience={config.early_stopping_patience}: must be >= 1'),
       (config.reduce_lr_patience >= 1,
        f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
+      (config.sync_batch_norm in ('auto', 'on', 'off'),
+       f'--sync_batch_norm={config.sync_batch_norm}: choose one of auto, on, off'),
+      (config.jit_compile in ('auto', 'on', 'off'),
+       f'--jit_compile={config.jit_compile}: choose one of auto, on, off'),
       (not config.data_service_address or config.data_service_address.startswith('grpc://'),
        f'--data_service_address={config.data_service_address}: expected grpc://host:port'),
   ]
@@ -103,9 +118,10 @@ def run(config, strategy=None, datasets=None):
   Args:
     config: a Config.
     strategy: a tf.distribute strategy to use instead of building one.
-    datasets: optional {'train': fn(input_context) -> dataset, 'val': dataset,
-      'train_eval': dataset} replacing the record pipelines (eval datasets
-      yield (images, labels, ids)).
+    datasets: optional {'train': fn(input_context, first_epoch) -> dataset of
+      the epochs from first_epoch to config.epochs, one after the other,
+      'val': dataset, 'train_eval': dataset} replacing the record pipelines
+      (eval datasets yield (images, labels, ids)).
 
   Returns:
     The metrics dict written to metrics.json (on the chief; {} elsewhere).
@@ -132,7 +148,8 @@ def _config_from_flags():
       records_dir=_RECORDS_DIR.value, model_dir=_MODEL_DIR.value, model=_MODEL.value,
       epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
       mixed_precision=_MIXED_PRECISION.value, strategy=_STRATEGY.value,
-      num_cpu_devices=_NUM_CPU_DEVICES.value, augment=_AUGMENT.value, seed=_SEED.value,
+      num_cpu_devices=_NUM_CPU_DEVICES.value, sync_batch_norm=_SYNC_BATCH_NORM.value,
+      jit_compile=_JIT_COMPILE.value, augment=_AUGMENT.value, seed=_SEED.value,
       steps_per_execution=_STEPS_PER_EXECUTION.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,
       reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile,

@@ -24,17 +24,20 @@ _HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_acc
 
 
 def _datasets(config, manifest, global_batch):
-  """The distributed training dataset and the two evaluation datasets."""
-  def train_fn(context):
+  """The training dataset function and the two evaluation datasets."""
+  def train_fn(context, first_epoch):
     batch_size = context.get_per_replica_batch_size(global_batch)
     if config.data_service_address:
       # Endless, so that every trainer (sharing the job) can take its steps.
       return pipeline.make_service_dataset(
           config.records_dir, 'train', config.data_service_address, batch_size=batch_size,
           augment=config.augment, seed=config.seed, repeat=True)
+    # Every remaining epoch, each from (seed, epoch number): a resumed run
+    # sees the batches the uninterrupted one would have.
     return pipeline.make_dataset(
         config.records_dir, 'train', batch_size=batch_size, training=True,
-        augment=config.augment, seed=config.seed, input_context=context)
+        augment=config.augment, seed=config.seed, input_context=context,
+        first_epoch=first_epoch, num_epochs=config.epochs - first_epoch + 1)
   evaluation = lambda split, cache: pipeline.make_dataset(
       config.records_dir, split, batch_size=config.eval_batch_size, training=False,
       cache=cache, with_ids=True)
@@ -82,6 +85,9 @@ def _train_and_evaluate(config, strategy, datasets):
           flush=True)
   if config.seed is not None:
     keras.utils.set_random_seed(config.seed)  # Same initial weights on every worker.
+    # Bit-exact reruns and resumes: the kernels too (a no-op for most CPU
+    # kernels; GPU convolutions and reductions pick deterministic forms).
+    tf.config.experimental.enable_op_determinism()
   replicas = strategy.num_replicas_in_sync
   if config.batch_size % replicas:
     raise ValueError(f'--batch_size={config.batch_size} is not divisible by the '
@@ -98,31 +104,38 @@ def _train_and_evaluate(config, strategy, datasets):
     context = distribute.input_context(strategy)
     print(f'input pipeline {context.input_pipeline_id} of {pipelines}: {steps} steps of '
           f'{config.batch_size // pipelines} per epoch', flush=True)
-  if replicas == pipelines:
-    # One replica per input pipeline (the default strategy, or one device per
-    # worker): the worker's own dataset feeds `strategy.run` directly. A
-    # distributed iterator adds nothing here, and on a 2-core host it kept the
-    # main thread busy beside TF's compute threads: every step 1.8x slower,
-    # and 2.4 s per epoch to create it under MultiWorkerMirroredStrategy
-    # (BUILD.md, "Several hosts").
-    train_ds = datasets['train'](distribute.input_context(strategy))
-  else:
-    train_ds = strategy.distribute_datasets_from_function(datasets['train'])
+  sync_bn = distribute.resolve_sync_batch_norm(config.sync_batch_norm, replicas)
+  jit = distribute.resolve_jit_compile(config.jit_compile, strategy)
 
   model_dir = config.model_dir
   os.makedirs(model_dir, exist_ok=True)
   with strategy.scope():
-    model = models.build_model(config.model, tuple(manifest['image_shape']))
+    model = models.build_model(config.model, tuple(manifest['image_shape']),
+                               sync_batch_norm=sync_bn)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     if policy == 'mixed_float16':
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
-  train_steps = loop.make_train_fn(model, optimizer, strategy, config.batch_size)
+  train_steps = loop.make_train_fn(model, optimizer, strategy, config.batch_size,
+                                   jit_compile=jit)
   predict_fn = evaluate.make_predict_fn(model)
   task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0
   backup = loop.Backup(model_dir, model, optimizer, chief, task_id)
 
   last_epoch, saved = backup.restore()
+  train_ds = None
+  if last_epoch < config.epochs:
+    first_epoch = last_epoch + 1
+    if replicas == pipelines:
+      # One replica per input pipeline (the default strategy, or one device
+      # per worker): the worker's own dataset feeds `strategy.run` directly.
+      # A distributed iterator adds nothing here, and on a 2-core host it kept
+      # the main thread busy beside TF's compute threads: every step 1.8x
+      # slower under MultiWorkerMirroredStrategy (BUILD.md, "Several hosts").
+      train_ds = datasets['train'](distribute.input_context(strategy), first_epoch)
+    else:
+      train_ds = strategy.distribute_datasets_from_function(
+          lambda context: datasets['train'](context, first_epoch))
   state = loop.CallbackState(**saved['callbacks']) if saved else loop.CallbackState()
   learning_rate = saved['learning_rate'] if saved else config.learning_rate
   optimizer.learning_rate.assign(learning_rate)
@@ -147,15 +160,14 @@ def _train_and_evaluate(config, strategy, datasets):
   best_weights = None
 
   finished = last_epoch
-  # The service stream is endless and shared: one iterator for the whole run.
-  # The local pipeline gives each new iterator an epoch in a new order.
-  iterator = iter(train_ds) if config.data_service_address else None
+  # One iterator for the whole run: the local pipeline yields the remaining
+  # epochs one after the other (and prefetches across their boundaries); the
+  # service stream is endless and shared.
+  iterator = iter(train_ds) if train_ds is not None else None
   for epoch in range(last_epoch + 1, config.epochs + 1):
     if state.stopped_early:  # Restored from a run that had stopped.
       break
     epoch_start = time.time()
-    if not config.data_service_address:
-      iterator = iter(train_ds)
     loss_sum = correct = 0.0
     done = 0
     bar = progress.Progress(steps, f'epoch {epoch}/{config.epochs}',
@@ -177,7 +189,9 @@ def _train_and_evaluate(config, strategy, datasets):
     seen = steps * config.batch_size
     train_seconds = time.time() - epoch_start
     probs, labels, _ = evaluate.predict(predict_fn, datasets['val'])
-    val = evaluate.binary_metrics(labels, probs)
+    # Early stopping, LR reduction and the best epoch must be decided alike
+    # on every worker: all take the chief's figures.
+    val = distribute.from_chief(strategy, evaluate.binary_metrics(labels, probs))
     improved, new_lr = state.update(
         epoch, val['auc'], early_stopping_patience=config.early_stopping_patience,
         reduce_lr_patience=config.reduce_lr_patience, lr=learning_rate)
@@ -266,6 +280,7 @@ def _final_evaluation(config, model, predict_fn, datasets, state, strategy, poli
       'num_replicas_in_sync': strategy.num_replicas_in_sync,
       'precision_policy': policy,
       'global_batch_size': config.batch_size,
+      'sync_batch_norm': any(getattr(l, 'synchronized', False) for l in model.layers),
       'records_dir': os.path.abspath(config.records_dir),
       'seconds': round(seconds, 1),
   })

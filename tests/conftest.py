@@ -30,6 +30,17 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope='session')
+def mirrored():
+  """One MirroredStrategy over the two logical CPUs for the whole session.
+
+  A second strategy in the same process would reuse the first one's collective
+  instance keys (and fail with a shape mismatch); a real run has one.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+
+
+@pytest.fixture(scope='session')
 def kaggle_dir(tmp_path_factory):
   """A read-only tiny Kaggle folder: 60 labelled patches (24 positive), 10 test."""
   path = tmp_path_factory.mktemp('kaggle') / 'pcam'

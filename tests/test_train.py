@@ -32,16 +32,6 @@ def float32_policy():
 
 
 @pytest.fixture(scope='module')
-def mirrored():
-  """One MirroredStrategy over the two logical CPUs for the whole module.
-
-  A second strategy in the same process would reuse the first one's collective
-  instance keys (and fail with a shape mismatch); a real run has one.
-  """
-  return tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
-
-
-@pytest.fixture(scope='module')
 def learnable_records(tmp_path_factory):
   """400 synthetic patches: enough for a model to learn the center cluster."""
   base = tmp_path_factory.mktemp('learnable')
@@ -262,7 +252,7 @@ def _linear_model(seed=0):
 def _expected_probability(weights, image, tta):
   """The linear model's probability for one uint8 crop, computed in NumPy."""
   kernel, bias = weights
-  table = pipeline.dihedral_permutations(32)  # np.rot90-built, independent of the TF code.
+  table = augment.dihedral_permutations(32)  # np.rot90-built, independent of the TF code.
   views = [image.reshape(-1, 3)[table[k]].reshape(32, 32, 3) for k in (range(8) if tta else [0])]
   logits = [v.reshape(-1).astype(np.float64) / 255 @ kernel[:, 0] + bias[0] for v in views]
   return float(np.mean([1 / (1 + np.exp(-z)) for z in logits]))

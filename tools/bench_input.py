@@ -9,7 +9,9 @@ over the dataset, on the same examples:
 
   * pipeline: `pcam_tfdata.pipeline.make_dataset` on the train split, cached
     steady state and first epoch, batch 64 and 256, with and without
-    augmentation;
+    augmentation; and, in the same pipeline, the by-position augmentation it
+    replaced (position i of B got transform 8i/B: uniform only when B/8 is a
+    whole number, never a 90-degree rotation at B = 4);
   * seed-style loader: Keras' legacy ImageDataGenerator.flow_from_dataframe
     over the train TIFFs, then the center crop (as the seed fed its models);
   * TFDS-style reader: 96x96 PNG-encoded records decoded and cropped per
@@ -66,6 +68,29 @@ def _epoch_rate(ds, batch_size):
   for _ in ds:
     steps += 1
   return steps * batch_size / (time.perf_counter() - start)
+
+
+def _dihedral_by_position(images):
+  """The augmentation before issue 11: eight static slices, transform 8i//B at position i."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import augment  # pylint: disable=g-import-not-at-top
+  size = images.shape[0]
+  bounds = [-(-size * k // 8) for k in range(9)]
+  return tf.concat([augment.dihedral_transform(images[bounds[k]:bounds[k + 1]], k)
+                    for k in range(8)], 0)
+
+
+def by_position_rate(records_dir, batch_size, epochs):
+  """The pipeline with its augmentation swapped for the by-position one."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
+  uniform = pipeline._gather_augmented  # pylint: disable=protected-access
+  pipeline._gather_augmented = lambda images, index, seed: _dihedral_by_position(  # pylint: disable=protected-access
+      tf.ensure_shape(tf.gather(images, index), [batch_size, *images.shape[1:]]))
+  try:
+    return pipeline_rates(records_dir, batch_size, True, epochs)[1]
+  finally:
+    pipeline._gather_augmented = uniform  # pylint: disable=protected-access
 
 
 def pipeline_rates(records_dir, batch_size, augment, epochs):
@@ -217,6 +242,9 @@ def main(argv):
       results[f'{name}: cached'] = steady
       if not augment:
         results[f'{name}: first epoch from disk'] = first
+      else:
+        results[f'pipeline, batch {batch_size}, by-position augmentation (before): cached'] = (
+            by_position_rate(_RECORDS_DIR.value, batch_size, epochs))
     results[f'tf.data ceiling (batch {batch_size})'] = ceiling_rate(
         batch_size, shape, count // batch_size, epochs)
   results['memory-copy floor (NumPy)'] = memcpy_rate(count, shape, epochs)

@@ -1,0 +1,114 @@
+"""Augmentations: pure functions of a batch (and a stateless seed), vectorized.
+
+A patch's label is about its centre, and tissue has no orientation, so each
+of the 8 symmetries of the square (the dihedral group: 4 rotations, each with
+or without a flip) gives an equally valid training image.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+NUM_DIHEDRAL = 8
+
+
+def dihedral_permutations(size):
+  """[8, size*size] int32: pixel index maps of the 8 symmetries of a square.
+
+  Row t sends output pixel p to input pixel table[t, p]: transforms 0-3 rotate
+  by 0/90/180/270 degrees counterclockwise (`np.rot90`), 4-7 do the same after
+  a left-right flip. The reference that `dihedral_transform` is tested against.
+  """
+  grid = np.arange(size * size, dtype=np.int32).reshape(size, size)
+  table = [np.rot90(g, k).reshape(-1) for g in (grid, grid[:, ::-1]) for k in range(4)]
+  return np.stack(table)
+
+
+_transpose = lambda x: tf.transpose(x, [0, 2, 1, 3])
+_flip_rows = lambda x: tf.reverse(x, [1])
+_flip_cols = lambda x: tf.reverse(x, [2])
+_flip_both = lambda x: tf.reverse(x, [1, 2])
+# Each transform in the fewest whole-batch ops (row flips are the cheap ones).
+_DIHEDRAL = (
+    lambda x: x,
+    lambda x: _flip_rows(_transpose(x)),  # rot90
+    _flip_both,  # rot180
+    lambda x: _flip_cols(_transpose(x)),  # rot270
+    _flip_cols,  # flip
+    _transpose,  # rot90 of flip
+    _flip_rows,  # rot180 of flip
+    lambda x: _flip_both(_transpose(x)),  # rot270 of flip
+)
+
+
+def dihedral_transform(images, k):
+  """Applies dihedral transform k (0..7, see `dihedral_permutations`) to a batch.
+
+  Args:
+    images: [B, S, S, C] tensor.
+    k: Python int in 0..7, the same for the whole batch (e.g. each pass of
+      test-time augmentation).
+  """
+  return _DIHEDRAL[k](images)
+
+
+def draw_dihedral(batch_size, seed):
+  """Draws a transform per batch position, uniform over the 8 and independent.
+
+  The images are then transformed in groups, one per transform, each group
+  with a few static whole-slice ops (`apply_dihedral`): the draw decides the
+  group sizes, so every batch size (even 1 or 4) draws from all 8, unlike a
+  fixed B/8 images per transform.
+
+  Args:
+    batch_size: images in the batch (a Python int or scalar tensor).
+    seed: [2] int tensor, a stateless seed (`tf.random.stateless_*`).
+
+  Returns:
+    (order, bounds): `order` [batch_size] int32 lists the positions grouped by
+    transform; positions order[bounds[k]:bounds[k+1]] get transform k.
+    `bounds` is [9] int32.
+  """
+  k = tf.random.stateless_uniform([batch_size], seed, minval=0, maxval=NUM_DIHEDRAL,
+                                  dtype=tf.int32)
+  order = tf.argsort(k, stable=True)
+  counts = tf.math.bincount(k, minlength=NUM_DIHEDRAL, maxlength=NUM_DIHEDRAL)
+  bounds = tf.concat([[0], tf.cumsum(counts)], 0)
+  return order, bounds
+
+
+def apply_dihedral(grouped, order, bounds):
+  """Transforms images grouped by `draw_dihedral` and puts each back in its position.
+
+  Args:
+    grouped: [B, S, S, C], the batch's images in `order` (images[order]); the
+      training pipeline gathers them so from the cached split directly.
+    order, bounds: from `draw_dihedral`.
+
+  Returns:
+    [B, S, S, C]: position order[j] holds image j with its transform. One
+    stitch puts the groups back in place (no more copies than a concat):
+    a position's transform is independent of where it sits in the batch, so
+    the replicas that split the batch see the same mix.
+  """
+  positions, parts = [], []
+  for k in range(NUM_DIHEDRAL):
+    positions.append(order[bounds[k]:bounds[k + 1]])
+    parts.append(_DIHEDRAL[k](grouped[bounds[k]:bounds[k + 1]]))
+  out = tf.dynamic_stitch(positions, parts)
+  out.set_shape(grouped.shape)  # Dynamic slices lose the static batch size.
+  return out
+
+
+def random_dihedral(images, seed):
+  """A uniform, independent dihedral transform for each image of a batch.
+
+  Args:
+    images: [B, S, S, C].
+    seed: [2] int stateless seed; the same seed gives the same transforms.
+
+  Returns:
+    [B, S, S, C]: image i transformed, still at position i (labels and ids
+    need no change).
+  """
+  order, bounds = draw_dihedral(tf.shape(images)[0], seed)
+  return apply_dihedral(tf.gather(images, order), order, bounds)

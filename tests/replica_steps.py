@@ -1,0 +1,95 @@
+"""A few training steps of one model on fixed global batches, under any strategy.
+
+Shared by tests/test_loop.py (in process, on 2 logical CPUs) and by the
+MultiWorkerMirroredStrategy workers it starts (`python tests/replica_steps.py`).
+"""
+
+import json
+import os
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pcam_tfdata import loop
+from pcam_tfdata import models
+
+SHAPE = (16, 16, 3)
+GLOBAL_BATCH = 8
+STEPS = 3
+
+
+def data(seed=0, nan_in=None):
+  """STEPS global batches; nan_in=(lo, hi) puts NaN labels in [lo, hi) of the first batch."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (STEPS * GLOBAL_BATCH, *SHAPE), dtype=np.uint8)
+  labels = rng.integers(0, 2, STEPS * GLOBAL_BATCH).astype(np.float32)
+  if nan_in:
+    labels[nan_in[0]:nan_in[1]] = np.nan  # A NaN loss there: non-finite gradients.
+  return images, labels
+
+
+def initial_weights(name):
+  keras.utils.set_random_seed(0)
+  return models.build_model(name, SHAPE).get_weights()
+
+
+def train(name, strategy, images, labels, *, policy='float32', sync=False, jit=False,
+          worker=None, steps=STEPS, learning_rate=0.05):
+  """Trains from `initial_weights(name)` with SGD and no dropout.
+
+  Args:
+    worker: (index, count) when this process is one of `count` workers that
+      each feed their own slice of every global batch; else the strategy
+      splits each global batch over its replicas.
+
+  Returns:
+    ([weights of each replica, as lists of arrays], [loss scale of each replica] or None).
+  """
+  start = initial_weights(name)
+  keras.mixed_precision.set_global_policy(policy)
+  try:
+    with strategy.scope():
+      model = models.build_model(name, SHAPE, sync_batch_norm=sync)
+      model.get_layer('dropout').rate = 0.0  # Equal numbers need equal (no) dropout.
+      model.set_weights(start)
+      optimizer = keras.optimizers.SGD(learning_rate)
+      if policy == 'mixed_float16':
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+      optimizer.build(model.trainable_variables)
+    train_steps = loop.make_train_fn(model, optimizer, strategy, GLOBAL_BATCH, jit_compile=jit)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(GLOBAL_BATCH)
+    if worker:
+      index, count = worker
+      part = GLOBAL_BATCH // count
+      ds = ds.map(lambda x, y: (x[index * part:(index + 1) * part],
+                                y[index * part:(index + 1) * part]))
+    elif strategy.num_replicas_in_sync > 1:
+      ds = strategy.experimental_distribute_dataset(ds)
+    train_steps(iter(ds), tf.constant(steps))
+    per_replica = [[strategy.experimental_local_results(v.value)[r].numpy() for v in model.weights]
+                   for r in range(len(strategy.experimental_local_results(model.weights[0].value)))]
+    scales = None
+    if policy == 'mixed_float16':
+      scales = [float(s) for s in strategy.experimental_local_results(optimizer.dynamic_scale.value)]
+    return per_replica, scales
+  finally:
+    keras.mixed_precision.set_global_policy('float32')
+
+
+def _worker_main(out_path, case):
+  """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the test)."""
+  strategy = tf.distribute.MultiWorkerMirroredStrategy()
+  index = strategy.cluster_resolver.task_id
+  images, labels = data(nan_in=case.get('nan_in'))
+  weights, scales = train(case['model'], strategy, images, labels, policy=case['policy'],
+                          sync=case['sync'], worker=(index, 2), steps=case['steps'])
+  np.savez(f'{out_path}.tmp.npz', *weights[0])
+  os.replace(f'{out_path}.tmp.npz', f'{out_path}')
+  with open(f'{out_path}.json', 'w') as f:
+    json.dump({'scales': scales}, f)
+
+
+if __name__ == '__main__':
+  _worker_main(sys.argv[1], json.loads(sys.argv[2]))
