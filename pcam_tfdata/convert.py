@@ -228,13 +228,31 @@ def check_paths(data_dir, out_dir):
                      'need a folder of their own, apart from the input')
 
 
-def _is_our_output(out_dir):
-  """True for a folder holding a manifest this tool wrote (format and fingerprint)."""
+def _read_own_manifest(out_dir):
+  """This tool's manifest.json in `out_dir` (parsed alone), or None.
+
+  Only the JSON is read, not the shards it lists: a conversion with a shard
+  deleted or damaged is still this tool's, and --overwrite may rebuild it.
+  """
   try:
-    manifest = schema.load_manifest(out_dir)
-  except schema.ManifestError:
-    return False
-  return bool(manifest.get('fingerprint'))
+    with open(os.path.join(out_dir, schema.MANIFEST_NAME)) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(manifest, dict) or not manifest.get('fingerprint') or not isinstance(
+      manifest.get('splits'), dict):
+    return None
+  return manifest
+
+
+def _foreign_entries(out_dir, manifest):
+  """Entries of `out_dir` that this tool did not write: they forbid replacing it."""
+  ours = {schema.MANIFEST_NAME}
+  for info in manifest['splits'].values():
+    ours.update(s.get('file') for s in info.get('shards', ()) if isinstance(s, dict))
+  return sorted(e for e in os.listdir(out_dir)
+                if e not in ours and not (e.endswith('.png') and
+                                          os.path.isfile(os.path.join(out_dir, e))))
 
 
 def check_out_dir(out_dir, fingerprint, overwrite, replace_stale=False):
@@ -248,15 +266,23 @@ def check_out_dir(out_dir, fingerprint, overwrite, replace_stale=False):
     return None
   if not os.path.isdir(out_dir):
     raise ConvertError(f'--out_dir={out_dir}: exists and is not a folder')
-  if os.path.isfile(os.path.join(out_dir, schema.MANIFEST_NAME)) and _is_our_output(out_dir):
-    manifest = schema.load_manifest(out_dir)
-    if manifest.get('fingerprint') == fingerprint:
-      return None if overwrite else manifest
-    if overwrite or replace_stale:
+  manifest = _read_own_manifest(out_dir)
+  if manifest is not None:
+    foreign = _foreign_entries(out_dir, manifest)
+    if manifest['fingerprint'] == fingerprint and not overwrite:
+      try:
+        return schema.load_manifest(out_dir)  # Also checks that every shard is there.
+      except schema.ManifestError:
+        pass  # Damaged: rebuilt below only with --overwrite.
+    elif foreign and (overwrite or replace_stale):
+      raise ConvertError(f'--out_dir={out_dir}: holds {os.path.join(out_dir, foreign[0])}, '
+                         'which this tool did not write; it is never replaced, even with '
+                         '--overwrite: move it out or pick another folder')
+    elif overwrite or replace_stale:
       return None
     raise ConvertError(f'--out_dir={out_dir}: holds a conversion of other inputs or settings '
-                       '(stale: a file, label or flag changed since); pass --overwrite to '
-                       'rebuild it')
+                       '(stale: a file, label or flag changed since) or with shards missing; '
+                       'pass --overwrite to rebuild it')
   if os.listdir(out_dir):
     raise ConvertError(f'--out_dir={out_dir}: exists and holds files this tool did not write '
                        f'(no valid {schema.MANIFEST_NAME}); it is never replaced, even with '
@@ -319,7 +345,11 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
   plan = make_plan(source, crop_size=crop_size, per_class=per_class,
                    val_fraction=val_fraction, seed=seed, groups=groups,
                    num_shards=num_shards, skip_bad=skip_bad)
-  out_dir = os.path.abspath(out_dir)
+  # The folder itself, not a link to it: the swap renames folders, and
+  # renaming a link would leave the old records where it pointed.
+  out_dir = os.path.realpath(out_dir)
+  if os.path.isdir(os.path.dirname(out_dir)):
+    clean_leftovers(out_dir, log)  # Also when there is nothing else to do.
   existing = check_out_dir(out_dir, plan['fingerprint'], overwrite, replace_stale)
   if existing is not None:
     log(f'{out_dir}: already complete for these inputs and settings; nothing to do '
@@ -328,7 +358,6 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
 
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
-  clean_leftovers(out_dir, log)
   work_dir = os.path.join(parent, f'.{name}.partial-{plan["fingerprint"][:16]}')
   for stale in glob.glob(os.path.join(glob.escape(parent), f'.{glob.escape(name)}.partial-*')):
     if stale != work_dir:

@@ -238,14 +238,15 @@ def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, 
               'val_fraction': val_fraction if resplit else None, 'seed': seed,
               'format_version': schema.FORMAT_VERSION}
   fingerprint = _fingerprint(source, settings, shard_counts)
-  out_dir = os.path.abspath(out_dir)
+  out_dir = os.path.realpath(out_dir)  # The folder, not a link to it (see convert.convert).
+  if os.path.isdir(os.path.dirname(out_dir)):
+    convert.clean_leftovers(out_dir, log)
   existing = convert.check_out_dir(out_dir, fingerprint, overwrite)
   if existing is not None:
     log(f'{out_dir}: already complete for these inputs and settings; nothing to do')
     return existing
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
-  convert.clean_leftovers(out_dir, log)
   work_dir = os.path.join(parent, f'.{name}.partial-{fingerprint[:16]}')
   if os.path.exists(work_dir):  # Shards are written side by side: nothing to resume.
     import shutil  # pylint: disable=g-import-not-at-top

@@ -96,7 +96,7 @@ def load_split(paths, count, parse):
     A tuple of tensors in the order `parse` returns its fields.
 
   Raises:
-    schema.ManifestError: the shards hold another number of records.
+    schema.ShardCountError: the shards hold another number of records.
   """
   reader = tf.data.TFRecordDataset(paths, buffer_size=_EVAL_READ_BUFFER).batch(_PARSE_BATCH)
   reader = reader.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -116,12 +116,12 @@ def load_split(paths, count, parse):
     if filled == count:
       first = tf.experimental.dlpack.from_dlpack(fields[0].__dlpack__())  # No copy.
       return (first, *(tf.constant(f) for f in fields[1:]))
-  raise schema.ManifestError(f'{os.path.dirname(paths[0])}: its shards hold another number '
-                             f'of records than the {count} manifest.json lists')
+  raise schema.ShardCountError(f'{os.path.dirname(paths[0])}: its shards hold another number '
+                               f'of records than the {count} manifest.json lists')
 
 
-def _files_for_pipeline(records_dir, manifest, split, input_context):
-  """The split's shards, and their record count, for this input pipeline."""
+def _shards_for_pipeline(records_dir, manifest, split, input_context):
+  """The split's shard paths and each one's record count, for this input pipeline."""
   shards = manifest['splits'][split]['shards']
   if input_context is not None and input_context.num_input_pipelines > 1:
     n = input_context.num_input_pipelines
@@ -130,8 +130,7 @@ def _files_for_pipeline(records_dir, manifest, split, input_context):
                        f'{n} input pipelines; rerun tools/make_records.py with '
                        f'--num_shards={n} or more')
     shards = shards[input_context.input_pipeline_id::n]
-  paths = [f'{records_dir}/{s["file"]}' for s in shards]
-  return paths, sum(s['count'] for s in shards)
+  return [f'{records_dir}/{s["file"]}' for s in shards], [s['count'] for s in shards]
 
 
 def steps_per_epoch(manifest, split, batch_size, num_input_pipelines=1):
@@ -188,10 +187,11 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
   manifest = schema.load_manifest(records_dir)
   schema.shard_paths(records_dir, manifest, split)  # Raises for an unknown split.
   image_shape = tuple(manifest['image_shape'])
-  paths, count = _files_for_pipeline(records_dir, manifest, split, input_context)
+  paths, counts = _shards_for_pipeline(records_dir, manifest, split, input_context)
+  count = sum(counts)
   parse = lambda x: parse_batch(x, image_shape, with_ids)
   if not training:
-    return _eval_dataset(paths, count, batch_size, parse, cache)
+    return _eval_dataset(paths, counts, batch_size, parse, cache)
   if count < batch_size:
     raise ValueError(f'{records_dir}: split {split!r} holds {count} examples for this input '
                      f'pipeline, fewer than one batch of {batch_size}')
@@ -200,10 +200,18 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
                         pipeline_id, first_epoch, num_epochs)
 
 
-def _eval_dataset(paths, count, batch_size, parse, cache):
+def _eval_dataset(paths, counts, batch_size, parse, cache):
   # Files in manifest order, read one after the other: a fixed order, and
   # evaluation reads each split once per epoch, so parallel reads buy little.
-  ds = tf.data.TFRecordDataset(paths, buffer_size=_EVAL_READ_BUFFER)
+  # Each shard must hold the records its manifest entry lists: a truncated
+  # one fails the read (FailedPreconditionError) rather than leaving
+  # examples out of the metrics or the submission.
+  ds = None
+  for path, n in zip(paths, counts):
+    shard = tf.data.TFRecordDataset(path, buffer_size=_EVAL_READ_BUFFER).apply(
+        tf.data.experimental.assert_cardinality(n))
+    ds = shard if ds is None else ds.concatenate(shard)
+  count = sum(counts)
   ds = ds.batch(batch_size)  # The last partial batch is kept: every example counts.
   ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if cache:

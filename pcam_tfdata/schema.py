@@ -26,6 +26,10 @@ class ManifestError(ValueError):
   """A records folder is missing its manifest or does not match it."""
 
 
+class ShardCountError(ManifestError):
+  """Shards that hold another number of records than the manifest lists."""
+
+
 def shard_name(split, index, total):
   """TFDS-style shard file name, e.g. `train-00003-of-00032.tfrecord`."""
   return f'{split}-{index:05d}-of-{total:05d}.tfrecord'

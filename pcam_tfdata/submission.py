@@ -37,14 +37,11 @@ def predict_test(model, records_dir, batch_size=128, tta=False, show_progress=Fa
     return tf.reshape(tf.reduce_mean(tf.stack(outs), 0), [-1])
 
   ids, probs = [], []
-  try:
-    with bar:
-      for step, (images, _, batch_ids) in enumerate(ds, 1):
-        probs.append(forward(images).numpy())
-        ids.extend(i.decode() for i in batch_ids.numpy())
-        bar.update(step)
-  except tf.errors.DataLossError as e:  # TF's message names no file: find it.
-    raise verify.CorruptShardError(verify.describe_data_loss(records_dir, e)) from None
+  with verify.reading(records_dir), bar:  # TF's messages name no file: find it.
+    for step, (images, _, batch_ids) in enumerate(ds, 1):
+      probs.append(forward(images).numpy())
+      ids.extend(i.decode() for i in batch_ids.numpy())
+      bar.update(step)
   return np.asarray(ids), np.concatenate(probs)
 
 

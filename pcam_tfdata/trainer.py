@@ -62,14 +62,10 @@ def _trim_history(path, last_epoch):
 
 def train_and_evaluate(config, strategy=None, datasets=None):
   """See train.run."""
-  try:
-    return _train_and_evaluate(config, strategy, datasets)
-  except tf.errors.DataLossError as e:  # TF's message names no file: find it.
-    raise verify.CorruptShardError(verify.describe_data_loss(config.records_dir, e)) from None
-
-
-def _train_and_evaluate(config, strategy, datasets):
   start = time.time()
+  # Every read of the records goes through this: TF's errors name no shard.
+  # (Only those: a damaged checkpoint is not the records' fault.)
+  reading = lambda: verify.reading(config.records_dir)
   manifest = schema.load_manifest(config.records_dir)
   # Policy first, then the strategy (MultiWorkerMirroredStrategy must come
   # before any TF op), then the batch check, then the model in its scope (as
@@ -132,10 +128,12 @@ def _train_and_evaluate(config, strategy, datasets):
       # A distributed iterator adds nothing here, and on a 2-core host it kept
       # the main thread busy beside TF's compute threads: every step 1.8x
       # slower under MultiWorkerMirroredStrategy (BUILD.md, "Several hosts").
-      train_ds = datasets['train'](distribute.input_context(strategy), first_epoch)
+      with reading():  # The cache is read here.
+        train_ds = datasets['train'](distribute.input_context(strategy), first_epoch)
     else:
-      train_ds = strategy.distribute_datasets_from_function(
-          lambda context: datasets['train'](context, first_epoch))
+      with reading():
+        train_ds = strategy.distribute_datasets_from_function(
+            lambda context: datasets['train'](context, first_epoch))
   state = loop.CallbackState(**saved['callbacks']) if saved else loop.CallbackState()
   learning_rate = saved['learning_rate'] if saved else config.learning_rate
   optimizer.learning_rate.assign(learning_rate)
@@ -178,7 +176,8 @@ def _train_and_evaluate(config, strategy, datasets):
         profile = config.profile_steps and chief and epoch == last_epoch + 1
         if profile and done <= config.profile_steps[0] < done + n:
           tf.profiler.experimental.start(os.path.join(model_dir, 'tensorboard'))
-        batch_loss, batch_correct = train_steps(iterator, tf.constant(n))
+        with reading():
+          batch_loss, batch_correct = train_steps(iterator, tf.constant(n))
         if profile and done < config.profile_steps[1] <= done + n:
           tf.profiler.experimental.stop()
         loss_sum += float(batch_loss)
@@ -188,7 +187,8 @@ def _train_and_evaluate(config, strategy, datasets):
                    accuracy=correct / (done * config.batch_size))
     seen = steps * config.batch_size
     train_seconds = time.time() - epoch_start
-    probs, labels, _ = evaluate.predict(predict_fn, datasets['val'])
+    with reading():
+      probs, labels, _ = evaluate.predict(predict_fn, datasets['val'])
     # Early stopping, LR reduction and the best epoch must be decided alike
     # on every worker: all take the chief's figures.
     val = distribute.from_chief(strategy, evaluate.binary_metrics(labels, probs))
@@ -238,8 +238,9 @@ def _train_and_evaluate(config, strategy, datasets):
     model.set_weights(best_weights)
   elif os.path.exists(best_path):
     model.load_weights(best_path)
-  metrics = _final_evaluation(config, model, predict_fn, datasets, state, strategy, policy,
-                              time.time() - start, finished)
+  with reading():
+    metrics = _final_evaluation(config, model, predict_fn, datasets, state, strategy, policy,
+                                time.time() - start, finished)
   # Only now: a run killed during the final evaluation resumes and redoes it.
   backup.remove()
   return metrics

@@ -1,5 +1,6 @@
 """Re-reads a records folder and checks it against its manifest, record by record."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -99,8 +100,25 @@ def first_corrupt_shard(records_dir):
   return None
 
 
+@contextlib.contextmanager
+def reading(records_dir):
+  """Turns a failed read of `records_dir`'s shards into one CorruptShardError line.
+
+  Wraps only code that reads records (not checkpoints, whose errors are
+  TensorFlow's too): a corrupt record (DataLossError), a shard shorter than
+  the manifest says (assert_cardinality's FailedPreconditionError, or
+  schema.ShardCountError from the cache).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
+          schema.ShardCountError) as e:
+    raise CorruptShardError(describe_data_loss(records_dir, e)) from None
+
+
 def describe_data_loss(records_dir, error):
-  """One line for a tf.errors.DataLossError met while reading `records_dir`.
+  """One line for a shard of `records_dir` that could not be read whole.
 
   TensorFlow says only "corrupted record at 47670"; the checksums in the
   manifest say which shard.

@@ -197,6 +197,53 @@ def test_overwrite_never_removes_a_folder_it_did_not_write(kaggle_dir, tmp_path)
   assert (out / 'thesis.tex').read_text() == 'years of work'
 
 
+def test_overwrite_never_removes_a_users_files_inside_a_conversion(kaggle_dir, tmp_path):
+  out = tmp_path / 'rec'
+  run_convert(kaggle_dir, out)
+  (out / 'my_run').mkdir()
+  (out / 'my_run' / 'notes.txt').write_text('precious')
+  with pytest.raises(convert.ConvertError, match='my_run, which this tool did not write'):
+    run_convert(kaggle_dir, out, overwrite=True)
+  with pytest.raises(convert.ConvertError, match='my_run'):  # Stale, demo default: the same.
+    run_convert(kaggle_dir, out, seed=9, replace_stale=True)
+  assert (out / 'my_run' / 'notes.txt').read_text() == 'precious'
+
+
+def test_a_conversion_missing_a_shard_is_rebuilt_with_overwrite(kaggle_dir, tmp_path):
+  out = tmp_path / 'rec'
+  manifest = run_convert(kaggle_dir, out)
+  victim = out / manifest['splits']['train']['shards'][0]['file']
+  victim.unlink()
+  with pytest.raises(convert.ConvertError, match='shards missing; pass --overwrite'):
+    run_convert(kaggle_dir, out)
+  run_convert(kaggle_dir, out, overwrite=True)
+  assert schema.load_manifest(str(out))['fingerprint'] == manifest['fingerprint']
+  assert victim.is_file()
+
+
+def test_overwrite_through_a_symlink_replaces_the_folder_it_points_to(kaggle_dir, tmp_path):
+  (tmp_path / 'big').mkdir()
+  real = tmp_path / 'big' / 'rec'
+  run_convert(kaggle_dir, real)
+  link = tmp_path / 'rec'
+  link.symlink_to(real)
+  manifest = run_convert(kaggle_dir, link, overwrite=True, seed=4)
+  assert link.is_symlink() and os.path.realpath(link) == str(real)
+  assert schema.load_manifest(str(real))['fingerprint'] == manifest['fingerprint']
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['big', 'rec']
+  assert sorted(p.name for p in (tmp_path / 'big').iterdir()) == ['rec']
+
+
+def test_leftovers_of_a_killed_swap_go_even_when_nothing_is_to_do(kaggle_dir, tmp_path):
+  out = tmp_path / 'rec'
+  run_convert(kaggle_dir, out)
+  leftover = tmp_path / '.rec.old-99999'
+  leftover.mkdir()
+  (leftover / 'train-00000-of-00001.tfrecord').write_bytes(b'old')
+  run_convert(kaggle_dir, out)  # Already complete: nothing to convert,
+  assert not leftover.exists()  # but the leftover goes.
+
+
 def test_a_rewritten_tiff_makes_the_output_stale(kaggle_copy, tmp_path):
   out = tmp_path / 'rec'
   run_convert(kaggle_copy, out, per_class=0)

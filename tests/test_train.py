@@ -420,6 +420,61 @@ def test_a_corrupt_train_shard_is_one_line_naming_it(records, tmp_path):
   assert not (tmp_path / 'run' / 'metrics.json').exists()
 
 
+def _cut_after_first_record(records, tmp_path, split):
+  """A copy of the records whose split's first shard of 2+ records ends after its first."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'rec'
+  shutil.copytree(records, copy)
+  manifest = json.loads((copy / 'manifest.json').read_text())
+  shard = copy / next(s['file'] for s in manifest['splits'][split]['shards'] if s['count'] > 1)
+  data = shard.read_bytes()
+  length = struct.unpack('<Q', data[:8])[0]
+  shard.write_bytes(data[:8 + 4 + length + 4])  # A whole record: no read error of its own.
+  return copy, shard
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_a_shard_cut_at_a_record_boundary_is_one_line_naming_it(records, tmp_path, split):
+  copy, shard = _cut_after_first_record(records, tmp_path, split)
+  proc = run_tool('-m', 'pcam_tfdata.train', f'--records_dir={copy}',
+                  f'--model_dir={tmp_path / "run"}', '--epochs=1', '--batch_size=8',
+                  '--mixed_precision=off', '--strategy=default', '--noprogress')
+  assert proc.returncode == 1, proc.stdout[-2000:]  # Not metrics of fewer examples.
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and str(shard) in errors[0], proc.stderr[-3000:]
+  assert 'tools/verify_records.py' in errors[0] and 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'run' / 'metrics.json').exists()
+
+
+def test_a_test_shard_cut_at_a_record_boundary_fails_predict(records, tmp_path):
+  copy, shard = _cut_after_first_record(records, tmp_path, 'test')
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  _linear_model()[0].save(model_dir / 'model.keras')
+  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={model_dir}',
+                  f'--records_dir={copy}', f'--output={tmp_path / "sub.csv"}')
+  assert proc.returncode == 1  # Not a short submission.
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and str(shard) in errors[0], proc.stderr[-3000:]
+  assert not (tmp_path / 'sub.csv').exists()
+
+
+def test_a_damaged_backup_is_named_not_blamed_on_the_records(records, tmp_path, monkeypatch):
+  model_dir = tmp_path / 'run'
+  monkeypatch.setattr(loop.Backup, 'remove', lambda self: None)  # Keep it, as a kill would.
+  train.run(_config(records, model_dir, epochs=1))
+  monkeypatch.undo()
+  data = next((model_dir / 'backup').glob('ckpt-1.data-*'))
+  damaged = bytearray(data.read_bytes())
+  damaged[len(damaged) // 2] ^= 0xFF
+  data.write_bytes(bytes(damaged))
+  (model_dir / 'metrics.json').unlink()
+  with pytest.raises(ValueError, match='backup of an interrupted run cannot be restored') as e:
+    train.run(_config(records, model_dir, epochs=2))
+  assert 'verify_records' not in str(e.value) and str(model_dir / 'backup') in str(e.value)
+
+
 def test_a_corrupt_test_shard_is_one_line_naming_it_in_predict(records, tmp_path):
   copy, shard = _flip_a_byte(records, tmp_path, 'test')
   model_dir = tmp_path / 'run'
