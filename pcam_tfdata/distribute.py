@@ -206,25 +206,31 @@ def resolve_jit_compile(mode, strategy):
           and not tf_config.is_op_determinism_enabled())
 
 
-def from_chief(strategy, values):
-  """The chief's `values` (a dict of floats) on every worker.
+def make_from_chief(strategy):
+  """fn(values) -> the chief's `values` (a dict of floats) on every worker.
 
   Each worker computes its own validation figures; on hosts whose CPUs
   round differently, or with anything replica-local, they may differ in the
   last bits, and a decision taken on a near tie (stop? halve the rate? best
   epoch?) would split the workers: a hang, or weights that drift apart. So
-  every worker takes the chief's (replica 0's) figures, in float64.
+  every worker takes the chief's (replica 0's) figures, in float64: one
+  all-reduce in which only replica 0 contributes. Outside multi-worker
+  training the values are returned as they are.
   """
   if num_workers(strategy) <= 1:
-    return values
-  keys = sorted(values)
-  local = tf.constant([float(values[k]) for k in keys], tf.float64)
+    return lambda values: values
 
   def replica_fn(x):
     context = tf.distribute.get_replica_context()
     mine = tf.where(context.replica_id_in_sync_group == 0, x, tf.zeros_like(x))
     return context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
 
-  agreed = strategy.experimental_local_results(
-      tf.function(lambda x: strategy.run(replica_fn, args=(x,)))(local))[0]
-  return dict(zip(keys, (float(v) for v in agreed.numpy())))
+  broadcast = tf.function(lambda x: strategy.run(replica_fn, args=(x,)))
+
+  def from_chief(values):
+    keys = sorted(values)
+    local = tf.constant([float(values[k]) for k in keys], tf.float64)
+    agreed = strategy.experimental_local_results(broadcast(local))[0]
+    return dict(zip(keys, (float(v) for v in agreed.numpy())))
+
+  return from_chief

@@ -121,7 +121,7 @@ def _agree_on_finite(grads):
 
 
 class Backup:
-  """BackupAndRestore: model, optimizer and loop state after every epoch.
+  """BackupAndRestore: model, optimizer, random and loop state after every epoch.
 
   Every worker saves (MultiWorkerMirroredStrategy needs all of them in the
   save); only the chief's copy is kept in `model_dir/backup`, the others go
@@ -134,7 +134,12 @@ class Backup:
         model_dir, f'.worker{task_id}_backup')
     self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     self._state = tf.Variable('', dtype=tf.string, trainable=False)
-    self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+    # Keras keeps the dropout layers' random state (SeedGenerator) out of the
+    # model's checkpointed weights; without it a resumed run would draw
+    # epoch 1's dropout masks again.
+    weights = {id(w) for w in model.weights}
+    random_state = [v.value for v in model.variables if id(v) not in weights]
+    self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, rng=random_state,
                                            epoch=self._epoch, state=self._state)
     self._manager = tf.train.CheckpointManager(self._checkpoint, self._dir, max_to_keep=1)
 

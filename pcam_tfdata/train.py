@@ -100,6 +100,8 @@ def check_config(config):
        f'--early_stopping_patience={config.early_stopping_patience}: must be >= 1'),
       (config.reduce_lr_patience >= 1,
        f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
+      (config.seed is None or 0 <= config.seed < 2**32,
+       f'--seed={config.seed}: must be in 0..{2**32 - 1} (NumPy and Keras seeds)'),
       (config.sync_batch_norm in ('auto', 'on', 'off'),
        f'--sync_batch_norm={config.sync_batch_norm}: choose one of auto, on, off'),
       (config.jit_compile in ('auto', 'on', 'off'),

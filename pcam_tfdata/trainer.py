@@ -102,6 +102,12 @@ def train_and_evaluate(config, strategy=None, datasets=None):
           f'{config.batch_size // pipelines} per epoch', flush=True)
   sync_bn = distribute.resolve_sync_batch_norm(config.sync_batch_norm, replicas)
   jit = distribute.resolve_jit_compile(config.jit_compile, strategy)
+  if jit and sync_bn and replicas > 1 and config.model == 'batchnorm':
+    # Its cross-replica sums would sit inside the XLA function, which
+    # tf.distribute cannot synchronize (a merge_call inside a tf.function).
+    raise ValueError(f'--jit_compile={config.jit_compile} cannot compile synchronized '
+                     f'BatchNorm over {replicas} replicas; use --jit_compile=off or '
+                     '--sync_batch_norm=off')
 
   model_dir = config.model_dir
   os.makedirs(model_dir, exist_ok=True)
@@ -115,6 +121,7 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   train_steps = loop.make_train_fn(model, optimizer, strategy, config.batch_size,
                                    jit_compile=jit)
   predict_fn = evaluate.make_predict_fn(model)
+  from_chief = distribute.make_from_chief(strategy)
   task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0
   backup = loop.Backup(model_dir, model, optimizer, chief, task_id)
 
@@ -191,7 +198,7 @@ def train_and_evaluate(config, strategy=None, datasets=None):
       probs, labels, _ = evaluate.predict(predict_fn, datasets['val'])
     # Early stopping, LR reduction and the best epoch must be decided alike
     # on every worker: all take the chief's figures.
-    val = distribute.from_chief(strategy, evaluate.binary_metrics(labels, probs))
+    val = from_chief(evaluate.binary_metrics(labels, probs))
     improved, new_lr = state.update(
         epoch, val['auc'], early_stopping_patience=config.early_stopping_patience,
         reduce_lr_patience=config.reduce_lr_patience, lr=learning_rate)

@@ -82,6 +82,12 @@ def _worker_main(out_path, case):
   """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the test)."""
   strategy = tf.distribute.MultiWorkerMirroredStrategy()
   index = strategy.cluster_resolver.task_id
+  if case.get('from_chief'):  # Each worker offers its own figures; all must take worker 0's.
+    from pcam_tfdata import distribute  # pylint: disable=g-import-not-at-top
+    mine = {'auc': 0.1 + index / 3, 'loss': float('nan') if index else 1e-300}
+    with open(out_path, 'w') as f:
+      json.dump(distribute.make_from_chief(strategy)(mine), f)
+    return
   images, labels = data(nan_in=case.get('nan_in'))
   weights, scales = train(case['model'], strategy, images, labels, policy=case['policy'],
                           sync=case['sync'], worker=(index, 2), steps=case['steps'])

@@ -9,15 +9,16 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from conftest import ROOT, run_tool, user_env
 
 LAUNCHER = 'tools/launch_local_cluster.py'
 
 
-def _train_flags(records, model_dir, epochs):
+def _train_flags(records, model_dir, epochs, model='baseline'):
   return [f'--records_dir={records}', f'--model_dir={model_dir}', f'--epochs={epochs}',
-          '--batch_size=8', '--mixed_precision=off', '--seed=3']
+          '--batch_size=8', '--mixed_precision=off', '--seed=3', f'--model={model}']
 
 
 def _workers_left(model_dir):
@@ -38,10 +39,15 @@ def _listening(port):
     return s.connect_ex(('127.0.0.1', port)) == 0
 
 
-def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(records, tmp_path):
+@pytest.mark.parametrize('model', ['baseline', 'batchnorm'])
+def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(records, tmp_path,
+                                                                          model):
   model_dir = tmp_path / 'run'
-  proc = run_tool(LAUNCHER, '--num_workers=2', '--', *_train_flags(records, model_dir, 1),
-                  timeout=600)
+  # BatchNorm: --sync_batch_norm=auto reduces its statistics over both workers,
+  # so the moving averages, and every decision taken on val AUC, agree.
+  epochs = 2 if model == 'batchnorm' else 1
+  proc = run_tool(LAUNCHER, '--num_workers=2', '--', *_train_flags(records, model_dir, epochs,
+                                                                   model), timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', proc.stdout))
   assert set(digests) == {'0', '1'} and digests['0'] == digests['1']
@@ -50,6 +56,7 @@ def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(record
   assert pipelines == {'0': '0', '1': '1'}, proc.stdout[-3000:]
   assert '"strategy": "multi_worker"' in proc.stdout
   assert '"num_replicas_in_sync": 2' in proc.stdout
+  assert f'"sync_batch_norm": {"true" if model == "batchnorm" else "false"}' in proc.stdout
   # The chief's outputs, and nothing of the other worker's scratch.
   assert (model_dir / 'model.keras').is_file() and (model_dir / 'metrics.json').is_file()
   assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith('.')) == []

@@ -61,6 +61,39 @@ def test_unknown_model_is_refused():
     models.build_model('resnet')
 
 
+def test_sync_batch_norm_keeps_the_weights_and_loads_on_one_device(tmp_path, mirrored):
+  with mirrored.scope():
+    synced = models.build_model('batchnorm', sync_batch_norm=True)
+  plain = models.build_model('batchnorm')
+  assert synced.count_params() == plain.count_params() == 2_392_641
+  assert all(l.synchronized for l in synced.layers if 'bn' in l.name)
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  expected = synced(images, training=False).numpy()
+  synced.save(tmp_path / 'model.keras')
+  loaded = keras.models.load_model(tmp_path / 'model.keras')  # Default strategy: one device.
+  np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('mode, replicas, expected', [
+    ('auto', 1, False), ('auto', 2, True), ('on', 1, True), ('off', 2, False)])
+def test_sync_batch_norm_auto_means_more_than_one_replica(mode, replicas, expected):
+  assert distribute.resolve_sync_batch_norm(mode, replicas) is expected
+
+
+@pytest.mark.parametrize('mode, gpus, expected', [
+    ('auto', [], False), ('auto', ['GPU:0'], True), ('on', [], True), ('off', ['GPU:0'], False)])
+def test_jit_compile_auto_decides_as_keras(monkeypatch, mode, gpus, expected):
+  monkeypatch.setattr(tf.config, 'list_physical_devices',
+                      lambda kind=None: list(gpus) if kind == 'GPU' else [])
+  assert distribute.resolve_jit_compile(mode, tf.distribute.get_strategy()) is expected
+
+
+def test_jit_compile_auto_is_off_under_several_replicas(monkeypatch, mirrored):
+  monkeypatch.setattr(tf.config, 'list_physical_devices',
+                      lambda kind=None: ['GPU:0'] if kind == 'GPU' else [])
+  assert distribute.resolve_jit_compile('auto', mirrored) is False
+
+
 @pytest.mark.parametrize('mode, tensor_cores, compute', [
     ('off', False, 'float32'), ('float16', False, 'float16'), ('bfloat16', False, 'bfloat16'),
     ('auto', False, 'float32'), ('auto', True, 'float16'), ('off', True, 'float32')])
@@ -137,6 +170,15 @@ def test_run_under_mirrored_strategy_writes_every_output(records, tmp_path, mirr
 def test_batch_not_divisible_by_replicas(records, tmp_path, mirrored):
   with pytest.raises(ValueError, match='--batch_size=7 is not divisible by the 2 replicas'):
     train.run(_config(records, tmp_path / 'run', batch_size=7), strategy=mirrored)
+
+
+def test_xla_with_synchronized_batch_norm_over_replicas_is_refused(records, tmp_path,
+                                                                     mirrored):
+  with pytest.raises(ValueError, match='--jit_compile=on cannot compile synchronized BatchNorm '
+                     'over 2 replicas; use --jit_compile=off or --sync_batch_norm=off'):
+    train.run(_config(records, tmp_path / 'run', model='batchnorm', jit_compile='on'),
+              strategy=mirrored)
+  assert not (tmp_path / 'run').exists()  # Refused before anything was written.
 
 
 def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
@@ -327,6 +369,10 @@ def test_multi_worker_without_a_cluster_trains_as_one_local_worker(records, tmp_
     (['--epochs=0'], '--epochs=0: must be >= 1'),
     (['--profile_steps=5'], '--profile_steps=5: expected START,STOP'),
     (['--strategy=multi_worker', 'TF_CONFIG={"cluster": '], 'TF_CONFIG: not valid JSON'),
+    (['--seed=-1'], '--seed=-1: must be in 0..4294967295'),
+    (['--sync_batch_norm=maybe'], 'sync_batch_norm'),
+    (['--strategy=mirrored', '--num_cpu_devices=2', '--model=batchnorm', '--jit_compile=on'],
+     '--jit_compile=on cannot compile synchronized BatchNorm over 2 replicas'),
 ])
 def test_bad_flags_fail_with_one_line(records, tmp_path, flags, message):
   args = ['-m', 'pcam_tfdata.train', f'--records_dir={records}', f'--model_dir={tmp_path / "r"}']
@@ -523,3 +569,61 @@ def test_the_best_model_and_the_backup_agree_after_a_kill_between_them(records, 
   probs, labels, _ = evaluate.predict(evaluate.make_predict_fn(model), ds)
   assert evaluate.binary_metrics(labels, probs)['auc'] == pytest.approx(
       float(rows[0]['val_auc']), abs=1e-6)
+
+
+_KILL_AT_STEP = r'''
+import os, signal, sys
+from absl import app
+from pcam_tfdata import loop, train
+kill_at = int(sys.argv[1])
+make_train_fn = loop.make_train_fn
+def killing_train_fn(*args, **kwargs):
+  train_steps = make_train_fn(*args, **kwargs)
+  calls = [0]
+  def wrapped(iterator, n):
+    calls[0] += 1
+    if calls[0] == kill_at:
+      os.kill(os.getpid(), signal.SIGKILL)  # Mid-epoch, as a power cut would.
+    return train_steps(iterator, n)
+  return wrapped
+loop.make_train_fn = killing_train_fn
+sys.argv = ['train'] + sys.argv[2:]
+app.run(train.main)
+'''
+
+
+def _final_digest(stdout):
+  return re.findall(r'final weights sha256 (\w+)', stdout)
+
+
+def _saved_weights(model_dir):
+  return keras.models.load_model(model_dir / 'model.keras').get_weights()
+
+
+@pytest.mark.parametrize('strategy', ['default', 'mirrored'])
+def test_a_seeded_run_killed_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(
+    records, tmp_path, strategy):
+  flags = ['--epochs=3', '--batch_size=8', '--mixed_precision=off', '--seed=5', '--augment',
+           '--noprogress', f'--records_dir={records}', '--early_stopping_patience=5',
+           f'--strategy={strategy}', f'--num_cpu_devices={2 if strategy == "mirrored" else 1}']
+  whole = run_tool('-m', 'pcam_tfdata.train', f'--model_dir={tmp_path / "whole"}', *flags)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  again = run_tool('-m', 'pcam_tfdata.train', f'--model_dir={tmp_path / "again"}', *flags)
+  assert _final_digest(again.stdout) == _final_digest(whole.stdout)  # Reruns agree,
+  killed_dir = tmp_path / 'killed'
+  # 6 steps per epoch: call 9 is step 3 of epoch 2, after epoch 1's backup.
+  killed = subprocess.run([sys.executable, '-c', _KILL_AT_STEP, '9',
+                           f'--model_dir={killed_dir}', *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=user_env())
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert not (killed_dir / 'metrics.json').exists()
+  resumed = run_tool('-m', 'pcam_tfdata.train', f'--model_dir={killed_dir}', *flags)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resuming after epoch 1' in resumed.stdout
+  # and so does a resumed run: every weight bit, the last epoch's and the best's.
+  assert _final_digest(resumed.stdout) == _final_digest(whole.stdout)
+  for a, b in zip(_saved_weights(killed_dir), _saved_weights(tmp_path / 'whole')):
+    np.testing.assert_array_equal(a, b)
+  with open(killed_dir / 'history.csv') as f, open(tmp_path / 'whole' / 'history.csv') as g:
+    key = lambda rows: [(r['epoch'], r['train_loss'], r['val_auc']) for r in rows]
+    assert key(csv.DictReader(f)) == key(csv.DictReader(g))

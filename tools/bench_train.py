@@ -9,6 +9,10 @@ already in memory, whose input cost is nil. Warm-up (tracing, the cache fill)
 is excluded; each figure is the median of --repeats timings of --steps steps,
 the two feeds interleaved so that drift on a shared machine hits both.
 
+Two more float32 rows per model: the step compiled by XLA (--jit_compile=on)
+and the step under TF op determinism (what --seed turns on), timed last,
+since determinism cannot be turned off again in the process.
+
 The precision columns depend on the CPU: without AVX-512 BF16/AMX, bfloat16
 and float16 are emulated and far slower than float32; with them, bfloat16
 runs natively. The table's header line names the CPU it ran on.
@@ -48,7 +52,8 @@ def _time_steps(train_steps, iterator, steps, per_call):
   return time.perf_counter() - start
 
 
-def measure(model_name, mode, records_dir, batch_size, steps, repeats, per_call, augment):
+def measure(model_name, mode, records_dir, batch_size, steps, repeats, per_call, augment,
+            jit_compile=False):
   """(pipeline images/s, in-memory images/s, precision policy) for one model."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -61,7 +66,8 @@ def measure(model_name, mode, records_dir, batch_size, steps, repeats, per_call,
   if policy == 'mixed_float16':
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
   optimizer.build(model.trainable_variables)
-  train_steps = loop.make_train_fn(model, optimizer, strategy, batch_size)
+  train_steps = loop.make_train_fn(model, optimizer, strategy, batch_size,
+                                   jit_compile=jit_compile)
 
   ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
                              augment=augment, seed=0)
@@ -94,6 +100,18 @@ def main(argv):
                                   _STEPS.value, _REPEATS.value, _STEPS_PER_EXECUTION.value,
                                   _AUGMENT.value)
       rows.append({'model': model_name, 'policy': policy, 'pipeline_images_per_second': fed,
+                   'memory_images_per_second': held, 'pipeline_over_memory': fed / held})
+  variants = [('float32 + XLA (--jit_compile=on)', dict(jit_compile=True)),
+              ('float32 + op determinism (--seed)', {})]
+  for label, kwargs in variants:
+    if 'determinism' in label:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.experimental.enable_op_determinism()
+    for model_name in _MODELS.value:
+      fed, held, _ = measure(model_name, 'off', _RECORDS_DIR.value, _BATCH_SIZE.value,
+                             _STEPS.value, _REPEATS.value, _STEPS_PER_EXECUTION.value,
+                             _AUGMENT.value, **kwargs)
+      rows.append({'model': model_name, 'policy': label, 'pipeline_images_per_second': fed,
                    'memory_images_per_second': held, 'pipeline_over_memory': fed / held})
   host = hostinfo.describe()
   print(f'\nbatch {_BATCH_SIZE.value}, {_STEPS.value} steps x median of {_REPEATS.value}, '
