@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from pcam_tfdata import augment
 from pcam_tfdata import kaggle
 from pcam_tfdata import pipeline
 from pcam_tfdata import progress

@@ -29,6 +29,14 @@ def pytest_configure(config):
   tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
+@pytest.fixture(autouse=True)
+def _op_determinism_off_after_each_test():
+  """`train.run` with a seed turns TF op determinism on for the process; not for the next test."""
+  yield
+  from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+  tf_config.disable_op_determinism()
+
+
 @pytest.fixture(scope='session')
 def mirrored():
   """One MirroredStrategy over the two logical CPUs for the whole session.

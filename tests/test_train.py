@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from pcam_tfdata import augment
 from pcam_tfdata import distribute
 from pcam_tfdata import loop
 from pcam_tfdata import models
@@ -65,7 +66,7 @@ def test_sync_batch_norm_keeps_the_weights_and_loads_on_one_device(tmp_path, mir
   with mirrored.scope():
     synced = models.build_model('batchnorm', sync_batch_norm=True)
   plain = models.build_model('batchnorm')
-  assert synced.count_params() == plain.count_params() == 2_392_641
+  assert synced.count_params() == plain.count_params() == 1_422_721  # The seed's count.
   assert all(l.synchronized for l in synced.layers if 'bn' in l.name)
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
   expected = synced(images, training=False).numpy()
@@ -176,8 +177,8 @@ def test_xla_with_synchronized_batch_norm_over_replicas_is_refused(records, tmp_
                                                                      mirrored):
   with pytest.raises(ValueError, match='--jit_compile=on cannot compile synchronized BatchNorm '
                      'over 2 replicas; use --jit_compile=off or --sync_batch_norm=off'):
-    train.run(_config(records, tmp_path / 'run', model='batchnorm', jit_compile='on'),
-              strategy=mirrored)
+    train.run(_config(records, tmp_path / 'run', model='batchnorm', jit_compile='on',
+                      seed=None), strategy=mirrored)
   assert not (tmp_path / 'run').exists()  # Refused before anything was written.
 
 
@@ -371,7 +372,10 @@ def test_multi_worker_without_a_cluster_trains_as_one_local_worker(records, tmp_
     (['--strategy=multi_worker', 'TF_CONFIG={"cluster": '], 'TF_CONFIG: not valid JSON'),
     (['--seed=-1'], '--seed=-1: must be in 0..4294967295'),
     (['--sync_batch_norm=maybe'], 'sync_batch_norm'),
-    (['--strategy=mirrored', '--num_cpu_devices=2', '--model=batchnorm', '--jit_compile=on'],
+    (['--seed=1', '--jit_compile=on', '--batch_size=8'],
+     '--jit_compile=on with --seed: XLA has no deterministic'),
+    (['--strategy=mirrored', '--num_cpu_devices=2', '--model=batchnorm', '--jit_compile=on',
+      '--batch_size=8'],
      '--jit_compile=on cannot compile synchronized BatchNorm over 2 replicas'),
 ])
 def test_bad_flags_fail_with_one_line(records, tmp_path, flags, message):
