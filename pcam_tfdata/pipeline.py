@@ -146,7 +146,8 @@ def steps_per_epoch(manifest, split, batch_size, num_input_pipelines=1):
 
 
 def make_dataset(records_dir, split, *, batch_size, training, cache=True, augment=None,
-                 seed=None, input_context=None, with_ids=False, first_epoch=1, num_epochs=1):
+                 seed=None, input_context=None, with_ids=False, first_epoch=1, num_epochs=1,
+                 batches_per_epoch=None):
   """Builds the input pipeline of one split.
 
   Args:
@@ -169,6 +170,11 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
     first_epoch: training: the number of the first epoch yielded (1-based).
     num_epochs: training: epochs yielded per iteration, one after the other
       (None: endless).
+    batches_per_epoch: training: batches of each epoch (default: every whole
+      batch of the split). A trainer whose steps consume fewer (several
+      replicas per pipeline, or pipelines of unequal size) passes what it
+      takes, so that epoch e+1 starts with its own first batch, not with
+      epoch e's leftovers, and a resumed run lines up with an uninterrupted one.
 
   Returns:
     A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches (plus
@@ -195,9 +201,15 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
   if count < batch_size:
     raise ValueError(f'{records_dir}: split {split!r} holds {count} examples for this input '
                      f'pipeline, fewer than one batch of {batch_size}')
+  whole_batches = count // batch_size  # drop_remainder: static shapes.
+  if batches_per_epoch is None:
+    batches_per_epoch = whole_batches
+  if not 1 <= batches_per_epoch <= whole_batches:
+    raise ValueError(f'batches_per_epoch={batches_per_epoch}: this input pipeline has '
+                     f'{whole_batches} whole batches of {batch_size} per epoch')
   pipeline_id = input_context.input_pipeline_id if input_context else 0
   return _train_dataset(paths, count, batch_size, parse, cache, bool(augment), seed,
-                        pipeline_id, first_epoch, num_epochs)
+                        pipeline_id, first_epoch, num_epochs, batches_per_epoch)
 
 
 def _eval_dataset(paths, counts, batch_size, parse, cache):
@@ -245,7 +257,7 @@ def _gather_augmented(images, batch_index, seed):
 
 
 def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeline_id,
-                   first_epoch, num_epochs):
+                   first_epoch, num_epochs, steps):
   deterministic = seed is not None
   if cache:
     # The whole split as one element: one tensor per field, [count, ...],
@@ -261,8 +273,6 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeli
                                              deterministic=deterministic)
     # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
     whole = chunks.unbatch().batch(count)
-
-  steps = count // batch_size  # drop_remainder: static shapes, equal steps.
 
   def epoch(base_and_number, fields):
     order_key, augment_key = epoch_keys(*base_and_number, pipeline_id)

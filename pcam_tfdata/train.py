@@ -120,8 +120,9 @@ def run(config, strategy=None, datasets=None):
   Args:
     config: a Config.
     strategy: a tf.distribute strategy to use instead of building one.
-    datasets: optional {'train': fn(input_context, first_epoch) -> dataset of
-      the epochs from first_epoch to config.epochs, one after the other,
+    datasets: optional {'train': fn(input_context, first_epoch,
+      batches_per_epoch) -> dataset of the epochs from first_epoch to
+      config.epochs, one after the other, batches_per_epoch batches each,
       'val': dataset, 'train_eval': dataset} replacing the record pipelines
       (eval datasets yield (images, labels, ids)).
 

@@ -25,7 +25,7 @@ _HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_acc
 
 def _datasets(config, manifest, global_batch):
   """The training dataset function and the two evaluation datasets."""
-  def train_fn(context, first_epoch):
+  def train_fn(context, first_epoch, batches_per_epoch):
     batch_size = context.get_per_replica_batch_size(global_batch)
     if config.data_service_address:
       # Endless, so that every trainer (sharing the job) can take its steps.
@@ -37,7 +37,8 @@ def _datasets(config, manifest, global_batch):
     return pipeline.make_dataset(
         config.records_dir, 'train', batch_size=batch_size, training=True,
         augment=config.augment, seed=config.seed, input_context=context,
-        first_epoch=first_epoch, num_epochs=config.epochs - first_epoch + 1)
+        first_epoch=first_epoch, num_epochs=config.epochs - first_epoch + 1,
+        batches_per_epoch=batches_per_epoch)
   evaluation = lambda split, cache: pipeline.make_dataset(
       config.records_dir, split, batch_size=config.eval_batch_size, training=False,
       cache=cache, with_ids=True)
@@ -131,9 +132,14 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   backup = loop.Backup(model_dir, model, optimizer, chief, task_id)
 
   last_epoch, saved = backup.restore()
+  state = loop.CallbackState(**saved['callbacks']) if saved else loop.CallbackState()
   train_ds = None
-  if last_epoch < config.epochs:
+  if last_epoch < config.epochs and not state.stopped_early:
     first_epoch = last_epoch + 1
+    # Each pipeline serves its replicas' share of every step, and no more: a
+    # batch left over would open the next epoch, and a resumed run, which
+    # starts that epoch afresh, would not line up.
+    per_epoch = steps * (replicas // pipelines)
     if replicas == pipelines:
       # One replica per input pipeline (the default strategy, or one device
       # per worker): the worker's own dataset feeds `strategy.run` directly.
@@ -141,12 +147,12 @@ def train_and_evaluate(config, strategy=None, datasets=None):
       # the main thread busy beside TF's compute threads: every step 1.8x
       # slower under MultiWorkerMirroredStrategy (BUILD.md, "Several hosts").
       with reading():  # The cache is read here.
-        train_ds = datasets['train'](distribute.input_context(strategy), first_epoch)
+        train_ds = datasets['train'](distribute.input_context(strategy), first_epoch,
+                                     per_epoch)
     else:
       with reading():
         train_ds = strategy.distribute_datasets_from_function(
-            lambda context: datasets['train'](context, first_epoch))
-  state = loop.CallbackState(**saved['callbacks']) if saved else loop.CallbackState()
+            lambda context: datasets['train'](context, first_epoch, per_epoch))
   learning_rate = saved['learning_rate'] if saved else config.learning_rate
   optimizer.learning_rate.assign(learning_rate)
   history_path = os.path.join(model_dir, rundir.HISTORY_CSV)

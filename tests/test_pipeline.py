@@ -79,6 +79,17 @@ def test_seed_makes_order_and_augmentation_reproducible(records):
   assert _ids(_epoch(other)) != _ids(first)
 
 
+def test_batches_per_epoch_ends_each_epoch_where_a_resumed_one_starts(records):
+  make = lambda **kw: pipeline.make_dataset(str(records), 'train', batch_size=8, training=True,
+                                            seed=2, with_ids=True, batches_per_epoch=4, **kw)
+  both = _epoch(make(num_epochs=2))
+  assert len(both) == 8  # 4 of the 6 whole batches, per epoch.
+  assert _ids(both[4:]) == _ids(_epoch(make(first_epoch=2)))
+  with pytest.raises(ValueError, match='batches_per_epoch=7: this input pipeline has 6 whole'):
+    pipeline.make_dataset(str(records), 'train', batch_size=8, training=True,
+                          batches_per_epoch=7)
+
+
 def test_endless_training_dataset_continues_the_epoch_sequence(records):
   endless = pipeline.make_dataset(str(records), 'train', batch_size=8, training=True, seed=3,
                                   with_ids=True, num_epochs=None)

@@ -604,10 +604,14 @@ def _saved_weights(model_dir):
   return keras.models.load_model(model_dir / 'model.keras').get_weights()
 
 
-@pytest.mark.parametrize('strategy', ['default', 'mirrored'])
+# mirrored: 48 examples in per-replica batches of 16 are 3 batches, of which
+# each epoch's one step of 32 takes 2: the third must not open the next epoch.
+@pytest.mark.parametrize('strategy, batch_size, kill_at', [('default', 8, 9),
+                                                           ('mirrored', 32, 2)])
 def test_a_seeded_run_killed_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(
-    records, tmp_path, strategy):
-  flags = ['--epochs=3', '--batch_size=8', '--mixed_precision=off', '--seed=5', '--augment',
+    records, tmp_path, strategy, batch_size, kill_at):
+  flags = ['--epochs=3', f'--batch_size={batch_size}', '--mixed_precision=off', '--seed=5',
+           '--augment',
            '--noprogress', f'--records_dir={records}', '--early_stopping_patience=5',
            f'--strategy={strategy}', f'--num_cpu_devices={2 if strategy == "mirrored" else 1}']
   whole = run_tool('-m', 'pcam_tfdata.train', f'--model_dir={tmp_path / "whole"}', *flags)
@@ -615,8 +619,9 @@ def test_a_seeded_run_killed_mid_epoch_ends_bit_identical_to_an_uninterrupted_on
   again = run_tool('-m', 'pcam_tfdata.train', f'--model_dir={tmp_path / "again"}', *flags)
   assert _final_digest(again.stdout) == _final_digest(whole.stdout)  # Reruns agree,
   killed_dir = tmp_path / 'killed'
-  # 6 steps per epoch: call 9 is step 3 of epoch 2, after epoch 1's backup.
-  killed = subprocess.run([sys.executable, '-c', _KILL_AT_STEP, '9',
+  # Default: 6 steps per epoch, call 9 is step 3 of epoch 2; mirrored: 1 step
+  # per epoch, call 2 is epoch 2's. Both after epoch 1's backup.
+  killed = subprocess.run([sys.executable, '-c', _KILL_AT_STEP, str(kill_at),
                            f'--model_dir={killed_dir}', *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=user_env())
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
