@@ -497,19 +497,6 @@ def test_a_shard_cut_at_a_record_boundary_is_one_line_naming_it(records, tmp_pat
   assert not (tmp_path / 'run' / 'metrics.json').exists()
 
 
-def test_a_test_shard_cut_at_a_record_boundary_fails_predict(records, tmp_path):
-  copy, shard = _cut_after_first_record(records, tmp_path, 'test')
-  model_dir = tmp_path / 'run'
-  model_dir.mkdir()
-  _linear_model()[0].save(model_dir / 'model.keras')
-  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={model_dir}',
-                  f'--records_dir={copy}', f'--output={tmp_path / "sub.csv"}')
-  assert proc.returncode == 1  # Not a short submission.
-  errors = error_lines(proc.stderr)
-  assert len(errors) == 1 and str(shard) in errors[0], proc.stderr[-3000:]
-  assert not (tmp_path / 'sub.csv').exists()
-
-
 def test_a_damaged_backup_is_named_not_blamed_on_the_records(records, tmp_path, monkeypatch):
   model_dir = tmp_path / 'run'
   monkeypatch.setattr(loop.Backup, 'remove', lambda self: None)  # Keep it, as a kill would.
@@ -525,14 +512,16 @@ def test_a_damaged_backup_is_named_not_blamed_on_the_records(records, tmp_path, 
   assert 'verify_records' not in str(e.value) and str(model_dir / 'backup') in str(e.value)
 
 
-def test_a_corrupt_test_shard_is_one_line_naming_it_in_predict(records, tmp_path):
-  copy, shard = _flip_a_byte(records, tmp_path, 'test')
+@pytest.mark.parametrize('damage', ['flipped byte', 'cut at a record boundary'])
+def test_a_damaged_test_shard_is_one_line_naming_it_in_predict(records, tmp_path, damage):
+  damaged = _flip_a_byte if damage == 'flipped byte' else _cut_after_first_record
+  copy, shard = damaged(records, tmp_path, 'test')
   model_dir = tmp_path / 'run'
   model_dir.mkdir()
   _linear_model()[0].save(model_dir / 'model.keras')
   proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={model_dir}',
                   f'--records_dir={copy}', f'--output={tmp_path / "sub.csv"}')
-  assert proc.returncode == 1
+  assert proc.returncode == 1  # Not a short submission.
   errors = error_lines(proc.stderr)
   assert len(errors) == 1 and str(shard) in errors[0], proc.stderr[-3000:]
   assert not (tmp_path / 'sub.csv').exists()
