@@ -8,6 +8,7 @@ import time
 
 import keras
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
 from pcam_tfdata import distribute
 from pcam_tfdata import evaluate
@@ -82,9 +83,13 @@ def train_and_evaluate(config, strategy=None, datasets=None):
           flush=True)
   if config.seed is not None:
     keras.utils.set_random_seed(config.seed)  # Same initial weights on every worker.
-    # Bit-exact reruns and resumes: the kernels too (a no-op for most CPU
-    # kernels; GPU convolutions and reductions pick deterministic forms).
-    tf.config.experimental.enable_op_determinism()
+    if tf.config.list_physical_devices('GPU'):
+      # Bit-exact reruns and resumes need deterministic GPU kernels (cuDNN,
+      # atomics). Not on CPU hosts: their kernels are deterministic already
+      # (the resume tests pass without it), and op determinism also makes
+      # tf.data run the pipeline's maps one at a time, which halved its
+      # throughput here (BUILD.md).
+      tf.config.experimental.enable_op_determinism()
   replicas = strategy.num_replicas_in_sync
   if config.batch_size % replicas:
     raise ValueError(f'--batch_size={config.batch_size} is not divisible by the '
@@ -103,11 +108,11 @@ def train_and_evaluate(config, strategy=None, datasets=None):
           f'{config.batch_size // pipelines} per epoch', flush=True)
   sync_bn = distribute.resolve_sync_batch_norm(config.sync_batch_norm, replicas)
   jit = distribute.resolve_jit_compile(config.jit_compile, strategy)
-  if jit and config.seed is not None:
+  if jit and config.seed is not None and tf_config.is_op_determinism_enabled():
     # Measured: XLA has no deterministic MaxPool gradient, so with op
-    # determinism on (what --seed needs) the first step fails.
-    raise ValueError(f'--jit_compile={config.jit_compile} with --seed: XLA has no deterministic '
-                     'form of these models\' max-pool gradient; drop one of the two')
+    # determinism on (what --seed needs on GPUs) the first step fails.
+    raise ValueError(f'--jit_compile={config.jit_compile} with --seed on GPUs: XLA has no '
+                     'deterministic form of these models\' max-pool gradient; drop one of the two')
   if jit and sync_bn and replicas > 1 and config.model == 'batchnorm':
     # Its cross-replica sums would sit inside the XLA function, which
     # tf.distribute cannot synchronize (a merge_call inside a tf.function).

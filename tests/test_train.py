@@ -182,6 +182,15 @@ def test_xla_with_synchronized_batch_norm_over_replicas_is_refused(records, tmp_
   assert not (tmp_path / 'run').exists()  # Refused before anything was written.
 
 
+def test_xla_with_a_seed_on_gpus_is_refused(records, tmp_path, monkeypatch):
+  """On GPU hosts --seed turns op determinism on, under which XLA fails its first step."""
+  real = tf.config.list_physical_devices
+  monkeypatch.setattr(tf.config, 'list_physical_devices',
+                      lambda kind=None: ['GPU:0'] if kind == 'GPU' else real(kind))
+  with pytest.raises(ValueError, match='--jit_compile=on with --seed on GPUs'):
+    train.run(_config(records, tmp_path / 'run', jit_compile='on'))
+
+
 def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
   """The demo model learns, and metrics.json holds the exact whole-split figures."""
   metrics = train.run(_config(learnable_records, tmp_path / 'run', epochs=4, batch_size=16,
@@ -372,8 +381,6 @@ def test_multi_worker_without_a_cluster_trains_as_one_local_worker(records, tmp_
     (['--strategy=multi_worker', 'TF_CONFIG={"cluster": '], 'TF_CONFIG: not valid JSON'),
     (['--seed=-1'], '--seed=-1: must be in 0..4294967295'),
     (['--sync_batch_norm=maybe'], 'sync_batch_norm'),
-    (['--seed=1', '--jit_compile=on', '--batch_size=8'],
-     '--jit_compile=on with --seed: XLA has no deterministic'),
     (['--strategy=mirrored', '--num_cpu_devices=2', '--model=batchnorm', '--jit_compile=on',
       '--batch_size=8'],
      '--jit_compile=on cannot compile synchronized BatchNorm over 2 replicas'),

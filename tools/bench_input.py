@@ -11,7 +11,8 @@ over the dataset, on the same examples:
     steady state and first epoch, batch 64 and 256, with and without
     augmentation; and, in the same pipeline, the by-position augmentation it
     replaced (position i of B got transform 8i/B: uniform only when B/8 is a
-    whole number, never a 90-degree rotation at B = 4);
+    whole number, never a 90-degree rotation at B = 4); and, timed last, the
+    batch-64 pipeline under TF op determinism;
   * seed-style loader: Keras' legacy ImageDataGenerator.flow_from_dataframe
     over the train TIFFs, then the center crop (as the seed fed its models);
   * TFDS-style reader: 96x96 PNG-encoded records decoded and cropped per
@@ -248,6 +249,13 @@ def main(argv):
     results[f'tf.data ceiling (batch {batch_size})'] = ceiling_rate(
         batch_size, shape, count // batch_size, epochs)
   results['memory-copy floor (NumPy)'] = memcpy_rate(count, shape, epochs)
+  # Last: op determinism cannot be turned off again in this process.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.experimental.enable_op_determinism()
+  for augment in (False, True):
+    name = f'pipeline, batch 64, {"dihedral" if augment else "no"} augmentation'
+    results[f'{name}: cached, under op determinism'] = pipeline_rates(
+        _RECORDS_DIR.value, 64, augment, epochs)[1]
   memory = [cache_cost(d) for d in [_RECORDS_DIR.value, *_MEMORY_RECORDS.value]]
 
   seed = results['seed-style loader (ImageDataGenerator, batch 64)']
