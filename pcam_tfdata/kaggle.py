@@ -174,7 +174,11 @@ def read_groups(path, ids):
                         f'{", ".join(GROUP_COLUMNS)}; columns: {", ".join(map(str, header))})')
     column = found[0] if found else column
   frame = read_id_csv(path, column)
-  lookup = pd.Series(frame[column].to_numpy(), index=frame['id'].to_numpy())
+  values = frame[column].str.strip()  # 'slideA ' is slide A: one slide, one fold.
+  empty = frame.index[(values == '').to_numpy()]
+  if len(empty):
+    raise SourceError(f'{path} line {empty[0]}: empty {column} for id {frame.at[empty[0], "id"]}')
+  lookup = pd.Series(values.to_numpy(), index=frame['id'].to_numpy())
   groups = lookup.reindex(ids)
   absent = groups.isna().to_numpy()
   if absent.any():

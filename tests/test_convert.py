@@ -15,6 +15,7 @@ import tensorflow as tf
 from pcam_tfdata import convert
 from pcam_tfdata import kaggle
 from pcam_tfdata import schema
+from pcam_tfdata import splits
 from pcam_tfdata import synthetic
 from pcam_tfdata import tiff
 from conftest import ROOT, error_lines, run_convert, run_tool
@@ -131,6 +132,35 @@ def test_k_folds_by_slide_partition_the_examples(kaggle_dir, tmp_path):
     assert not {slide[i] for i in train_ids} & {slide[i] for i, _, _ in f['val']}
     share = np.mean([label for _, label, _ in f['val']])
     assert abs(share - positive_share) < 0.15, share  # As balanced as 12 slides allow.
+
+
+def test_slide_folds_are_never_empty_and_balance_each_class():
+  rng = np.random.default_rng(0)
+  # Two single-class slides and K = 2: one slide per fold, not both in fold 0.
+  folds = splits.assign_folds(np.array([0] * 5 + [1] * 5), 2, rng,
+                              np.array(['a'] * 5 + ['b'] * 5))
+  assert sorted(set(folds[:5])) != sorted(set(folds[5:]))
+  # One tumour slide with 30% of the positives among 8 smaller tumour slides
+  # and 15 normal ones: its fold still gets its share of normal tissue.
+  labels, groups = [], []
+  for g, (n, label) in enumerate([(30, 1)] + [(9, 1)] * 8 + [(10, 0)] * 15):
+    labels += [label] * n
+    groups += [f's{g}'] * n
+  labels, groups = np.array(labels), np.array(groups)
+  for seed in range(5):
+    folds = splits.assign_folds(labels, 5, np.random.default_rng(seed), groups)
+    for k in range(5):
+      assert (labels[folds == k] == 0).sum() >= 20, (seed, k)  # 150 / 5 = 30 each, +- a slide.
+
+
+def test_group_values_are_stripped_and_never_empty(tmp_path):
+  from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'g.csv').write_text('id,wsi\na,slide1\nb,slide1 \nc, slide2\n')
+  assert kaggle.read_groups(str(tmp_path / 'g.csv'), np.array(['a', 'b', 'c'])).tolist() == [
+      'slide1', 'slide1', 'slide2']
+  (tmp_path / 'e.csv').write_text('id,wsi\na,slide1\nb, \n')
+  with pytest.raises(kaggle.SourceError, match='e.csv line 3: empty wsi for id b'):
+    kaggle.read_groups(str(tmp_path / 'e.csv'), np.array(['a', 'b']))
 
 
 def test_k_folds_without_groups_are_stratified(kaggle_dir, tmp_path):

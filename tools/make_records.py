@@ -70,7 +70,7 @@ def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {" ".join(argv[1:])}; flags take the form --name=value')
   data_dir, per_class = _DATA_DIR.value, _PER_CLASS.value
-  folds_asked = flags.FLAGS['num_folds'].present or flags.FLAGS['fold'].present
+  folds_asked = _NUM_FOLDS.value != 0 or flags.FLAGS['fold'].present  # 0: no folds.
   if folds_asked:
     if _SOURCE.value == 'pcam_h5':
       _fail('--num_folds: folds are made from the Kaggle layout (--source=kaggle); PCam\'s '
