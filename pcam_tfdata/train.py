@@ -42,8 +42,8 @@ _JIT_COMPILE = flags.DEFINE_enum(
 _AUGMENT = flags.DEFINE_bool('augment', False, 'A random dihedral flip/rotation per image.')
 _STAIN_JITTER = flags.DEFINE_float(
     'stain_jitter', 0.0, 'HED stain augmentation strength s in [0, 1): each image\'s '
-    'haematoxylin, eosin and DAB scaled by U(1-s, 1+s) and shifted by U(-s, s); '
-    '0.05 light, 0.2 strong, 0 off.')
+    'haematoxylin, eosin and DAB scaled by U(1-s, 1+s) and shifted by U(-s, s), in '
+    'skimage rgb2hed units (tissue spans about 0-0.1: 0.01 is visible, 0.05 strong); 0 off.')
 _SEED = flags.DEFINE_integer(
     'seed', None, 'Seed of weights, data order, augmentation and dropout: a rerun, or a '
     'resumed run, ends with bit-identical weights (turns on TF op determinism).')
@@ -106,7 +106,7 @@ def check_config(config):
       (config.reduce_lr_patience >= 1,
        f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
       (0 <= config.stain_jitter < 1,
-       f'--stain_jitter={config.stain_jitter}: must be in [0, 1) (0.05 light, 0.2 strong)'),
+       f'--stain_jitter={config.stain_jitter}: must be in [0, 1)'),
       (config.seed is None or 0 <= config.seed < 2**32,
        f'--seed={config.seed}: must be in 0..{2**32 - 1} (NumPy and Keras seeds)'),
       (config.sync_batch_norm in ('auto', 'on', 'off'),
