@@ -112,3 +112,57 @@ def random_dihedral(images, seed):
   """
   order, bounds = draw_dihedral(tf.shape(images)[0], seed)
   return apply_dihedral(tf.gather(images, order), order, bounds)
+
+
+# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB optical
+# densities per R, G, B), as skimage.color.rgb_from_hed.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
+                         [0.07, 0.99, 0.11],
+                         [0.27, 0.57, 0.78]], np.float64)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+_LOG_FLOOR = np.log(1e-6)  # skimage's log_adjust: intensities floored at 1e-6.
+
+
+def rgb_to_hed(images):
+  """HED stain concentrations [..., 3] of uint8 or [0, 1] float RGB, as skimage.color.rgb2hed.
+
+  Unlike skimage, negative concentrations are kept (not clipped at 0), so
+  that `hed_to_rgb` inverts this exactly and a jitter is affine in HED.
+  """
+  x = tf.convert_to_tensor(images)
+  if x.dtype == tf.uint8:
+    x = tf.cast(x, tf.float32) / 255.0
+  od = tf.math.log(tf.maximum(x, 1e-6)) / _LOG_FLOOR  # Optical density, scaled.
+  return tf.tensordot(od, tf.constant(HED_FROM_RGB, tf.float32), 1)  # One [N, 3] x [3, 3].
+
+
+def hed_to_rgb(hed):
+  """[0, 1] float RGB of HED concentrations, as skimage.color.hed2rgb."""
+  od = tf.tensordot(hed, tf.constant(RGB_FROM_HED, tf.float32), 1)
+  return tf.clip_by_value(tf.exp(od * _LOG_FLOOR), 0.0, 1.0)
+
+
+def stain_jitter(images, strength, seed):
+  """Perturbs each image's haematoxylin, eosin and DAB concentrations (Tellez et al. 2019).
+
+  Per image and stain channel: c -> alpha * c + beta, alpha ~ U(1 - s, 1 + s),
+  beta ~ U(-s, s), in the HED space of `rgb_to_hed`, then back to RGB,
+  rounded to uint8. The colour variation between labs and scanners, drawn
+  afresh for every image.
+
+  Args:
+    images: uint8 [B, H, W, 3].
+    strength: s in [0, 1); 0 returns the images unchanged.
+    seed: [2] int stateless seed.
+
+  Returns:
+    uint8 [B, H, W, 3].
+  """
+  if not strength:
+    return images
+  batch = tf.shape(images)[0]
+  alpha_key, beta_key = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  alpha = tf.random.stateless_uniform([batch, 1, 1, 3], alpha_key, 1 - strength, 1 + strength)
+  beta = tf.random.stateless_uniform([batch, 1, 1, 3], beta_key, -strength, strength)
+  rgb = hed_to_rgb(rgb_to_hed(images) * alpha + beta)
+  return tf.cast(tf.round(rgb * 255.0), tf.uint8)

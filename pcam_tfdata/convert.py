@@ -50,7 +50,7 @@ def check_settings(crop_size, per_class, val_fraction, num_shards, workers):
 
 
 def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
-              num_shards=0, skip_bad=False):
+              num_shards=0, skip_bad=False, num_folds=0, fold=0):
   """Decides which example goes to which shard, in which order.
 
   Args:
@@ -59,6 +59,10 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
       flags of tools/make_records.py.
     groups: optional array of group names aligned with `source.ids`; no group
       then appears in both train and val.
+    num_folds, fold: K-fold cross-validation (num_folds >= 2): val is fold
+      `fold` of `splits.assign_folds`, train the other folds; `val_fraction`
+      is then unused. The folds depend only on the ids, labels, groups and
+      seed, so the K conversions partition the kept examples.
 
   Returns:
     A dict: `settings`, `splits` ({split: list of (id, label, path)}),
@@ -73,10 +77,18 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
   order = np.argsort(source.ids, kind='stable')
   ids, labels = source.ids[order], source.labels[order]
   groups = None if groups is None else np.asarray(groups)[order]
+  kept_groups = lambda kept: None if groups is None else groups[kept]
   try:
     kept = splits.balance(ids, labels, per_class, rng)
-    train, val = splits.split_train_val(labels[kept], val_fraction, rng,
-                                        None if groups is None else groups[kept])
+    if num_folds:
+      if not 0 <= fold < num_folds:
+        raise ValueError(f'--fold={fold}: must be in 0..{num_folds - 1} '
+                         f'(--num_folds={num_folds})')
+      folds = splits.assign_folds(labels[kept], num_folds, rng, kept_groups(kept))
+      train = rng.permutation(np.flatnonzero(folds != fold))
+      val = rng.permutation(np.flatnonzero(folds == fold))
+    else:
+      train, val = splits.split_train_val(labels[kept], val_fraction, rng, kept_groups(kept))
   except ValueError as e:
     raise ConvertError(str(e)) from None
   plan_splits = {}
@@ -90,8 +102,11 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
   shard_counts = count_shards({n: len(e) for n, e in plan_splits.items()}, crop_size, num_shards)
 
   settings = {'source': 'kaggle', 'crop_size': crop_size, 'per_class': per_class,
-              'val_fraction': val_fraction, 'seed': seed, 'grouped': groups is not None,
-              'skip_bad': skip_bad, 'format_version': schema.FORMAT_VERSION}
+              'val_fraction': None if num_folds else val_fraction, 'seed': seed,
+              'grouped': groups is not None, 'skip_bad': skip_bad,
+              'format_version': schema.FORMAT_VERSION}
+  if num_folds:  # (Absent otherwise: earlier conversions keep their fingerprint.)
+    settings.update(num_folds=num_folds, fold=fold)
   digest = hashlib.sha256(json.dumps([settings, shard_counts]).encode())
   for name in sorted(plan_splits):
     digest.update(json.dumps([name, plan_splits[name]]).encode())
@@ -315,14 +330,15 @@ def _keep_only(work_dir, names):
 
 def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2, seed=0,
             groups=None, num_shards=0, workers=1, skip_bad=False, overwrite=False,
-            replace_stale=False, flags=None, eda=True, show_progress=True, log=print):
+            replace_stale=False, flags=None, eda=True, show_progress=True, log=print,
+            num_folds=0, fold=0):
   """Converts a checked source folder into records; see the module docstring.
 
   Args:
     source: a kaggle.KaggleSource (its `missing` ids are skipped and listed).
     out_dir: the records folder to create.
-    crop_size, per_class, val_fraction, seed, groups, num_shards, skip_bad:
-      see `make_plan`.
+    crop_size, per_class, val_fraction, seed, groups, num_shards, skip_bad,
+      num_folds, fold: see `make_plan`.
     workers: processes that write shards.
     overwrite: rebuild a finished output (only one with this tool's manifest).
     replace_stale: rebuild a finished output only if it is of other inputs or
@@ -344,7 +360,7 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
   check_paths(source.data_dir, out_dir)
   plan = make_plan(source, crop_size=crop_size, per_class=per_class,
                    val_fraction=val_fraction, seed=seed, groups=groups,
-                   num_shards=num_shards, skip_bad=skip_bad)
+                   num_shards=num_shards, skip_bad=skip_bad, num_folds=num_folds, fold=fold)
   # The folder itself, not a link to it: the swap renames folders, and
   # renaming a link would leave the old records where it pointed.
   out_dir = os.path.realpath(out_dir)

@@ -150,14 +150,35 @@ def read_source(data_dir, allow_missing=False):
       unlabelled=unlabelled)
 
 
+GROUP_COLUMNS = ('group', 'wsi', 'slide')  # The community slide file says `id,wsi`.
+
+
 def read_groups(path, ids):
   """Reads an `id,group` CSV and returns the group of each id.
 
+  The group column may also be called `wsi` (the community mapping of PCam
+  patches to slides, patch_id_wsi_full.csv, as it is) or `slide`.
+
   Raises:
-    SourceError: malformed CSV, or an id with no group row.
+    SourceError: malformed CSV, no group column, or an id with no group row.
   """
-  frame = read_id_csv(path, 'group')
-  lookup = pd.Series(frame['group'].to_numpy(), index=frame['id'].to_numpy())
+  column = 'group'
+  if os.path.isfile(path):
+    try:
+      header = pd.read_csv(path, dtype=str, nrows=0).columns
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+      header = []  # read_id_csv says what is wrong with it.
+    found = [c for c in GROUP_COLUMNS if c in [str(h).strip() for h in header]]
+    if len(header) and not found:
+      raise SourceError(f'{path}: no group column (expected id and one of '
+                        f'{", ".join(GROUP_COLUMNS)}; columns: {", ".join(map(str, header))})')
+    column = found[0] if found else column
+  frame = read_id_csv(path, column)
+  values = frame[column].str.strip()  # 'slideA ' is slide A: one slide, one fold.
+  empty = frame.index[(values == '').to_numpy()]
+  if len(empty):
+    raise SourceError(f'{path} line {empty[0]}: empty {column} for id {frame.at[empty[0], "id"]}')
+  lookup = pd.Series(values.to_numpy(), index=frame['id'].to_numpy())
   groups = lookup.reindex(ids)
   absent = groups.isna().to_numpy()
   if absent.any():

@@ -5,7 +5,8 @@ shard them per input pipeline -> read and parse 1024 records at a time into
 one tensor per field holding the whole (per-pipeline) split, once (the cache)
 -> per epoch, a permutation (from the seed and the epoch number) cut into
 batches that are gathered from it -> a dihedral transform per image, applied
-as static flips and transposes to the groups that drew each one -> prefetch.
+as static flips and transposes to the groups that drew each one -> optional
+HED stain jitter per image -> prefetch.
 
 Why the cache holds one tensor: a per-example cache -> shuffle -> batch chain
 pays tf.data's per-element cost on every image and tops out at 140-170k
@@ -147,7 +148,7 @@ def steps_per_epoch(manifest, split, batch_size, num_input_pipelines=1):
 
 def make_dataset(records_dir, split, *, batch_size, training, cache=True, augment=None,
                  seed=None, input_context=None, with_ids=False, first_epoch=1, num_epochs=1,
-                 batches_per_epoch=None):
+                 batches_per_epoch=None, stain_jitter=0.0):
   """Builds the input pipeline of one split.
 
   Args:
@@ -170,6 +171,10 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
     first_epoch: training: the number of the first epoch yielded (1-based).
     num_epochs: training: epochs yielded per iteration, one after the other
       (None: endless).
+    stain_jitter: training: s in [0, 1), each image's haematoxylin, eosin and
+      DAB concentrations scaled by U(1-s, 1+s) and shifted by U(-s, s), per
+      image and stain (`augment.stain_jitter`); after the cache, never cached;
+      0 for none.
     batches_per_epoch: training: batches of each epoch (default: every whole
       batch of the split). A trainer whose steps consume fewer (several
       replicas per pipeline, or pipelines of unequal size) passes what it
@@ -188,6 +193,8 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
     raise ValueError(f'batch_size={batch_size}: must be >= 1')
   if augment not in (None, False, True, 'dihedral'):
     raise ValueError(f'augment={augment!r}: use None, False, True or "dihedral"')
+  if not 0 <= stain_jitter < 1:
+    raise ValueError(f'stain_jitter={stain_jitter}: must be in [0, 1)')
   if first_epoch < 1 or (num_epochs is not None and num_epochs < 1):
     raise ValueError(f'first_epoch={first_epoch}, num_epochs={num_epochs}: must be >= 1')
   manifest = schema.load_manifest(records_dir)
@@ -209,7 +216,8 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
                      f'{whole_batches} whole batches of {batch_size} per epoch')
   pipeline_id = input_context.input_pipeline_id if input_context else 0
   return _train_dataset(paths, count, batch_size, parse, cache, bool(augment), seed,
-                        pipeline_id, first_epoch, num_epochs, batches_per_epoch)
+                        pipeline_id, first_epoch, num_epochs, batches_per_epoch,
+                        float(stain_jitter))
 
 
 def _eval_dataset(paths, counts, batch_size, parse, cache):
@@ -257,7 +265,7 @@ def _gather_augmented(images, batch_index, seed):
 
 
 def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeline_id,
-                   first_epoch, num_epochs, steps):
+                   first_epoch, num_epochs, steps, stain):
   deterministic = seed is not None
   if cache:
     # The whole split as one element: one tensor per field, [count, ...],
@@ -288,12 +296,15 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeli
     batch_index, step_number = step
     augment_key, fields = key_and_fields
     images, *rest = fields
+    # Each step's draws from (epoch key, step): parallel and reproducible.
+    step_key = tf.random.experimental.stateless_fold_in(augment_key, step_number)
     if augment:
-      # Each step's draw from (epoch key, step): parallel and reproducible.
-      images = _gather_augmented(images, batch_index,
-                                 tf.random.experimental.stateless_fold_in(augment_key, step_number))
+      images = _gather_augmented(images, batch_index, step_key)
     else:
       images = tf.gather(images, batch_index)
+    if stain:
+      images = augment_lib.stain_jitter(
+          images, stain, tf.random.experimental.stateless_fold_in(step_key, 1))
     return (images, *(tf.gather(f, batch_index) for f in rest))
 
   # One base seed per iteration (the given one, or a fresh draw), then the
@@ -314,7 +325,7 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeli
 
 
 def make_streaming_dataset(records_dir, split, *, batch_size, augment=None, seed=None,
-                           with_ids=False, repeat=False):
+                           with_ids=False, repeat=False, stain_jitter=0.0):
   """The streaming form of the training pipeline, which tf.data service workers run.
 
   Read (interleaved), parse 1,024 at a time, shuffle in a buffer of
@@ -338,18 +349,24 @@ def make_streaming_dataset(records_dir, split, *, batch_size, augment=None, seed
   ds = ds.batch(_PARSE_BATCH).map(lambda x: parse_batch(x, image_shape, with_ids),
                                   num_parallel_calls=tf.data.AUTOTUNE).unbatch()
   ds = ds.shuffle(_SERVICE_SHUFFLE_BUFFER, seed=seed).batch(batch_size, drop_remainder=True)
-  if augment:
+  if augment or stain_jitter:
     # A stateless seed per batch: (seed, batch number), or random pairs.
     keys = (tf.data.Dataset.random().batch(2) if seed is None else
             tf.data.Dataset.counter().map(lambda i: tf.stack([tf.constant(seed, tf.int64), i])))
-    ds = tf.data.Dataset.zip(ds, keys).map(
-        lambda batch, key: (augment_lib.random_dihedral(batch[0], key), *batch[1:]),
-        num_parallel_calls=tf.data.AUTOTUNE)
+
+    def augment_batch(batch, key):
+      images = augment_lib.random_dihedral(batch[0], key) if augment else batch[0]
+      images = augment_lib.stain_jitter(images, stain_jitter,
+                                        tf.random.experimental.stateless_fold_in(key, 1))
+      return (images, *batch[1:])
+
+    ds = tf.data.Dataset.zip(ds, keys).map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
   return ds
 
 
 def make_service_dataset(records_dir, split, address, *, batch_size, augment=None, seed=None,
-                         with_ids=False, repeat=False, job_name=SERVICE_JOB_NAME):
+                         with_ids=False, repeat=False, job_name=SERVICE_JOB_NAME,
+                         stain_jitter=0.0):
   """The training pipeline, run by the tf.data service at `address`.
 
   Service workers run its streaming form (read, parse, shuffle in a buffer,
@@ -359,7 +376,7 @@ def make_service_dataset(records_dir, split, address, *, batch_size, augment=Non
   workers, and trainers sharing `job_name` share one stream of batches.
 
   Args:
-    records_dir, split, batch_size, augment, seed, with_ids: as
+    records_dir, split, batch_size, augment, seed, with_ids, stain_jitter: as
       pipeline.make_dataset (training mode).
     address: the dispatcher, 'grpc://host:port'.
     repeat: endless passes (training); else one pass, each example once
@@ -370,7 +387,8 @@ def make_service_dataset(records_dir, split, address, *, batch_size, augment=Non
     A tf.data.Dataset of batches, read from the service.
   """
   ds = make_streaming_dataset(records_dir, split, batch_size=batch_size, augment=augment,
-                              seed=seed, with_ids=with_ids, repeat=repeat)
+                              seed=seed, with_ids=with_ids, repeat=repeat,
+                              stain_jitter=stain_jitter)
   dataset_id = tf.data.experimental.service.register_dataset(address, ds)
   service = tf.data.experimental.service.from_dataset_id(
       processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,

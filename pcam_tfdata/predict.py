@@ -3,10 +3,16 @@ r"""Writes the Kaggle submission: id,label with label the probability of class 1
     python -m pcam_tfdata.predict --model_dir=runs/demo/batchnorm \
         --records_dir=records/demo --output=submission.csv \
         --sample_submission=records/demo_kaggle/sample_submission.csv --tta
+
+Several runs (e.g. one per cross-validation fold), comma-separated, make an
+ensemble: the mean of their probabilities. On a labelled test split (PCam's
+HDF5 source) the metrics of that mean are printed too.
 """
 
 import os
 import zipfile
+
+import numpy as np
 
 from absl import app
 from absl import flags
@@ -15,7 +21,9 @@ from pcam_tfdata import cli
 from pcam_tfdata import rundir
 from pcam_tfdata import schema
 
-_MODEL_DIR = flags.DEFINE_string('model_dir', None, 'A finished run (holds model.keras).')
+_MODEL_DIR = flags.DEFINE_list(
+    'model_dir', None, 'A finished run (holds model.keras), or several, comma-separated: '
+    'their mean probability (a fold ensemble).')
 _RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records with a test split.')
 _OUTPUT = flags.DEFINE_string('output', 'submission.csv', 'The CSV to write.')
 _SAMPLE_SUBMISSION = flags.DEFINE_string(
@@ -35,27 +43,42 @@ def main(argv):
     cli.fail('predict', '--model_dir is required')
   if _BATCH_SIZE.value < 1:
     cli.fail('predict', f'--batch_size={_BATCH_SIZE.value}: must be >= 1')
-  path = os.path.join(_MODEL_DIR.value, rundir.MODEL_FILE)
-  if not os.path.isfile(path):
-    cli.fail('predict', f'{path}: no such model (train first)')
+  paths = [os.path.join(d, rundir.MODEL_FILE) for d in _MODEL_DIR.value]
+  for path in paths:
+    if not os.path.isfile(path):
+      cli.fail('predict', f'{path}: no such model (train first)')
   try:
-    schema.load_manifest(_RECORDS_DIR.value)  # A wrong folder fails before TF starts.
+    manifest = schema.load_manifest(_RECORDS_DIR.value)  # A wrong folder fails before TF starts.
   except schema.ManifestError as e:
     cli.fail('predict', e)
   cli.import_tensorflow(_VERBOSE.value)
   import keras  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import evaluate  # pylint: disable=g-import-not-at-top
   from pcam_tfdata import submission  # pylint: disable=g-import-not-at-top
+  models = []
+  for path in paths:
+    try:
+      # safe_mode (Keras' default, kept explicit): a model file cannot run code on load.
+      model = keras.models.load_model(path, safe_mode=True)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+      cli.fail('predict', f'{path}: unreadable model ({str(e).splitlines()[0] if str(e) else e})')
+    shape = tuple(model.input_shape[1:])
+    if shape != tuple(manifest['image_shape']):
+      cli.fail('predict', f'{path}: trained on images of {list(shape)}, but '
+                          f'{_RECORDS_DIR.value} holds {manifest["image_shape"]}')
+    models.append(model)
   try:
-    # safe_mode (Keras' default, kept explicit): a model file cannot run code on load.
-    model = keras.models.load_model(path, safe_mode=True)
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    cli.fail('predict', f'{path}: unreadable model ({str(e).splitlines()[0] if str(e) else e})')
-  try:
-    ids, probs = submission.predict_test(model, _RECORDS_DIR.value, _BATCH_SIZE.value,
-                                         _TTA.value, show_progress=_PROGRESS.value)
+    ids, probs, labels = submission.predict_split(models, _RECORDS_DIR.value, 'test',
+                                                  _BATCH_SIZE.value, _TTA.value,
+                                                  show_progress=_PROGRESS.value)
     frame = submission.write_submission(ids, probs, _OUTPUT.value, _SAMPLE_SUBMISSION.value)
   except ValueError as e:  # schema.ManifestError is one.
     cli.fail('predict', e)
+  if len(labels) and np.isin(labels, (0, 1)).all():  # Labelled (PCam's test split).
+    metrics = evaluate.binary_metrics(labels, probs)
+    print(f'test split ({len(models)} model{"s" if len(models) > 1 else ""}'
+          f'{", TTA" if _TTA.value else ""}): ' +
+          ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
   print(f'wrote {len(frame)} predictions to {_OUTPUT.value}')
 
 

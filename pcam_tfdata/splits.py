@@ -66,6 +66,68 @@ def split_train_val(labels, val_fraction, rng, groups=None):
   return rng.permutation(train), rng.permutation(val)
 
 
+def assign_folds(labels, num_folds, rng, groups=None):
+  """The fold (0..num_folds-1) of each example, for K-fold cross-validation.
+
+  Without groups, stratified: each class is dealt round-robin over the folds
+  in a random order, so fold sizes and class shares differ by at most one
+  example. With groups (e.g. slides), whole groups are placed, largest first
+  (ties in random order), each in the fold that stays furthest below its
+  share of either class, so no group is in two folds and each fold's classes
+  are balanced as far as the groups allow (greedy: each group, largest
+  first, goes where it adds least to the squared overshoot of each class's
+  and the size's share; as sklearn's StratifiedGroupKFold, in spirit).
+
+  Args:
+    labels: int array (0/1), in a fixed order (the plan's, sorted by id).
+    num_folds: K >= 2.
+    rng: np.random.Generator; the same draws for every fold's conversion.
+    groups: optional array of group names aligned with `labels`.
+
+  Returns:
+    int array of folds, aligned with `labels`.
+
+  Raises:
+    ValueError: K < 2, more folds than examples (or groups), or groups too
+      uneven to give every fold one.
+  """
+  n = len(labels)
+  units = n if groups is None else len(np.unique(groups))
+  if num_folds < 2 or num_folds > units:
+    what = 'examples' if groups is None else 'groups'
+    raise ValueError(f'--num_folds={num_folds}: must be 2..{units} (the number of {what})')
+  folds = np.zeros(n, dtype=np.int64)
+  if groups is None:
+    for label in np.unique(labels):
+      members = rng.permutation(np.flatnonzero(labels == label))
+      # Each class starts where the last one left off, so sizes stay even too.
+      start = int(np.sum(labels < label)) % num_folds
+      folds[members] = (np.arange(len(members)) + start) % num_folds
+    return folds
+  names, inverse = np.unique(groups, return_inverse=True)
+  # Per group: examples of class 0, of class 1, and in all.
+  counts = np.zeros((len(names), 3))
+  np.add.at(counts, (inverse, np.asarray(labels, dtype=np.int64)), 1)
+  counts[:, 2] = counts[:, :2].sum(1)
+  targets = np.maximum(counts.sum(0), 1) / num_folds  # Each fold's share.
+  order = rng.permutation(len(names))
+  order = order[np.argsort(-counts[order, 2], kind='stable')]  # Largest first.
+  filled = np.zeros((num_folds, 3))
+  group_fold = np.zeros(len(names), dtype=np.int64)
+  for g in order:
+    # The fold where g adds least to the squared overshoot of each class and
+    # of the size over their shares: a class a fold lacks is cheap there,
+    # and an empty fold is always cheaper than a filled one of the same class.
+    grown = ((filled + counts[g]) / targets) ** 2 - (filled / targets) ** 2
+    fold = int(np.argmin(grown.sum(1)))
+    group_fold[g] = fold
+    filled[fold] += counts[g]
+  if (filled[:, 2] == 0).any():
+    raise ValueError(f'--num_folds={num_folds}: the {len(names)} groups cannot fill '
+                     f'{num_folds} folds')
+  return group_fold[inverse]
+
+
 def num_shards_for(count, bytes_per_example, minimum, requested=0, target_bytes=128 << 20):
   """How many shards a split gets.
 

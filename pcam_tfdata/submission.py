@@ -17,33 +17,51 @@ def predict_test(model, records_dir, batch_size=128, tta=False, show_progress=Fa
   """Probabilities of class 1 for every test id.
 
   Args:
-    model: a Keras model of uint8 images to probabilities [B, 1].
+    model: a Keras model of uint8 images to probabilities [B, 1], or a list
+      of them (a fold ensemble: their probabilities are averaged).
     records_dir: records with a test split.
     batch_size: images per forward pass (times 8 with `tta`).
-    tta: average the model over the 8 dihedral transforms of each image.
+    tta: average each model over the 8 dihedral transforms of each image.
     show_progress: show a progress bar (or log lines) over the batches.
 
   Returns:
     (ids, probabilities) in the records' order.
   """
-  ds = pipeline.make_dataset(records_dir, 'test', batch_size=batch_size, training=False,
+  ids, probs, _ = predict_split(model, records_dir, 'test', batch_size, tta, show_progress)
+  return ids, probs
+
+
+def predict_split(models, records_dir, split='test', batch_size=128, tta=False,
+                  show_progress=False):
+  """(ids, mean probability of the models, labels) for every example of a split.
+
+  Args: as `predict_test`, and `split` to read.
+  """
+  models = list(models) if isinstance(models, (list, tuple)) else [models]
+  ds = pipeline.make_dataset(records_dir, split, batch_size=batch_size, training=False,
                              with_ids=True)
   transforms = range(8) if tta else range(1)
-  bar = progress.Progress(int(ds.cardinality()), 'predicting' + (' with TTA x8' if tta else ''),
+  what = ' with TTA x8' if tta else ''
+  what += f', {len(models)} models' if len(models) > 1 else ''
+  bar = progress.Progress(int(ds.cardinality()), 'predicting' + what,
                           images_per_step=batch_size, enabled=show_progress)
 
   @tf.function(reduce_retracing=True)
   def forward(images):
-    outs = [model(augment.dihedral_transform(images, k), training=False) for k in transforms]
+    # Each model's own mean over the views, then the mean over the models:
+    # with equal view counts, the same as one mean over everything.
+    outs = [model(augment.dihedral_transform(images, k), training=False)
+            for model in models for k in transforms]
     return tf.reshape(tf.reduce_mean(tf.stack(outs), 0), [-1])
 
-  ids, probs = [], []
+  ids, probs, labels = [], [], []
   with verify.reading(records_dir), bar:  # TF's messages name no file: find it.
-    for step, (images, _, batch_ids) in enumerate(ds, 1):
+    for step, (images, batch_labels, batch_ids) in enumerate(ds, 1):
       probs.append(forward(images).numpy())
+      labels.append(batch_labels.numpy())
       ids.extend(i.decode() for i in batch_ids.numpy())
       bar.update(step)
-  return np.asarray(ids), np.concatenate(probs)
+  return np.asarray(ids), np.concatenate(probs), np.concatenate(labels)
 
 
 def write_submission(ids, probs, output, sample_submission=None):

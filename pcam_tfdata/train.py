@@ -40,6 +40,10 @@ _JIT_COMPILE = flags.DEFINE_enum(
     "XLA for the training step's forward and backward pass; auto: as Keras decides "
     '(on with one GPU, off on CPU hosts and under op determinism).')
 _AUGMENT = flags.DEFINE_bool('augment', False, 'A random dihedral flip/rotation per image.')
+_STAIN_JITTER = flags.DEFINE_float(
+    'stain_jitter', 0.0, 'HED stain augmentation strength s in [0, 1): each image\'s '
+    'haematoxylin, eosin and DAB scaled by U(1-s, 1+s) and shifted by U(-s, s), in '
+    'skimage rgb2hed units (tissue spans about 0-0.1: 0.01 is visible, 0.05 strong); 0 off.')
 _SEED = flags.DEFINE_integer(
     'seed', None, 'Seed of weights, data order, augmentation and dropout: a rerun, or a '
     'resumed run, ends with bit-identical weights (turns on TF op determinism).')
@@ -76,6 +80,7 @@ class Config:
   sync_batch_norm: str = 'auto'
   jit_compile: str = 'auto'
   augment: bool = False
+  stain_jitter: float = 0.0
   seed: int | None = None
   steps_per_execution: int = 1
   early_stopping_patience: int = 3
@@ -100,6 +105,8 @@ def check_config(config):
        f'--early_stopping_patience={config.early_stopping_patience}: must be >= 1'),
       (config.reduce_lr_patience >= 1,
        f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
+      (0 <= config.stain_jitter < 1,
+       f'--stain_jitter={config.stain_jitter}: must be in [0, 1)'),
       (config.seed is None or 0 <= config.seed < 2**32,
        f'--seed={config.seed}: must be in 0..{2**32 - 1} (NumPy and Keras seeds)'),
       (config.sync_batch_norm in ('auto', 'on', 'off'),
@@ -152,7 +159,8 @@ def _config_from_flags():
       epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
       mixed_precision=_MIXED_PRECISION.value, strategy=_STRATEGY.value,
       num_cpu_devices=_NUM_CPU_DEVICES.value, sync_batch_norm=_SYNC_BATCH_NORM.value,
-      jit_compile=_JIT_COMPILE.value, augment=_AUGMENT.value, seed=_SEED.value,
+      jit_compile=_JIT_COMPILE.value, augment=_AUGMENT.value,
+      stain_jitter=_STAIN_JITTER.value, seed=_SEED.value,
       steps_per_execution=_STEPS_PER_EXECUTION.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,
       reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile,

@@ -32,12 +32,14 @@ def _datasets(config, manifest, global_batch):
       # Endless, so that every trainer (sharing the job) can take its steps.
       return pipeline.make_service_dataset(
           config.records_dir, 'train', config.data_service_address, batch_size=batch_size,
-          augment=config.augment, seed=config.seed, repeat=True)
+          augment=config.augment, seed=config.seed, repeat=True,
+          stain_jitter=config.stain_jitter)
     # Every remaining epoch, each from (seed, epoch number): a resumed run
     # sees the batches the uninterrupted one would have.
     return pipeline.make_dataset(
         config.records_dir, 'train', batch_size=batch_size, training=True,
-        augment=config.augment, seed=config.seed, input_context=context,
+        augment=config.augment, stain_jitter=config.stain_jitter, seed=config.seed,
+        input_context=context,
         first_epoch=first_epoch, num_epochs=config.epochs - first_epoch + 1,
         batches_per_epoch=batches_per_epoch)
   evaluation = lambda split, cache: pipeline.make_dataset(
@@ -305,6 +307,8 @@ def _final_evaluation(config, model, predict_fn, datasets, state, strategy, poli
       'precision_policy': policy,
       'global_batch_size': config.batch_size,
       'sync_batch_norm': any(getattr(l, 'synchronized', False) for l in model.layers),
+      'augment': bool(config.augment),
+      'stain_jitter': config.stain_jitter,
       'records_dir': os.path.abspath(config.records_dir),
       'seconds': round(seconds, 1),
   })

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
@@ -13,6 +15,7 @@ import tensorflow as tf
 from pcam_tfdata import convert
 from pcam_tfdata import kaggle
 from pcam_tfdata import schema
+from pcam_tfdata import splits
 from pcam_tfdata import synthetic
 from pcam_tfdata import tiff
 from conftest import ROOT, error_lines, run_convert, run_tool
@@ -79,12 +82,14 @@ def test_shards_mix_classes(kaggle_dir, tmp_path):
   assert {l for _, l, _ in first} == {0, 1}
 
 
-def test_groups_never_cross_splits(kaggle_dir, tmp_path):
+@pytest.mark.parametrize('column', ['group', 'wsi', 'slide'])
+def test_groups_never_cross_splits(kaggle_dir, tmp_path, column):
   ids = pd.read_csv(kaggle_dir / 'train_labels.csv', dtype=str)['id']
-  groups = pd.DataFrame({'id': ids, 'group': [f'slide{i % 9}' for i in range(len(ids))]})
+  # `wsi`: the community patch-to-slide file (patch_id_wsi_full.csv) as it is.
+  groups = pd.DataFrame({'id': ids, column: [f'slide{i % 9}' for i in range(len(ids))]})
   groups_csv = tmp_path / 'groups.csv'
   groups.to_csv(groups_csv, index=False)
-  lookup = dict(zip(groups['id'], groups['group']))
+  lookup = dict(zip(groups['id'], groups[column]))
   from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
   source = kaggle.read_source(str(kaggle_dir))
   out = tmp_path / 'rec'
@@ -94,6 +99,90 @@ def test_groups_never_cross_splits(kaggle_dir, tmp_path):
   val = {lookup[i] for i, _, _ in read_split(out, 'val')}
   assert train and val and not train & val
   assert len(train | val) == 9
+
+
+def _fold_conversions(kaggle_dir, tmp_path, num_folds, groups_csv=None, **kwargs):
+  from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
+  source = kaggle.read_source(str(kaggle_dir))
+  groups = kaggle.read_groups(str(groups_csv), source.ids) if groups_csv else None
+  out = []
+  for fold in range(num_folds):
+    path = tmp_path / f'fold{fold}'
+    manifest = convert.convert(source, str(path), per_class=0, groups=groups, eda=False,
+                               show_progress=False, log=lambda _: None, num_folds=num_folds,
+                               fold=fold, **kwargs)
+    assert manifest['settings']['num_folds'] == num_folds
+    assert manifest['settings']['fold'] == fold
+    out.append({split: read_split(path, split) for split in ('train', 'val')})
+  return out
+
+
+def test_k_folds_by_slide_partition_the_examples(kaggle_dir, tmp_path):
+  ids = pd.read_csv(kaggle_dir / 'train_labels.csv', dtype=str)['id']
+  wsi = pd.DataFrame({'id': ids, 'wsi': [f'slide{i % 12}' for i in range(len(ids))]})
+  wsi.to_csv(tmp_path / 'patch_id_wsi_full.csv', index=False)  # The community file's header.
+  slide = dict(zip(wsi['id'], wsi['wsi']))
+  folds = _fold_conversions(kaggle_dir, tmp_path, 5, tmp_path / 'patch_id_wsi_full.csv')
+  val_ids = [i for f in folds for i, _, _ in f['val']]
+  assert sorted(val_ids) == sorted(ids)  # Every example in exactly one val.
+  positive_share = (pd.read_csv(kaggle_dir / 'train_labels.csv')['label'] == 1).mean()
+  for f in folds:
+    train_ids = {i for i, _, _ in f['train']}
+    assert len(train_ids) + len(f['val']) == len(ids)  # train = every other fold.
+    assert not {slide[i] for i in train_ids} & {slide[i] for i, _, _ in f['val']}
+    share = np.mean([label for _, label, _ in f['val']])
+    assert abs(share - positive_share) < 0.15, share  # As balanced as 12 slides allow.
+
+
+def test_slide_folds_are_never_empty_and_balance_each_class():
+  rng = np.random.default_rng(0)
+  # Two single-class slides and K = 2: one slide per fold, not both in fold 0.
+  folds = splits.assign_folds(np.array([0] * 5 + [1] * 5), 2, rng,
+                              np.array(['a'] * 5 + ['b'] * 5))
+  assert sorted(set(folds[:5])) != sorted(set(folds[5:]))
+  # One tumour slide with 30% of the positives among 8 smaller tumour slides
+  # and 15 normal ones: its fold still gets its share of normal tissue.
+  labels, groups = [], []
+  for g, (n, label) in enumerate([(30, 1)] + [(9, 1)] * 8 + [(10, 0)] * 15):
+    labels += [label] * n
+    groups += [f's{g}'] * n
+  labels, groups = np.array(labels), np.array(groups)
+  for seed in range(5):
+    folds = splits.assign_folds(labels, 5, np.random.default_rng(seed), groups)
+    for k in range(5):
+      assert (labels[folds == k] == 0).sum() >= 20, (seed, k)  # 150 / 5 = 30 each, +- a slide.
+
+
+def test_group_values_are_stripped_and_never_empty(tmp_path):
+  from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'g.csv').write_text('id,wsi\na,slide1\nb,slide1 \nc, slide2\n')
+  assert kaggle.read_groups(str(tmp_path / 'g.csv'), np.array(['a', 'b', 'c'])).tolist() == [
+      'slide1', 'slide1', 'slide2']
+  (tmp_path / 'e.csv').write_text('id,wsi\na,slide1\nb, \n')
+  with pytest.raises(kaggle.SourceError, match='e.csv line 3: empty wsi for id b'):
+    kaggle.read_groups(str(tmp_path / 'e.csv'), np.array(['a', 'b']))
+
+
+def test_k_folds_without_groups_are_stratified(kaggle_dir, tmp_path):
+  folds = _fold_conversions(kaggle_dir, tmp_path, 4, seed=3)
+  val_ids = [i for f in folds for i, _, _ in f['val']]
+  assert len(val_ids) == len(set(val_ids)) == 60
+  positives = [sum(label for _, label, _ in f['val']) for f in folds]
+  sizes = [len(f['val']) for f in folds]
+  assert max(positives) - min(positives) <= 1 and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize('num_folds, fold, message', [
+    (5, 5, '--fold=5: must be in 0..4'), (61, 0, '--num_folds=61: must be 2..60'),
+    (13, 0, '--num_folds=13: must be 2..12 (the number of groups)')])
+def test_bad_folds_are_refused(kaggle_dir, tmp_path, num_folds, fold, message):
+  from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
+  source = kaggle.read_source(str(kaggle_dir))
+  groups = [f'slide{i % 12}' for i in range(len(source.ids))] if 'groups' in message else None
+  with pytest.raises(convert.ConvertError, match=re.escape(message)):
+    convert.convert(source, str(tmp_path / 'out'), per_class=0, groups=groups, eda=False,
+                    show_progress=False, log=lambda _: None, num_folds=num_folds, fold=fold)
+  assert not (tmp_path / 'out').exists()
 
 
 def test_same_inputs_and_seed_give_identical_shards(kaggle_dir, tmp_path):

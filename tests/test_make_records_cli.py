@@ -92,11 +92,21 @@ def _break(kind, d):
       'not_a_number': ('--crop_size=big', 'crop_size'),
       'unknown_flag': ('--crop=32', 'crop'),
       'groups_missing_id': ('--groups_csv=GROUPS', 'groups.csv: no group for id'),
+      'folds_with_val_fraction': ('--num_folds=5 --val_fraction=0.3',
+                                  '--val_fraction=0.3 with --num_folds=5: val is one fold'),
+      'one_fold': ('--num_folds=1', '--num_folds=1: must be >= 2'),
+      'fold_without_folds': ('--num_folds=0 --fold=1', '--num_folds=0: must be >= 2'),
+      'fold_outside': ('--num_folds=3 --fold=3', '--fold=3: must be in 0..2 (--num_folds=3)'),
+      'groups_other_header': ('--groups_csv=GROUPS', 'groups.csv: no group column (expected id '
+                              'and one of group, wsi, slide; columns: id, patient)'),
   }[kind]
   if kind == 'groups_missing_id':
     pd.DataFrame({'id': _ids(d)[:10], 'group': 'a'}).to_csv(d / 'groups.csv', index=False)
     flag = f'--groups_csv={d / "groups.csv"}'
-  return [flag], message
+  if kind == 'groups_other_header':
+    pd.DataFrame({'id': _ids(d), 'patient': 'a'}).to_csv(d / 'groups.csv', index=False)
+    flag = f'--groups_csv={d / "groups.csv"}'
+  return flag.split(), message
 
 
 CASES = ['no_data_dir', 'no_csv', 'no_label_column', 'label_2', 'duplicate_id',
@@ -108,7 +118,8 @@ CASES = ['no_data_dir', 'no_csv', 'no_label_column', 'label_2', 'duplicate_id',
          'per_class_too_large', 'crop_odd',
          'crop_too_big', 'val_fraction_zero', 'val_fraction_big', 'num_shards_negative',
          'num_shards_too_many', 'workers_zero', 'per_class_negative', 'not_a_number',
-         'unknown_flag', 'groups_missing_id']
+         'unknown_flag', 'groups_missing_id', 'groups_other_header', 'folds_with_val_fraction',
+         'one_fold', 'fold_outside', 'fold_without_folds']
 
 
 @pytest.mark.parametrize('kind', CASES)

@@ -307,3 +307,110 @@ def test_load_split_holds_every_record_in_shard_order(records):
   for wrong in (count - 1, count + 1):  # A manifest that lies about the shards.
     with pytest.raises(schema.ManifestError, match='another number of records'):
       pipeline.load_split(paths, wrong, parse)
+
+
+# skimage.color.rgb_from_hed, written out here: the reference the pipeline's
+# HED conversion is checked against, not imported from it.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+
+
+def _hed(image):
+  od = np.log(np.maximum(image / 255.0, 1e-6)) / np.log(1e-6)
+  return od @ np.linalg.inv(_RGB_FROM_HED)
+
+
+def _stain_batches(records_dir, strength, augment=False, seed=4, epochs=2):
+  return list(pipeline.make_dataset(str(records_dir), 'train', batch_size=16, training=True,
+                                    augment=augment, stain_jitter=strength, seed=seed,
+                                    with_ids=True, num_epochs=epochs))
+
+
+def _affine_fits(sources, outputs):
+  """(scale, shift, spread of the input) per image and stain, fitted where the map is visible."""
+  fits = []
+  for source, image in zip(sources, outputs):
+    # Not clipped at white, and not so dark that uint8 rounding moves the
+    # optical density by more than a few thousandths.
+    usable = ((image < 255) & (source >= 16) & (image >= 16)).all(-1)
+    if usable.sum() < 8:
+      continue
+    hed_in, hed_out = _hed(source)[usable], _hed(image)[usable]
+    for c in range(3):
+      a, b = np.polyfit(hed_in[:, c], hed_out[:, c], 1)
+      residual = hed_out[:, c] - (a * hed_in[:, c] + b)
+      assert np.abs(residual).max() < 1e-2, (c, a, b)  # Affine, up to uint8 rounding.
+      fits.append((a, b, np.ptp(hed_in[:, c])))
+  return np.array(fits)
+
+
+def test_stain_jitter_scales_and_shifts_each_images_stains_within_s():
+  strength = 0.1
+  images = np.random.default_rng(0).integers(16, 256, (64, 16, 16, 3), dtype=np.uint8)
+  out = augment.stain_jitter(tf.constant(images), strength, tf.constant([7, 1], tf.int64))
+  fits = _affine_fits(images, out.numpy())
+  assert len(fits) >= 48 * 3  # (Images clipped at white almost everywhere are left out.)
+  scales, shifts = np.abs(fits[:, 0] - 1), np.abs(fits[:, 1])
+  assert scales.max() <= strength + 0.01 and shifts.max() <= strength + 0.01
+  assert scales.max() >= 0.9 * strength and shifts.max() >= 0.9 * strength  # The whole range,
+  assert np.std(fits[:, 0]) > strength / 4  # drawn per image and stain.
+
+
+def test_stain_jitter_in_the_pipeline_is_affine_in_hed_per_image(small_records):
+  strength = 0.05
+  originals = _originals(small_records)
+  sources, outputs = [], []
+  for images, _, ids in _stain_batches(small_records, strength):
+    outputs.extend(images.numpy())
+    sources.extend(originals[i.decode()] for i in ids.numpy())
+  fits = _affine_fits(sources, outputs)
+  assert len(fits) > 3 * 100  # Most images were checked.
+  # Where a stain varies enough across the patch to fit its slope well.
+  wide = fits[fits[:, 2] >= 0.04]
+  assert len(wide) > 50
+  assert np.abs(wide[:, 0] - 1).max() <= strength + 0.03
+  assert np.std(wide[:, 0]) > strength / 8  # Not one draw for all images.
+
+
+def test_stain_jitter_zero_changes_nothing_and_keeps_labels(small_records, kaggle_dir):
+  plain = _stain_batches(small_records, 0.0, augment=True)
+  default = list(pipeline.make_dataset(str(small_records), 'train', batch_size=16,
+                                       training=True, augment=True, seed=4, with_ids=True,
+                                       num_epochs=2))
+  for x, y in zip(plain, default):
+    for a, b in zip(x, y):
+      np.testing.assert_array_equal(a.numpy(), b.numpy())
+  jittered = _stain_batches(small_records, 0.2, augment=True)
+  for x, y in zip(plain, jittered):  # The same examples, labels and ids, other colours.
+    np.testing.assert_array_equal(x[1].numpy(), y[1].numpy())
+    np.testing.assert_array_equal(x[2].numpy(), y[2].numpy())
+    assert not np.array_equal(x[0].numpy(), y[0].numpy())
+
+
+def test_stain_jitter_composes_with_the_dihedral_transform(small_records):
+  """Each output is a per-pixel colour map of one of the 8 transforms of its record."""
+  originals = _originals(small_records)
+  table = augment.dihedral_permutations(8)
+  for images, _, ids in _stain_batches(small_records, 0.05, augment=True, epochs=1):
+    for image, example_id in zip(images.numpy(), ids.numpy()):
+      source = originals[example_id.decode()]
+      fits = []
+      for k in range(8):
+        view = source.reshape(-1, 3)[table[k]]
+        colour_map = {}
+        fits.append(all(colour_map.setdefault(bytes(s), bytes(o)) == bytes(o)
+                        for s, o in zip(view, image.reshape(-1, 3))))
+      assert any(fits), example_id
+
+
+def test_stain_jitter_out_of_range_is_refused(records):
+  for strength in (-0.1, 1.0):
+    with pytest.raises(ValueError, match=f'stain_jitter={strength}: must be in'):
+      pipeline.make_dataset(str(records), 'train', batch_size=8, training=True,
+                            stain_jitter=strength)
+
+
+def test_hed_conversion_matches_the_reference_and_inverts():
+  images = np.random.default_rng(1).integers(0, 256, (3, 5, 5, 3), dtype=np.uint8)
+  np.testing.assert_allclose(augment.rgb_to_hed(images).numpy(), _hed(images), atol=1e-5)
+  back = np.round(augment.hed_to_rgb(augment.rgb_to_hed(images)).numpy() * 255)
+  np.testing.assert_array_equal(back.astype(np.uint8), images)

@@ -191,6 +191,12 @@ def test_xla_with_a_seed_on_gpus_is_refused(records, tmp_path, monkeypatch):
     train.run(_config(records, tmp_path / 'run', jit_compile='on'))
 
 
+def test_training_with_stain_jitter_and_augmentation_records_both(records, tmp_path):
+  metrics = train.run(_config(records, tmp_path / 'run', augment=True, stain_jitter=0.1))
+  assert metrics['augment'] is True and metrics['stain_jitter'] == 0.1
+  assert np.isfinite(metrics['train_loss']) and 0 <= metrics['val_auc'] <= 1
+
+
 def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
   """The demo model learns, and metrics.json holds the exact whole-split figures."""
   metrics = train.run(_config(learnable_records, tmp_path / 'run', epochs=4, batch_size=16,
@@ -380,6 +386,7 @@ def test_multi_worker_without_a_cluster_trains_as_one_local_worker(records, tmp_
     (['--profile_steps=5'], '--profile_steps=5: expected START,STOP'),
     (['--strategy=multi_worker', 'TF_CONFIG={"cluster": '], 'TF_CONFIG: not valid JSON'),
     (['--seed=-1'], '--seed=-1: must be in 0..4294967295'),
+    (['--stain_jitter=1.5'], '--stain_jitter=1.5: must be in [0, 1)'),
     (['--sync_batch_norm=maybe'], 'sync_batch_norm'),
     (['--strategy=mirrored', '--num_cpu_devices=2', '--model=batchnorm', '--jit_compile=on',
       '--batch_size=8'],
@@ -450,6 +457,64 @@ def test_predict_cli_writes_each_ids_probability(records, kaggle_dir, tmp_path):
                   f'--records_dir={records}', f'--output={tmp_path / "x.csv"}', timeout=300)
   assert proc.returncode == 1 and 'model.keras: no such model' in proc.stderr
   assert not (tmp_path / 'x.csv').exists()
+
+
+def test_an_ensemble_of_two_runs_predicts_the_mean_of_each_models_own(records, kaggle_dir,
+                                                                      tmp_path):
+  weights = []
+  for fold in range(2):
+    (tmp_path / f'fold{fold}').mkdir()
+    model, w = _linear_model(seed=10 + fold)
+    model.save(tmp_path / f'fold{fold}' / 'model.keras')
+    weights.append(w)
+  out = tmp_path / 'ensemble.csv'
+  proc = run_tool('-m', 'pcam_tfdata.predict',
+                  f'--model_dir={tmp_path / "fold0"},{tmp_path / "fold1"}',
+                  f'--records_dir={records}', f'--output={out}', '--tta', '--noprogress')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  written = pd.read_csv(out, dtype={'id': str})
+  crops = _test_crops(kaggle_dir)
+  assert sorted(written['id']) == sorted(crops)  # Every test id, once.
+  for example_id, label in zip(written['id'], written['label']):
+    own = [_expected_probability(w, crops[example_id], True) for w in weights]
+    assert own[0] != pytest.approx(own[1], abs=1e-4)  # Two models that disagree,
+    assert label == pytest.approx(np.mean(own), abs=2e-6), example_id  # averaged.
+
+
+def test_an_ensemble_member_of_another_image_shape_is_refused(records, tmp_path):
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
+  _linear_model()[0].save(tmp_path / 'a' / 'model.keras')
+  models.build_model('baseline', (48, 48, 3)).save(tmp_path / 'b' / 'model.keras')
+  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={tmp_path / "a"},{tmp_path / "b"}',
+                  f'--records_dir={records}', f'--output={tmp_path / "x.csv"}')
+  assert proc.returncode == 1
+  assert error_lines(proc.stderr) == [
+      f'predict: error: {tmp_path / "b" / "model.keras"}: trained on images of [48, 48, 3], but '
+      f'{records} holds [32, 32, 3]'], proc.stderr[-2000:]
+  assert not (tmp_path / 'x.csv').exists()
+
+
+def test_predict_prints_the_ensembles_metrics_on_a_labelled_test_split(records, tmp_path):
+  from pcam_tfdata import evaluate  # pylint: disable=g-import-not-at-top
+  # A labelled test split (as PCam's HDF5 source writes): the val split, renamed.
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'rec'
+  shutil.copytree(records, copy)
+  manifest = json.loads((copy / 'manifest.json').read_text())
+  manifest['splits']['test'] = manifest['splits']['val']
+  (copy / 'manifest.json').write_text(json.dumps(manifest))
+  models_ = [_linear_model(seed=20 + i)[0] for i in range(2)]
+  for i, model in enumerate(models_):
+    (tmp_path / f'm{i}').mkdir()
+    model.save(tmp_path / f'm{i}' / 'model.keras')
+  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={tmp_path / "m0"},{tmp_path / "m1"}',
+                  f'--records_dir={copy}', f'--output={tmp_path / "x.csv"}', '--noprogress')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  _, probs, labels = submission.predict_split(models_, str(copy), 'test')
+  expected = evaluate.binary_metrics(labels, probs)
+  line = next(l for l in proc.stdout.splitlines() if l.startswith('test split (2 models)'))
+  assert f'auc={expected["auc"]:.4f}' in line and f'accuracy={expected["accuracy"]:.4f}' in line
 
 
 def _flip_a_byte(records, tmp_path, split):

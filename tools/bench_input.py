@@ -11,8 +11,9 @@ over the dataset, on the same examples:
     steady state and first epoch, batch 64 and 256, with and without
     augmentation; and, in the same pipeline, the by-position augmentation it
     replaced (position i of B got transform 8i/B: uniform only when B/8 is a
-    whole number, never a 90-degree rotation at B = 4); and, timed last, the
-    batch-64 pipeline under TF op determinism;
+    whole number, never a 90-degree rotation at B = 4), with HED stain
+    jitter on top (`--stain_jitter=0.05`), and, timed last, the batch-64
+    pipeline under TF op determinism;
   * seed-style loader: Keras' legacy ImageDataGenerator.flow_from_dataframe
     over the train TIFFs, then the center crop (as the seed fed its models);
   * TFDS-style reader: 96x96 PNG-encoded records decoded and cropped per
@@ -94,7 +95,7 @@ def by_position_rate(records_dir, batch_size, epochs):
     pipeline._gather_augmented = uniform  # pylint: disable=protected-access
 
 
-def pipeline_rates(records_dir, batch_size, augment, epochs):
+def pipeline_rates(records_dir, batch_size, augment, epochs, stain_jitter=0.0):
   """(first epoch, median cached epoch) images/s of the training pipeline.
 
   The first epoch includes building the dataset, which reads the split into
@@ -103,7 +104,7 @@ def pipeline_rates(records_dir, batch_size, augment, epochs):
   from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
-                             augment=augment)
+                             augment=augment, stain_jitter=stain_jitter)
   build = time.perf_counter() - start
   rate = _epoch_rate(ds, batch_size)
   steps = len(ds)
@@ -246,6 +247,8 @@ def main(argv):
       else:
         results[f'pipeline, batch {batch_size}, by-position augmentation (before): cached'] = (
             by_position_rate(_RECORDS_DIR.value, batch_size, epochs))
+        results[f'pipeline, batch {batch_size}, dihedral + stain jitter 0.05: cached'] = (
+            pipeline_rates(_RECORDS_DIR.value, batch_size, True, epochs, stain_jitter=0.05)[1])
     results[f'tf.data ceiling (batch {batch_size})'] = ceiling_rate(
         batch_size, shape, count // batch_size, epochs)
   results['memory-copy floor (NumPy)'] = memcpy_rate(count, shape, epochs)

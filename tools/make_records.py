@@ -39,8 +39,13 @@ _PER_CLASS = flags.DEFINE_integer(
 _VAL_FRACTION = flags.DEFINE_float('val_fraction', 0.2, 'Share of the kept examples for val.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of balancing, splitting and shuffling.')
 _GROUPS_CSV = flags.DEFINE_string(
-    'groups_csv', None, 'Optional id,group CSV (e.g. the slide of each patch); no group '
-    'then appears in both train and val.')
+    'groups_csv', None, 'Optional id,group CSV (also id,wsi as the community '
+    'patch_id_wsi_full.csv, or id,slide); no group then appears in both train and val.')
+_NUM_FOLDS = flags.DEFINE_integer(
+    'num_folds', 0, 'K-fold cross-validation: split the kept examples into K folds '
+    '(slide-disjoint with --groups_csv, else stratified by label); 0 for one train/val split.')
+_FOLD = flags.DEFINE_integer('fold', 0, 'With --num_folds: which fold (0..K-1) is val; the '
+                             'others are train. The K conversions partition the examples.')
 _NUM_SHARDS = flags.DEFINE_integer(
     'num_shards', 0, f'Train shards; 0 picks at least {convert.TRAIN_MIN_SHARDS} '
     '(and about 128 MiB each at most). Val and test shards are picked by size.')
@@ -53,7 +58,8 @@ _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Replace a finished conversion of other inputs or settings (stale). '
     'Only a folder holding this tool\'s manifest.json is ever replaced.')
 _CONVERSION_FLAGS = (_SOURCE, _DATA_DIR, _OUT_DIR, _CROP_SIZE, _PER_CLASS, _VAL_FRACTION, _SEED,
-                     _GROUPS_CSV, _NUM_SHARDS, _WORKERS, _SKIP_BAD, _OVERWRITE)
+                     _GROUPS_CSV, _NUM_FOLDS, _FOLD, _NUM_SHARDS, _WORKERS, _SKIP_BAD,
+                     _OVERWRITE)
 
 
 def _fail(message):
@@ -64,6 +70,16 @@ def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {" ".join(argv[1:])}; flags take the form --name=value')
   data_dir, per_class = _DATA_DIR.value, _PER_CLASS.value
+  folds_asked = _NUM_FOLDS.value != 0 or flags.FLAGS['fold'].present  # 0: no folds.
+  if folds_asked:
+    if _SOURCE.value == 'pcam_h5':
+      _fail('--num_folds: folds are made from the Kaggle layout (--source=kaggle); PCam\'s '
+            'HDF5 files come split already')
+    if flags.FLAGS['val_fraction'].present:
+      _fail(f'--val_fraction={_VAL_FRACTION.value} with --num_folds={_NUM_FOLDS.value}: val is '
+            'one fold of K; drop one of the two')
+    if _NUM_FOLDS.value < 2:
+      _fail(f'--num_folds={_NUM_FOLDS.value}: must be >= 2 (with --fold={_FOLD.value})')
   if _SOURCE.value == 'pcam_h5':
     _convert_h5()
     return
@@ -88,7 +104,7 @@ def main(argv):
         source, out_dir, crop_size=_CROP_SIZE.value, per_class=per_class,
         val_fraction=_VAL_FRACTION.value, seed=_SEED.value, groups=groups,
         num_shards=_NUM_SHARDS.value, workers=_WORKERS.value, skip_bad=_SKIP_BAD.value,
-        overwrite=_OVERWRITE.value,
+        overwrite=_OVERWRITE.value, num_folds=_NUM_FOLDS.value, fold=_FOLD.value,
         # The demo's own output is rebuilt when stale (only a folder with this
         # tool's manifest is ever replaced); anything else needs --overwrite.
         replace_stale=_DATA_DIR.value is None and _OUT_DIR.value is None,
