@@ -65,8 +65,14 @@ def _list_ids(folder):
 def read_id_csv(path, value_column):
   """Reads an `id,<value_column>` CSV as strings, checking columns and ids.
 
+  Args:
+    path: the CSV.
+    value_column: its name, or a tuple of accepted names (the first one
+      present is read).
+
   Returns:
-    A DataFrame with columns id and value_column, index = CSV line number.
+    A DataFrame with columns id and the value column (under the name the file
+    gives it), index = CSV line number.
 
   Raises:
     SourceError: missing or unreadable file, missing column, empty or
@@ -79,6 +85,12 @@ def read_id_csv(path, value_column):
   except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
     raise SourceError(f'{path}: not a readable CSV ({str(e).strip()})') from None
   frame.columns = [str(c).strip() for c in frame.columns]
+  if isinstance(value_column, tuple):
+    present = [c for c in value_column if c in frame.columns]
+    if not present:
+      raise SourceError(f'{path}: no {value_column[0]} column (expected id and one of '
+                        f'{", ".join(value_column)}; columns: {", ".join(frame.columns)})')
+    value_column = present[0]
   missing = [c for c in ('id', value_column) if c not in frame.columns]
   if missing:
     raise SourceError(f'{path}: no column {", ".join(map(repr, missing))} '
@@ -162,18 +174,8 @@ def read_groups(path, ids):
   Raises:
     SourceError: malformed CSV, no group column, or an id with no group row.
   """
-  column = 'group'
-  if os.path.isfile(path):
-    try:
-      header = pd.read_csv(path, dtype=str, nrows=0).columns
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-      header = []  # read_id_csv says what is wrong with it.
-    found = [c for c in GROUP_COLUMNS if c in [str(h).strip() for h in header]]
-    if len(header) and not found:
-      raise SourceError(f'{path}: no group column (expected id and one of '
-                        f'{", ".join(GROUP_COLUMNS)}; columns: {", ".join(map(str, header))})')
-    column = found[0] if found else column
-  frame = read_id_csv(path, column)
+  frame = read_id_csv(path, GROUP_COLUMNS)
+  column = frame.columns[1]
   values = frame[column].str.strip()  # 'slideA ' is slide A: one slide, one fold.
   empty = frame.index[(values == '').to_numpy()]
   if len(empty):
