@@ -8,7 +8,6 @@ loss scale never undone all show) and no dropout.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,6 +17,9 @@ import tensorflow as tf
 
 from conftest import ROOT
 import replica_steps as rs
+
+sys.path.insert(0, str(ROOT / 'tools'))
+import launch_local_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # float32 sums in another order differ by a few ulps of the largest value.
 _TOLERANCE = dict(rtol=1e-5, atol=1e-6)
@@ -89,26 +91,15 @@ def test_jit_compiled_step_matches_the_plain_one():
   _assert_close(compiled[0], plain[0], rtol=1e-4, atol=1e-5)
 
 
-def _free_ports(n):
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def _run_two_workers(tmp_path, case):
   """Runs tests/replica_steps.py as 2 local MultiWorkerMirroredStrategy workers."""
-  cluster = {'worker': [f'127.0.0.1:{p}' for p in _free_ports(2)]}
+  ports = launch_local_cluster.free_ports(2)
   procs, outs = [], []
   for index in range(2):
     out = tmp_path / f'worker{index}.npz'
     # This process's environment (its oneDNN setting too): the same kernels
     # as the one-device run they are compared with.
-    env = dict(os.environ, TF_CONFIG=json.dumps({'cluster': cluster,
-                                                 'task': {'type': 'worker', 'index': index}}))
+    env = dict(os.environ, TF_CONFIG=launch_local_cluster.tf_config(ports, index))
     log = open(tmp_path / f'worker{index}.log', 'w')  # Files: no pipe can fill and block.
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join('tests', 'replica_steps.py'), str(out), json.dumps(case)],
