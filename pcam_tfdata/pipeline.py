@@ -296,8 +296,10 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeli
     batch_index, step_number = step
     augment_key, fields = key_and_fields
     images, *rest = fields
-    # Each step's draws from (epoch key, step): parallel and reproducible.
-    step_key = tf.random.experimental.stateless_fold_in(augment_key, step_number)
+    if augment or stain:
+      # Each step's draws from (epoch key, step): parallel and reproducible.
+      # (Only then: under op determinism a random op makes the map serial.)
+      step_key = tf.random.experimental.stateless_fold_in(augment_key, step_number)
     if augment:
       images = _gather_augmented(images, batch_index, step_key)
     else:
