@@ -43,6 +43,8 @@ def main(argv):
     cli.fail('predict', '--model_dir is required')
   if _BATCH_SIZE.value < 1:
     cli.fail('predict', f'--batch_size={_BATCH_SIZE.value}: must be >= 1')
+  if '' in _MODEL_DIR.value:  # 'a,' would otherwise read ./model.keras as a member.
+    cli.fail('predict', f'--model_dir={",".join(_MODEL_DIR.value)}: an empty entry')
   paths = [os.path.join(d, rundir.MODEL_FILE) for d in _MODEL_DIR.value]
   for path in paths:
     if not os.path.isfile(path):

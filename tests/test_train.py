@@ -495,6 +495,18 @@ def test_an_ensemble_member_of_another_image_shape_is_refused(records, tmp_path)
   assert not (tmp_path / 'x.csv').exists()
 
 
+def test_an_empty_ensemble_entry_is_refused(records, tmp_path):
+  (tmp_path / 'a').mkdir()
+  _linear_model()[0].save(tmp_path / 'a' / 'model.keras')
+  _linear_model()[0].save(tmp_path / 'model.keras')  # What 'a,' would pick up from the cwd.
+  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={tmp_path / "a"},',
+                  f'--records_dir={records}', f'--output={tmp_path / "x.csv"}', cwd=tmp_path)
+  assert proc.returncode == 1
+  assert error_lines(proc.stderr) == [
+      f'predict: error: --model_dir={tmp_path / "a"},: an empty entry'], proc.stderr[-2000:]
+  assert not (tmp_path / 'x.csv').exists()
+
+
 def test_predict_prints_the_ensembles_metrics_on_a_labelled_test_split(records, tmp_path):
   from pcam_tfdata import evaluate  # pylint: disable=g-import-not-at-top
   # A labelled test split (as PCam's HDF5 source writes): the val split, renamed.
