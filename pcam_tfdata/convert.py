@@ -8,6 +8,7 @@ and the folder is renamed into place after `manifest.json` is written. Same
 inputs and seed give byte-identical shards, whatever the number of workers.
 """
 
+import functools
 import glob
 import hashlib
 import json
@@ -21,9 +22,12 @@ import time
 import numpy as np
 import tqdm
 
+from pcam_tfdata import duplicates
+from pcam_tfdata import outdir
 from pcam_tfdata import records
 from pcam_tfdata import schema
 from pcam_tfdata import splits
+from pcam_tfdata import tiff
 
 # 16 input pipelines with two files each to interleave.
 TRAIN_MIN_SHARDS = 32
@@ -50,7 +54,7 @@ def check_settings(crop_size, per_class, val_fraction, num_shards, workers):
 
 
 def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
-              num_shards=0, skip_bad=False, num_folds=0, fold=0):
+              num_shards=0, skip_bad=False, num_folds=0, fold=0, dropped_ids=None):
   """Decides which example goes to which shard, in which order.
 
   Args:
@@ -63,6 +67,9 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
       `fold` of `splits.assign_folds`, train the other folds; `val_fraction`
       is then unused. The folds depend only on the ids, labels, groups and
       seed, so the K conversions partition the kept examples.
+    dropped_ids: labelled ids left out before anything else (duplicates,
+      from `find_source_duplicates`); None when not asked, which keeps the
+      fingerprint of conversions made before the option.
 
   Returns:
     A dict: `settings`, `splits` ({split: list of (id, label, path)}),
@@ -75,6 +82,8 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
   # Everything below sees the examples sorted by id: the CSV's row order then
   # changes nothing, neither which examples are kept nor where they go.
   order = np.argsort(source.ids, kind='stable')
+  if dropped_ids is not None:
+    order = order[~np.isin(source.ids[order], dropped_ids)]
   ids, labels = source.ids[order], source.labels[order]
   groups = None if groups is None else np.asarray(groups)[order]
   kept_groups = lambda kept: None if groups is None else groups[kept]
@@ -107,6 +116,8 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
               'format_version': schema.FORMAT_VERSION}
   if num_folds:  # (Absent otherwise: earlier conversions keep their fingerprint.)
     settings.update(num_folds=num_folds, fold=fold)
+  if dropped_ids is not None:
+    settings['drop_duplicates'] = True
   digest = hashlib.sha256(json.dumps([settings, shard_counts]).encode())
   for name in sorted(plan_splits):
     digest.update(json.dumps([name, plan_splits[name]]).encode())
@@ -169,8 +180,8 @@ def _init_worker(counter):
   _progress = counter
 
 
-def _run_task(task):
-  return records.write_shard(task, _progress)
+def _call(fn, task):
+  return fn(task, _progress)
 
 
 def _start_method():
@@ -188,14 +199,19 @@ def _start_method():
   return 'spawn'
 
 
-def _run_tasks(tasks, workers, total, initial, show_progress):
-  """Writes shards, in worker processes when workers > 1; yields their stats."""
+def _run_tasks(fn, tasks, workers, total, initial, show_progress, desc='converting'):
+  """Runs `fn(task, counter)` on each task, in worker processes when workers > 1.
+
+  Yields the results in completion order; the first task that fails raises at
+  once. `fn` adds what it has done to the shared counter, which a progress
+  bar of `total` follows.
+  """
   ctx = multiprocessing.get_context(_start_method())
   counter = ctx.Value('q', 0)
   pool = None
   if workers > 1 and len(tasks) > 1:
     pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,))
-  bar = tqdm.tqdm(total=total, initial=initial, unit='img', desc='converting',
+  bar = tqdm.tqdm(total=total, initial=initial, unit='img', desc=desc,
                   disable=not show_progress, smoothing=0.1)
   stop = threading.Event()
   def poll():  # Workers add to `counter`; the bar follows it.
@@ -206,10 +222,9 @@ def _run_tasks(tasks, workers, total, initial, show_progress):
   try:
     if pool is None:
       for task in tasks:
-        yield records.write_shard(task, counter)
+        yield fn(task, counter)
     else:
-      # Completion order; the first failed shard raises here at once.
-      yield from pool.imap_unordered(_run_task, tasks)
+      yield from pool.imap_unordered(functools.partial(_call, fn), tasks)
       pool.close()
   finally:
     if pool is not None:
@@ -221,117 +236,55 @@ def _run_tasks(tasks, workers, total, initial, show_progress):
     bar.close()
 
 
-def check_paths(data_dir, out_dir):
-  """Refuses an output folder that is, holds or sits inside the input folder.
+_KEY_CHUNK = 1024  # Files per task of the duplicate scan.
 
-  A conversion replaces its output folder as a whole, so an output that
-  overlapped the input could delete the data it was made from.
+
+def find_source_duplicates(source, *, workers=1, skip_bad=False, show_progress=True):
+  """Every labelled and test patch file keyed, and what --drop_duplicates leaves out.
+
+  One patch of each pixel-identical group is kept: a test patch when the
+  group holds any (the submission needs every test id; then all labelled
+  copies go), else the labelled one of smallest id. Labels play no part, so
+  every fold's conversion drops the same ids.
+
+  Returns:
+    (dropped_ids, info): array of labelled ids to leave out, and the
+    manifest's record of them (`count`, `groups`, `label_conflicts`, and
+    every dropped id with the id it duplicates).
 
   Raises:
-    ConvertError: naming both flags.
+    tiff.BadImageError: an unreadable patch, unless `skip_bad`.
   """
-  data, out = os.path.realpath(data_dir), os.path.realpath(out_dir)
-  if out == data:
-    where = 'is'
-  elif out.startswith(data.rstrip(os.sep) + os.sep):
-    where = 'is inside'
-  elif data.startswith(out.rstrip(os.sep) + os.sep):
-    where = 'contains'
-  else:
-    return
-  raise ConvertError(f'--out_dir={out_dir} {where} --data_dir={data_dir}; the records '
-                     'need a folder of their own, apart from the input')
+  ids = np.concatenate([np.sort(source.ids), source.test_ids]).astype(str)
+  paths = ([source.train_path(i) for i in ids[:len(source.ids)]] +
+           [source.test_path(i) for i in source.test_ids])
+  tasks = [{'start': s, 'paths': paths[s:s + _KEY_CHUNK], 'patch_size': schema.PATCH_SIZE,
+            'skip_bad': skip_bad} for s in range(0, len(paths), _KEY_CHUNK)]
+  keys = np.zeros(len(paths), np.int64)
+  for result in _run_tasks(records.key_patches, tasks, workers, len(paths), 0, show_progress,
+                           desc='duplicate scan'):
+    keys[result['start']:result['start'] + len(result['keys'])] = result['keys']
+  groups = duplicates.find_groups(keys, lambda idx: _read_files([paths[i] for i in idx]))
+  is_test = np.arange(len(ids)) >= len(source.ids)
+  dropped, same_as = duplicates.drop_plan(groups, np.zeros(len(ids)), fixed=is_test)
+  by_id = dict(zip(source.ids.tolist(), source.labels.tolist()))
+  labels = np.asarray([by_id.get(i, schema.TEST_LABEL) for i in ids.tolist()])
+  summary = duplicates.summarize(groups, ids, np.where(is_test, 'test', 'labelled'), labels,
+                                 schema.TEST_LABEL)
+  info = {'count': len(dropped), 'groups': summary['groups'],
+          'label_conflicts': summary['label_conflicts'],
+          'ids': [{'id': ids[d], 'same_as': ids[k]} for d, k in zip(dropped, same_as)]}
+  return ids[dropped], info
 
 
-def _read_own_manifest(out_dir):
-  """This tool's manifest.json in `out_dir` (parsed alone), or None.
-
-  Only the JSON is read, not the shards it lists: a conversion with a shard
-  deleted or damaged is still this tool's, and --overwrite may rebuild it.
-  """
-  try:
-    with open(os.path.join(out_dir, schema.MANIFEST_NAME)) as f:
-      manifest = json.load(f)
-  except (OSError, ValueError):
-    return None
-  if not isinstance(manifest, dict) or not manifest.get('fingerprint') or not isinstance(
-      manifest.get('splits'), dict):
-    return None
-  return manifest
-
-
-def _foreign_entries(out_dir, manifest):
-  """Entries of `out_dir` that this tool did not write: they forbid replacing it."""
-  ours = {schema.MANIFEST_NAME}
-  for info in manifest['splits'].values():
-    ours.update(s.get('file') for s in info.get('shards', ()) if isinstance(s, dict))
-  return sorted(e for e in os.listdir(out_dir)
-                if e not in ours and not (e.endswith('.png') and
-                                          os.path.isfile(os.path.join(out_dir, e))))
-
-
-def check_out_dir(out_dir, fingerprint, overwrite, replace_stale=False):
-  """Returns the manifest of an up-to-date output, None to go ahead; or raises.
-
-  `overwrite` rebuilds a finished conversion (a folder with this tool's
-  manifest), `replace_stale` only one of other inputs or settings; a folder
-  holding anything else is never removed.
-  """
-  if not os.path.lexists(out_dir):
-    return None
-  if not os.path.isdir(out_dir):
-    raise ConvertError(f'--out_dir={out_dir}: exists and is not a folder')
-  manifest = _read_own_manifest(out_dir)
-  if manifest is not None:
-    foreign = _foreign_entries(out_dir, manifest)
-    if manifest['fingerprint'] == fingerprint and not overwrite:
-      try:
-        return schema.load_manifest(out_dir)  # Also checks that every shard is there.
-      except schema.ManifestError:
-        pass  # Damaged: rebuilt below only with --overwrite.
-    elif foreign and (overwrite or replace_stale):
-      raise ConvertError(f'--out_dir={out_dir}: holds {os.path.join(out_dir, foreign[0])}, '
-                         'which this tool did not write; it is never replaced, even with '
-                         '--overwrite: move it out or pick another folder')
-    elif overwrite or replace_stale:
-      return None
-    raise ConvertError(f'--out_dir={out_dir}: holds a conversion of other inputs or settings '
-                       '(stale: a file, label or flag changed since) or with shards missing; '
-                       'pass --overwrite to rebuild it')
-  if os.listdir(out_dir):
-    raise ConvertError(f'--out_dir={out_dir}: exists and holds files this tool did not write '
-                       f'(no valid {schema.MANIFEST_NAME}); it is never replaced, even with '
-                       '--overwrite: empty it or pick another folder')
-  return None
-
-
-def clean_leftovers(out_dir, log=print):
-  """Removes what killed runs left beside `out_dir`: old outputs mid-swap.
-
-  A kill between the two renames of `swap_into_place` leaves the previous
-  output as `.NAME.old-PID`; nothing else ever refers to it.
-  """
-  parent, name = os.path.split(out_dir)
-  for stale in glob.glob(os.path.join(glob.escape(parent), f'.{glob.escape(name)}.old-*')):
-    log(f'removing {stale}, left by a run killed while replacing its output')
-    shutil.rmtree(stale, ignore_errors=True)
-
-
-def _keep_only(work_dir, names):
-  """Deletes every file of `work_dir` but `names` (sidecars, .tmp/.partial leftovers)."""
-  for entry in os.listdir(work_dir):
-    if entry not in names:
-      path = os.path.join(work_dir, entry)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      else:
-        os.remove(path)
+def _read_files(paths):
+  return (tiff.read_patch(p) for p in paths)
 
 
 def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2, seed=0,
             groups=None, num_shards=0, workers=1, skip_bad=False, overwrite=False,
             replace_stale=False, flags=None, eda=True, show_progress=True, log=print,
-            num_folds=0, fold=0):
+            num_folds=0, fold=0, drop_duplicates=False):
   """Converts a checked source folder into records; see the module docstring.
 
   Args:
@@ -339,6 +292,8 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
     out_dir: the records folder to create.
     crop_size, per_class, val_fraction, seed, groups, num_shards, skip_bad,
       num_folds, fold: see `make_plan`.
+    drop_duplicates: leave out all but one patch of each pixel-identical
+      group before balancing (see `find_source_duplicates`).
     workers: processes that write shards.
     overwrite: rebuild a finished output (only one with this tool's manifest).
     replace_stale: rebuild a finished output only if it is of other inputs or
@@ -357,16 +312,21 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
   """
   start = time.time()
   check_settings(crop_size, per_class, val_fraction, num_shards, workers)
-  check_paths(source.data_dir, out_dir)
+  outdir.check_paths(source.data_dir, out_dir)
+  dropped_ids, dropped = None, None
+  if drop_duplicates:
+    dropped_ids, dropped = find_source_duplicates(source, workers=workers, skip_bad=skip_bad,
+                                                  show_progress=show_progress)
   plan = make_plan(source, crop_size=crop_size, per_class=per_class,
                    val_fraction=val_fraction, seed=seed, groups=groups,
-                   num_shards=num_shards, skip_bad=skip_bad, num_folds=num_folds, fold=fold)
+                   num_shards=num_shards, skip_bad=skip_bad, num_folds=num_folds, fold=fold,
+                   dropped_ids=dropped_ids)
   # The folder itself, not a link to it: the swap renames folders, and
   # renaming a link would leave the old records where it pointed.
   out_dir = os.path.realpath(out_dir)
   if os.path.isdir(os.path.dirname(out_dir)):
-    clean_leftovers(out_dir, log)  # Also when there is nothing else to do.
-  existing = check_out_dir(out_dir, plan['fingerprint'], overwrite, replace_stale)
+    outdir.clean_leftovers(out_dir, log)  # Also when there is nothing else to do.
+  existing = outdir.check_out_dir(out_dir, plan['fingerprint'], overwrite, replace_stale)
   if existing is not None:
     log(f'{out_dir}: already complete for these inputs and settings; nothing to do '
         '(--overwrite rebuilds it)')
@@ -389,25 +349,41 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
     log(f'resuming {work_dir}: {len(tasks) - len(todo)} of {len(tasks)} shards already written')
   total = sum(len(t['examples']) for t in tasks)
   # Largest shards first keeps the workers busy until the end.
-  for stats in _run_tasks(sorted(todo, key=lambda t: -len(t['examples'])), workers, total,
+  for stats in _run_tasks(records.write_shard, sorted(todo, key=lambda t: -len(t['examples'])), workers, total,
                           resumed, show_progress):
     done[os.path.join(work_dir, stats['file'])] = stats
 
   manifest = _make_manifest(plan, tasks, done, source, flags)
+  manifest['duplicates'] = _output_duplicates(tasks, done)
+  if dropped is not None:
+    manifest['duplicates']['dropped'] = dropped
   if eda:
     from pcam_tfdata import eda as eda_lib  # pylint: disable=g-import-not-at-top
     eda_lib.write_pictures(work_dir, manifest, eda_lib.samples_from_files(plan['splits']['train']))
   manifest['seconds'] = round(time.time() - start, 3)
-  finish(work_dir, out_dir, manifest)
+  outdir.finish(work_dir, out_dir, manifest)
   return manifest
 
 
-def finish(work_dir, out_dir, manifest):
-  """Keeps only the shards and pictures, writes the manifest last, swaps into place."""
-  keep = {s['file'] for info in manifest['splits'].values() for s in info['shards']}
-  _keep_only(work_dir, keep | {f for f in os.listdir(work_dir) if f.endswith('.png')})
-  records.write_json_atomic(os.path.join(work_dir, schema.MANIFEST_NAME), manifest)
-  swap_into_place(work_dir, out_dir)
+def _output_duplicates(tasks, done):
+  """The manifest's `duplicates`: pixel-identical groups among the examples written."""
+  ids, names, labels, paths, keys = [], [], [], [], []
+  for t in tasks:
+    for (i, label, path), key in zip(t['examples'], done[t['path']]['keys']):
+      if key != duplicates.NO_KEY:  # Skipped: not written.
+        ids.append(i)
+        names.append(t['split'])
+        labels.append(label)
+        paths.append(path)
+        keys.append(key)
+  groups = duplicates.find_groups(keys, lambda idx: _read_files([paths[i] for i in idx]))
+  # Ordered by id within each group, so the examples shown do not depend on shards.
+  order = np.argsort(ids, kind='stable')
+  rank = np.empty(len(ids), np.int64)
+  rank[order] = np.arange(len(ids))
+  groups = sorted((g[np.argsort(rank[g])] for g in groups), key=lambda g: rank[g[0]])
+  return duplicates.summarize(groups, np.asarray(ids), np.asarray(names), np.asarray(labels),
+                              schema.TEST_LABEL)
 
 
 def _make_manifest(plan, tasks, done, source, flags):
@@ -450,15 +426,3 @@ def _make_manifest(plan, tasks, done, source, flags):
       'fingerprint': plan['fingerprint'],
       'skipped': skipped,
   }
-
-
-def swap_into_place(work_dir, out_dir):
-  """Renames the finished folder to `out_dir`, replacing any old one."""
-  if not os.path.lexists(out_dir):
-    os.rename(work_dir, out_dir)
-    return
-  parent, name = os.path.split(out_dir)
-  old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
-  os.rename(out_dir, old)  # From here until the next rename, no out_dir at all.
-  os.rename(work_dir, out_dir)
-  shutil.rmtree(old)

@@ -22,7 +22,9 @@ import pandas as pd
 import tqdm
 
 from pcam_tfdata import convert
+from pcam_tfdata import duplicates
 from pcam_tfdata import gzip_reader
+from pcam_tfdata import outdir
 from pcam_tfdata import records
 from pcam_tfdata import schema
 from pcam_tfdata import splits
@@ -148,21 +150,28 @@ def example_id(split, index):
   return f'pcam-{split}-{index:06d}'
 
 
-def _plan(source, *, crop_size, per_class, val_fraction, seed, resplit, num_shards):
-  """{our split: (PCam split, indices in file order, shard of each)} and shard counts."""
+def _plan(source, *, crop_size, per_class, val_fraction, seed, resplit, num_shards,
+          dropped=None):
+  """{our split: [(PCam split, sorted indices)]} and shard counts.
+
+  `dropped` ({PCam split: indices}) are left out before anything else.
+  """
   rng = np.random.default_rng(seed)
+  dropped = dropped or {}
+  def undropped(split):  # Indices of `split` not dropped.
+    return np.setdiff1d(np.arange(source[split].count), dropped.get(split, []))
   targets = {}  # our split -> list of (pcam split, indices)
   if resplit:
     pool = [s for s in ('train', 'valid') if s in source]
     if not pool:
       raise convert.ConvertError('a re-split needs the train or valid files')
-    names = np.concatenate([[s] * source[s].count for s in pool])
-    index = np.concatenate([np.arange(source[s].count) for s in pool])
-    labels = np.concatenate([source[s].labels for s in pool])
+    names = np.concatenate([[s] * len(undropped(s)) for s in pool])
+    index = np.concatenate([undropped(s) for s in pool])
+    labels = np.concatenate([source[s].labels[undropped(s)] for s in pool])
     ids = np.asarray([example_id(s, i) for s, i in zip(names, index)])
     slides = None
     if all(source[s].slides is not None for s in pool):
-      slides = np.concatenate([source[s].slides for s in pool])
+      slides = np.concatenate([source[s].slides[undropped(s)] for s in pool])
     try:
       kept = splits.balance(ids, labels, per_class, rng)
       train, val = splits.split_train_val(
@@ -172,11 +181,11 @@ def _plan(source, *, crop_size, per_class, val_fraction, seed, resplit, num_shar
     for ours, chosen in (('train', kept[train]), ('val', kept[val])):
       targets[ours] = [(s, np.sort(index[chosen][names[chosen] == s])) for s in pool]
     if 'test' in source:
-      targets['test'] = [('test', np.arange(source['test'].count))]
+      targets['test'] = [('test', undropped('test'))]
   else:
     for pcam, ours in PCAM_SPLITS.items():
       if pcam in source:
-        targets[ours] = [(pcam, np.arange(source[pcam].count))]
+        targets[ours] = [(pcam, undropped(pcam))]
   sizes = {ours: sum(len(i) for _, i in parts) for ours, parts in targets.items()}
   return targets, convert.count_shards(sizes, crop_size, num_shards)
 
@@ -210,7 +219,7 @@ class _ShardSet:
 
 def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, seed=0,
                resplit=False, num_shards=0, overwrite=False, flags=None, eda=True,
-               show_progress=True, log=print):
+               show_progress=True, log=print, drop_duplicates=False):
   """Converts a PCam HDF5 folder (see `read_source`) into records.
 
   PCam's own splits are kept (train, valid -> val, test with its labels)
@@ -219,6 +228,11 @@ def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, 
   the meta CSVs name them. x is streamed in file order; within each block of
   2,048 patches a seeded permutation deals them to the split's shards in
   turn, so every shard spans the whole file and mixes classes.
+
+  `drop_duplicates` first streams every x once more to find pixel-identical
+  groups, and keeps one patch of each: in test if the group has one there,
+  else in valid, else train (the evaluation splits lose the least), the
+  lowest index within a split.
 
   Returns:
     The manifest (dict).
@@ -229,19 +243,22 @@ def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, 
   start = time.time()
   convert.check_settings(crop_size, per_class, val_fraction, num_shards, 1)
   for split in source.values():  # The folder of the files: no output inside it.
-    convert.check_paths(os.path.dirname(split.x_path), out_dir)
+    outdir.check_paths(os.path.dirname(split.x_path), out_dir)
+  dropped = _find_duplicates(source, show_progress) if drop_duplicates else None
   targets, shard_counts = _plan(source, crop_size=crop_size, per_class=per_class,
                                 val_fraction=val_fraction, seed=seed, resplit=resplit,
-                                num_shards=num_shards)
+                                num_shards=num_shards, dropped=dropped and dropped['indices'])
   settings = {'source': 'pcam_h5', 'crop_size': crop_size, 'resplit': resplit,
               'per_class': per_class if resplit else None,
               'val_fraction': val_fraction if resplit else None, 'seed': seed,
               'format_version': schema.FORMAT_VERSION}
+  if drop_duplicates:  # (Absent otherwise: earlier conversions keep their fingerprint.)
+    settings['drop_duplicates'] = True
   fingerprint = _fingerprint(source, settings, shard_counts)
   out_dir = os.path.realpath(out_dir)  # The folder, not a link to it (see convert.convert).
   if os.path.isdir(os.path.dirname(out_dir)):
-    convert.clean_leftovers(out_dir, log)
-  existing = convert.check_out_dir(out_dir, fingerprint, overwrite)
+    outdir.clean_leftovers(out_dir, log)
+  existing = outdir.check_out_dir(out_dir, fingerprint, overwrite)
   if existing is not None:
     log(f'{out_dir}: already complete for these inputs and settings; nothing to do')
     return existing
@@ -255,26 +272,30 @@ def convert_h5(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, 
 
   rng = np.random.default_rng([seed, 1])
   total = sum(len(i) for parts in targets.values() for _, i in parts)
-  split_stats, samples = {}, {0: [], 1: []}
+  split_stats, samples, written = {}, {0: [], 1: []}, []
   with tqdm.tqdm(total=total, unit='img', desc='converting', disable=not show_progress) as bar:
     for ours, parts in targets.items():
       shards = _ShardSet(work_dir, ours, shard_counts[ours])
       for pcam, indices in parts:
-        _stream_split(source[pcam], indices, crop_size, rng, shards, samples, bar)
+        for index, key in _stream_split(source[pcam], indices, crop_size, rng, shards, samples,
+                                        bar):
+          written.append((ours, pcam, index, key))
       split_stats[ours] = shards.close()
 
   manifest = _manifest(source, targets, split_stats, settings, fingerprint, crop_size, flags)
+  manifest['duplicates'] = _written_duplicates(source, written)
+  if dropped is not None:
+    manifest['duplicates']['dropped'] = dropped['info']
   if eda:
     from pcam_tfdata import eda as eda_lib  # pylint: disable=g-import-not-at-top
     eda_lib.write_pictures(work_dir, manifest, samples)
   manifest['seconds'] = round(time.time() - start, 3)
-  convert.finish(work_dir, out_dir, manifest)
+  outdir.finish(work_dir, out_dir, manifest)
   return manifest
 
 
-def _stream_split(split, indices, crop_size, rng, shards, samples, bar):
-  """Reads x of `indices` (sorted) block by block and deals the crops to shards."""
-  c = (schema.PATCH_SIZE - crop_size) // 2
+def _blocks(split, indices):
+  """(lo, block of x[lo:lo + 2048], the sorted `indices` inside it), in file order."""
   with _open(split.x_path) as handle:
     x = handle['x']
     for lo in range(0, split.count, _BLOCK):
@@ -286,14 +307,70 @@ def _stream_split(split, indices, crop_size, rng, shards, samples, bar):
         block = x[lo:hi]
       except (OSError, ValueError, EOFError) as e:
         raise _unreadable(split.x_path, f'patches {lo}..{hi} unreadable', e) from None
-      crops = block[:, c:c + crop_size, c:c + crop_size]
-      for i in rng.permutation(wanted):
-        label = int(split.labels[i])
-        ident = example_id(split.name, int(i))
-        shards.write(crops[i - lo].tobytes(), label, ident)
-        if len(samples[label]) < 8:
-          samples[label].append((ident, block[i - lo].copy()))
-      bar.update(len(wanted))
+      yield lo, block, wanted
+
+
+def _stream_split(split, indices, crop_size, rng, shards, samples, bar):
+  """Deals the crops of x[`indices`] (sorted) to shards; yields (index, patch key)."""
+  c = (schema.PATCH_SIZE - crop_size) // 2
+  for lo, block, wanted in _blocks(split, indices):
+    crops = block[:, c:c + crop_size, c:c + crop_size]
+    for i in rng.permutation(wanted):
+      label = int(split.labels[i])
+      ident = example_id(split.name, int(i))
+      shards.write(crops[i - lo].tobytes(), label, ident)
+      yield int(i), duplicates.patch_key(block[i - lo])
+      if len(samples[label]) < 8:
+        samples[label].append((ident, block[i - lo].copy()))
+    bar.update(len(wanted))
+
+
+def _read_patches(source, refs):
+  """The full patches of `refs`, a sequence of (PCam split, index), in that order."""
+  found = {}
+  for split in {s for s, _ in refs}:
+    indices = np.unique([i for s, i in refs if s == split])
+    for lo, block, wanted in _blocks(source[split], indices):
+      found.update(((split, int(i)), block[i - lo]) for i in wanted)
+  return [found[split, int(i)] for split, i in refs]
+
+
+def _find_duplicates(source, show_progress):
+  """What --drop_duplicates leaves out: {'indices': {PCam split: indices}, 'info'}."""
+  refs, keys = [], []
+  total = sum(s.count for s in source.values())
+  with tqdm.tqdm(total=total, unit='img', desc='duplicate scan',
+                 disable=not show_progress) as bar:
+    for name in ('test', 'valid', 'train'):  # Also the order of preference for the kept one.
+      if name in source:
+        for lo, block, wanted in _blocks(source[name], np.arange(source[name].count)):
+          refs.extend((name, int(i)) for i in wanted)
+          keys.extend(duplicates.patch_key(p) for p in block)
+          bar.update(len(wanted))
+  groups = duplicates.find_groups(keys, lambda idx: _read_patches(source, [refs[i] for i in idx]))
+  dropped, same_as = duplicates.drop_plan(groups, np.zeros(len(refs)))
+  ids = np.asarray([example_id(s, i) for s, i in refs])
+  labels = np.asarray([source[s].labels[i] for s, i in refs])
+  summary = duplicates.summarize(groups, ids, np.asarray([PCAM_SPLITS[s] for s, _ in refs]),
+                                 labels)
+  indices = {}
+  for d in dropped:
+    indices.setdefault(refs[d][0], []).append(refs[d][1])
+  info = {'count': len(dropped), 'groups': summary['groups'],
+          'label_conflicts': summary['label_conflicts'],
+          'ids': [{'id': ids[d], 'same_as': ids[k]} for d, k in zip(dropped, same_as)]}
+  return {'indices': indices, 'info': info}
+
+
+def _written_duplicates(source, written):
+  """The manifest's `duplicates` for `written`: (our split, PCam split, index, key)."""
+  written = sorted(written, key=lambda w: example_id(w[1], w[2]))  # By id.
+  groups = duplicates.find_groups(
+      [w[3] for w in written], lambda idx: _read_patches(source, [written[i][1:3] for i in idx]))
+  return duplicates.summarize(
+      groups, np.asarray([example_id(w[1], w[2]) for w in written]),
+      np.asarray([w[0] for w in written]),
+      np.asarray([source[w[1]].labels[w[2]] for w in written]))
 
 
 def _manifest(source, targets, split_stats, settings, fingerprint, crop_size, flags):

@@ -15,6 +15,7 @@ import struct
 
 import google_crc32c
 
+from pcam_tfdata import duplicates
 from pcam_tfdata import schema
 from pcam_tfdata import tiff
 
@@ -87,7 +88,9 @@ def write_shard(task, progress=None):
     progress: optional shared counter (multiprocessing.Value) of records done.
 
   Returns:
-    The shard's stats: file, count, sha256, label_counts, skipped. With
+    The shard's stats: file, count, sha256, label_counts, skipped, and
+    `keys`, the `duplicates.patch_key` of each example's full patch (NO_KEY
+    for a skipped one), aligned with `task['examples']`. With
     `skip_bad` a shard may hold no record; the split as a whole may not
     (checked by the caller).
 
@@ -95,7 +98,7 @@ def write_shard(task, progress=None):
     tiff.BadImageError: a bad patch, unless `skip_bad`.
   """
   writer = ShardWriter(task['path'])
-  skipped = []
+  skipped, keys = [], []
   seen = 0
   def report():
     nonlocal seen
@@ -113,11 +116,14 @@ def write_shard(task, progress=None):
       if not task['skip_bad']:
         raise tiff.BadImageError(str(e)) from None
       skipped.append({'id': example_id, 'reason': str(e)})
+      keys.append(duplicates.NO_KEY)
       continue
+    keys.append(duplicates.patch_key(pixels))
     writer.write(tiff.center_crop(pixels, task['crop_size']).tobytes(), label, example_id)
   report()
   stats = writer.close()
   stats['skipped'] = skipped
+  stats['keys'] = keys
   write_json_atomic(task['path'] + '.done.json', stats)
   return stats
 
@@ -127,8 +133,8 @@ def load_done(path):
   try:
     with open(path + '.done.json') as f:
       stats = json.load(f)
-    if sha256_file(path) != stats['sha256']:
-      return None
+    if sha256_file(path) != stats['sha256'] or 'keys' not in stats:
+      return None  # (A sidecar of an older version, without keys, too.)
   except (OSError, ValueError, KeyError):
     return None
   return stats
@@ -150,3 +156,32 @@ def write_json_atomic(path, obj):
     f.write('\n')
   os.replace(path + '.tmp', path)
 
+
+
+def key_patches(task, progress=None):
+  """`duplicates.patch_key` of each patch file of `task['paths']`.
+
+  Args:
+    task: dict with `start` (index of the first path, passed back), `paths`,
+      `patch_size`, `skip_bad`.
+    progress: optional shared counter of files done.
+
+  Returns:
+    {'start', 'keys'}: NO_KEY for a bad patch when `skip_bad` (the shard
+    writer reports it if the example is kept).
+
+  Raises:
+    tiff.BadImageError: a bad patch, unless `skip_bad`.
+  """
+  keys = []
+  for path in task['paths']:
+    try:
+      keys.append(duplicates.patch_key(tiff.read_patch(path, task['patch_size'])))
+    except (tiff.BadImageError, OSError) as e:
+      if not task['skip_bad']:
+        raise tiff.BadImageError(str(e)) from None
+      keys.append(duplicates.NO_KEY)
+  if progress is not None:
+    with progress.get_lock():
+      progress.value += len(task['paths'])
+  return {'start': task['start'], 'keys': keys}

@@ -1,10 +1,13 @@
 """Re-reads a records folder and checks it against its manifest, record by record."""
 
+import collections
 import contextlib
+import hashlib
 import os
 
 import numpy as np
 
+from pcam_tfdata import duplicates
 from pcam_tfdata import records
 from pcam_tfdata import schema
 
@@ -14,11 +17,11 @@ class VerifyError(ValueError):
 
 
 def _read_shard(path, image_bytes):
-  """(ids, labels) of every record of a shard, checking each image's size."""
+  """(ids, labels, image digests) of every record of a shard, checking each image's size."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   spec = schema.feature_spec()
   ds = tf.data.TFRecordDataset(path).batch(4096).map(lambda x: tf.io.parse_example(x, spec))
-  ids, labels = [], []
+  ids, labels, digests = [], [], []
   name = os.path.basename(path)
   try:
     for batch in ds:
@@ -29,9 +32,10 @@ def _read_shard(path, image_bytes):
                           f'expected {image_bytes}')
       ids.extend(i.decode() for i in batch[schema.ID_KEY].numpy())
       labels.append(batch[schema.LABEL_KEY].numpy())
+      digests.extend(hashlib.sha256(b).digest() for b in batch[schema.IMAGE_KEY].numpy())
   except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
     raise VerifyError(f'{name}: corrupt after {len(ids)} records ({e.message.splitlines()[0]})') from None
-  return ids, np.concatenate(labels) if labels else np.zeros(0, np.int64)
+  return ids, np.concatenate(labels) if labels else np.zeros(0, np.int64), digests
 
 
 def verify(records_dir, log=print):
@@ -42,7 +46,9 @@ def verify(records_dir, log=print):
     log: where a line per split goes.
 
   Returns:
-    Total number of records checked.
+    Total number of records checked. A last line reports the groups of
+    records whose stored images are identical and sit in more than one
+    split (at crop 96 the full patches; else the crops, which the model sees).
 
   Raises:
     schema.ManifestError: no or malformed manifest.
@@ -56,13 +62,14 @@ def verify(records_dir, log=print):
     raise VerifyError(f'{os.path.join(records_dir, stray[0])}: shard not in the manifest')
   seen = {}
   total = 0
+  by_digest = collections.defaultdict(list)  # Image digest -> [(split, id)].
   for split, info in manifest['splits'].items():
     counts = {}
     for shard in info['shards']:
       path = os.path.join(records_dir, shard['file'])
       if records.sha256_file(path) != shard['sha256']:
         raise VerifyError(f'{path}: sha256 differs from the manifest')
-      ids, labels = _read_shard(path, image_bytes)
+      ids, labels, digests = _read_shard(path, image_bytes)
       if len(ids) != shard['count']:
         raise VerifyError(f'{path}: {len(ids)} records, the manifest says {shard["count"]}')
       # Kaggle's test labels are unknown (-1); PCam's HDF5 test split has them.
@@ -70,7 +77,8 @@ def verify(records_dir, log=print):
       if not np.isin(labels, allowed).all():
         raise VerifyError(f'{path}: label {labels[~np.isin(labels, allowed)][0]} in split '
                           f'{split} (allowed: {allowed})')
-      for example_id in ids:
+      for example_id, digest in zip(ids, digests):
+        by_digest[digest].append((split, example_id))
         if example_id in seen:
           raise VerifyError(f'{path}: id {example_id} also in {seen[example_id]}')
         seen[example_id] = shard['file']
@@ -82,7 +90,29 @@ def verify(records_dir, log=print):
                         f'{info["count"]} {info["label_counts"]}')
     total += written
     log(f'{split}: {written} records in {len(info["shards"])} shards OK {counts}')
+  log(cross_split_line(by_digest.values(), manifest['image_shape']))
   return total
+
+
+def cross_split_line(groups, image_shape):
+  """One line on the groups of identical images that span splits.
+
+  Args:
+    groups: lists of (split, id) whose stored images are identical.
+    image_shape: the records' [height, width, channels].
+  """
+  what = 'full patches' if image_shape[0] == schema.PATCH_SIZE else (
+      f'{image_shape[0]}x{image_shape[1]} crops')
+  across = sorted((sorted(g, key=lambda m: m[1]) for g in groups
+                   if len({s for s, _ in g}) > 1), key=lambda g: g[0][1])
+  if not across:
+    return f'cross-split duplicates: none (no identical stored {what} in two splits)'
+  pairs = collections.Counter('/'.join(sorted({s for s, _ in g}, key=duplicates.split_rank))
+                              for g in across)
+  example = ', '.join(f'{i} ({s})' for s, i in across[0][:3])
+  return (f'cross-split duplicates: {len(across)} groups of identical stored {what} in more '
+          f'than one split ({", ".join(f"{n} {p}" for p, n in sorted(pairs.items()))}), '
+          f'e.g. {example}')
 
 
 class CorruptShardError(ValueError):

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from pcam_tfdata import convert
 from pcam_tfdata import kaggle
+from pcam_tfdata import outdir
 from pcam_tfdata import schema
 from pcam_tfdata import splits
 from pcam_tfdata import synthetic
@@ -200,7 +201,7 @@ def test_complete_output_is_kept_unless_overwrite(kaggle_dir, tmp_path):
   mtime = os.path.getmtime(out / schema.MANIFEST_NAME)
   assert run_convert(kaggle_dir, out, seed=1) == first  # Up to date: nothing rewritten.
   assert os.path.getmtime(out / schema.MANIFEST_NAME) == mtime
-  with pytest.raises(convert.ConvertError, match='--overwrite'):
+  with pytest.raises(outdir.OutDirError, match='--overwrite'):
     run_convert(kaggle_dir, out, seed=2)
   assert json.loads((out / schema.MANIFEST_NAME).read_text())['fingerprint'] == first['fingerprint']
   second = run_convert(kaggle_dir, out, seed=2, overwrite=True)
@@ -278,10 +279,10 @@ def test_overwrite_never_removes_a_folder_it_did_not_write(kaggle_dir, tmp_path)
   out = tmp_path / 'notes'
   out.mkdir()
   (out / 'thesis.tex').write_text('years of work')
-  with pytest.raises(convert.ConvertError, match='holds files this tool did not write'):
+  with pytest.raises(outdir.OutDirError, match='holds files this tool did not write'):
     run_convert(kaggle_dir, out, overwrite=True)
   (out / schema.MANIFEST_NAME).write_text('{"not": "ours"}')  # A manifest, but not ours.
-  with pytest.raises(convert.ConvertError, match='holds files this tool did not write'):
+  with pytest.raises(outdir.OutDirError, match='holds files this tool did not write'):
     run_convert(kaggle_dir, out, overwrite=True)
   assert (out / 'thesis.tex').read_text() == 'years of work'
 
@@ -291,9 +292,9 @@ def test_overwrite_never_removes_a_users_files_inside_a_conversion(kaggle_dir, t
   run_convert(kaggle_dir, out)
   (out / 'my_run').mkdir()
   (out / 'my_run' / 'notes.txt').write_text('precious')
-  with pytest.raises(convert.ConvertError, match='my_run, which this tool did not write'):
+  with pytest.raises(outdir.OutDirError, match='my_run, which this tool did not write'):
     run_convert(kaggle_dir, out, overwrite=True)
-  with pytest.raises(convert.ConvertError, match='my_run'):  # Stale, demo default: the same.
+  with pytest.raises(outdir.OutDirError, match='my_run'):  # Stale, demo default: the same.
     run_convert(kaggle_dir, out, seed=9, replace_stale=True)
   assert (out / 'my_run' / 'notes.txt').read_text() == 'precious'
 
@@ -303,7 +304,7 @@ def test_a_conversion_missing_a_shard_is_rebuilt_with_overwrite(kaggle_dir, tmp_
   manifest = run_convert(kaggle_dir, out)
   victim = out / manifest['splits']['train']['shards'][0]['file']
   victim.unlink()
-  with pytest.raises(convert.ConvertError, match='shards missing; pass --overwrite'):
+  with pytest.raises(outdir.OutDirError, match='shards missing; pass --overwrite'):
     run_convert(kaggle_dir, out)
   run_convert(kaggle_dir, out, overwrite=True)
   assert schema.load_manifest(str(out))['fingerprint'] == manifest['fingerprint']
@@ -341,7 +342,7 @@ def test_a_rewritten_tiff_makes_the_output_stale(kaggle_copy, tmp_path):
   pixels = tiff.read_patch(str(path))
   with open(path, 'wb') as f:
     synthetic.write_tiff(f, 255 - pixels)  # Same size, new pixels.
-  with pytest.raises(convert.ConvertError, match='stale'):
+  with pytest.raises(outdir.OutDirError, match='stale'):
     run_convert(kaggle_copy, out, per_class=0)
   run_convert(kaggle_copy, out, per_class=0, overwrite=True)
   got = {i: image for i, _, image in read_split(out, 'val')}

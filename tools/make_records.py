@@ -14,7 +14,9 @@ from absl import flags
 
 from pcam_tfdata import cli
 from pcam_tfdata import convert
+from pcam_tfdata import duplicates
 from pcam_tfdata import kaggle
+from pcam_tfdata import outdir
 from pcam_tfdata import schema
 from pcam_tfdata import synthetic
 from pcam_tfdata import tiff
@@ -54,12 +56,16 @@ _WORKERS = flags.DEFINE_integer('workers', len(os.sched_getaffinity(0)),
 _SKIP_BAD = flags.DEFINE_bool(
     'skip_bad', False, 'Skip unreadable or malformed patches (and ids with no file), '
     'listing each in the manifest, instead of stopping at the first.')
+_DROP_DUPLICATES = flags.DEFINE_bool(
+    'drop_duplicates', False, 'Keep one patch of each group of pixel-identical patches '
+    '(found by hashing every full patch), chosen before the split, so no pixels sit on both '
+    'sides; the rest are listed in the manifest. Without it duplicates are only counted.')
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Replace a finished conversion of other inputs or settings (stale). '
     'Only a folder holding this tool\'s manifest.json is ever replaced.')
 _CONVERSION_FLAGS = (_SOURCE, _DATA_DIR, _OUT_DIR, _CROP_SIZE, _PER_CLASS, _VAL_FRACTION, _SEED,
                      _GROUPS_CSV, _NUM_FOLDS, _FOLD, _NUM_SHARDS, _WORKERS, _SKIP_BAD,
-                     _OVERWRITE)
+                     _DROP_DUPLICATES, _OVERWRITE)
 
 
 def _fail(message):
@@ -105,12 +111,13 @@ def main(argv):
         val_fraction=_VAL_FRACTION.value, seed=_SEED.value, groups=groups,
         num_shards=_NUM_SHARDS.value, workers=_WORKERS.value, skip_bad=_SKIP_BAD.value,
         overwrite=_OVERWRITE.value, num_folds=_NUM_FOLDS.value, fold=_FOLD.value,
+        drop_duplicates=_DROP_DUPLICATES.value,
         # The demo's own output is rebuilt when stale (only a folder with this
         # tool's manifest is ever replaced); anything else needs --overwrite.
         replace_stale=_DATA_DIR.value is None and _OUT_DIR.value is None,
         flags={f.name: f.value for f in _CONVERSION_FLAGS} | {
             'data_dir': source.data_dir, 'per_class': per_class, 'out_dir': out_dir})
-  except (kaggle.SourceError, convert.ConvertError, tiff.BadImageError,
+  except (kaggle.SourceError, convert.ConvertError, outdir.OutDirError, tiff.BadImageError,
           schema.ManifestError) as e:
     _fail(str(e))
   except KeyboardInterrupt:
@@ -133,8 +140,9 @@ def _convert_h5():
         source, out_dir, crop_size=_CROP_SIZE.value, per_class=per_class,
         val_fraction=_VAL_FRACTION.value, seed=_SEED.value, resplit=resplit,
         num_shards=_NUM_SHARDS.value, overwrite=_OVERWRITE.value,
-        flags={f.name: f.value for f in _CONVERSION_FLAGS})
-  except (pcam_h5.SourceError, convert.ConvertError, schema.ManifestError) as e:
+        drop_duplicates=_DROP_DUPLICATES.value, flags={f.name: f.value for f in _CONVERSION_FLAGS})
+  except (pcam_h5.SourceError, convert.ConvertError, outdir.OutDirError,
+          schema.ManifestError) as e:
     _fail(str(e))
   except KeyboardInterrupt:
     _fail('interrupted; rerun the same command to start again')
@@ -147,6 +155,8 @@ def _summarize(manifest, out_dir):
     print(f'{name:>5}: {info["count"]:>7,} examples {info["label_counts"]} in '
           f'{len(info["shards"])} shards' + (f', {info["skipped"]} skipped' if info['skipped'] else '')
           + (f', {info["slides"]} slides' if 'slides' in info else ''))
+  if 'duplicates' in manifest:  # (Absent from conversions made before it was counted.)
+    print(duplicates.summary_line(manifest['duplicates'], written))
   print(f'{written:,} examples of {manifest["image_shape"]} in {manifest["seconds"]:.1f} s '
         f'-> {os.path.abspath(out_dir)}')
 
