@@ -264,7 +264,7 @@ def find_source_duplicates(source, *, workers=1, skip_bad=False, show_progress=T
   for result in _run_tasks(records.key_patches, tasks, workers, len(paths), 0, show_progress,
                            desc='duplicate scan'):
     keys[result['start']:result['start'] + len(result['keys'])] = result['keys']
-  groups = duplicates.find_groups(keys, lambda idx: _read_files([paths[i] for i in idx]))
+  groups = duplicates.find_groups(keys, lambda idx: _read_files(paths, idx))
   is_test = np.arange(len(ids)) >= len(source.ids)
   dropped, same_as = duplicates.drop_plan(groups, np.zeros(len(ids)), fixed=is_test)
   by_id = dict(zip(source.ids.tolist(), source.labels.tolist()))
@@ -277,8 +277,8 @@ def find_source_duplicates(source, *, workers=1, skip_bad=False, show_progress=T
   return ids[dropped], info
 
 
-def _read_files(paths):
-  return (tiff.read_patch(p) for p in paths)
+def _read_files(paths, indices):
+  return ((i, tiff.read_patch(paths[i])) for i in indices)
 
 
 def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2, seed=0,
@@ -376,7 +376,7 @@ def _output_duplicates(tasks, done):
         labels.append(label)
         paths.append(path)
         keys.append(key)
-  groups = duplicates.find_groups(keys, lambda idx: _read_files([paths[i] for i in idx]))
+  groups = duplicates.find_groups(keys, lambda idx: _read_files(paths, idx))
   # Ordered by id within each group, so the examples shown do not depend on shards.
   order = np.argsort(ids, kind='stable')
   rank = np.empty(len(ids), np.int64)

@@ -31,7 +31,9 @@ def find_groups(keys, read_patches):
   Args:
     keys: int array of `patch_key`s, one per patch; NO_KEY is never grouped.
     read_patches: function from a sorted int array of patch indices to an
-      iterable of their pixels (uint8 arrays or bytes), in that order.
+      iterable of (index, pixels as a uint8 array or bytes) for each, in
+      any order. Each patch is hashed as it comes: only the digests are
+      kept, so a source with many duplicates costs a read, not memory.
 
   Returns:
     A list of sorted int arrays of two or more indices, ordered by their
@@ -43,10 +45,10 @@ def find_groups(keys, read_patches):
   _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
   candidates = np.flatnonzero((counts[inverse] > 1) & (keys != NO_KEY))
   members = collections.defaultdict(list)
-  for index, pixels in zip(candidates.tolist(), read_patches(candidates)):
+  for index, pixels in read_patches(candidates):
     data = pixels if isinstance(pixels, bytes) else np.asarray(pixels, np.uint8).tobytes()
-    members[keys[index], hashlib.sha256(data).digest()].append(index)
-  return sorted((np.asarray(m) for m in members.values() if len(m) > 1), key=lambda g: g[0])
+    members[keys[index], hashlib.sha256(data).digest()].append(int(index))
+  return sorted((np.sort(m) for m in members.values() if len(m) > 1), key=lambda g: g[0])
 
 
 def drop_plan(groups, rank, fixed=None):

@@ -325,14 +325,20 @@ def _stream_split(split, indices, crop_size, rng, shards, samples, bar):
     bar.update(len(wanted))
 
 
-def _read_patches(source, refs):
-  """The full patches of `refs`, a sequence of (PCam split, index), in that order."""
-  found = {}
-  for split in {s for s, _ in refs}:
-    indices = np.unique([i for s, i in refs if s == split])
-    for lo, block, wanted in _blocks(source[split], indices):
-      found.update(((split, int(i)), block[i - lo]) for i in wanted)
-  return [found[split, int(i)] for split, i in refs]
+def _read_patches(source, refs, positions):
+  """(position, full patch of refs[position]) for each of `positions`, a block at a time.
+
+  `refs` is a list of (PCam split, index); the patches come in file order.
+  """
+  wanted = collections.defaultdict(dict)  # PCam split -> {index: position}
+  for p in positions:
+    split, index = refs[p]
+    wanted[split][index] = p
+  for split, positions_of in wanted.items():
+    indices = np.fromiter(sorted(positions_of), np.int64)
+    for lo, block, inside in _blocks(source[split], indices):
+      for i in inside:
+        yield positions_of[int(i)], block[i - lo]
 
 
 def _find_duplicates(source, show_progress):
@@ -347,7 +353,7 @@ def _find_duplicates(source, show_progress):
           refs.extend((name, int(i)) for i in wanted)
           keys.extend(duplicates.patch_key(p) for p in block)
           bar.update(len(wanted))
-  groups = duplicates.find_groups(keys, lambda idx: _read_patches(source, [refs[i] for i in idx]))
+  groups = duplicates.find_groups(keys, lambda idx: _read_patches(source, refs, idx))
   dropped, same_as = duplicates.drop_plan(groups, np.zeros(len(refs)))
   ids = np.asarray([example_id(s, i) for s, i in refs])
   labels = np.asarray([source[s].labels[i] for s, i in refs])
@@ -365,8 +371,9 @@ def _find_duplicates(source, show_progress):
 def _written_duplicates(source, written):
   """The manifest's `duplicates` for `written`: (our split, PCam split, index, key)."""
   written = sorted(written, key=lambda w: example_id(w[1], w[2]))  # By id.
-  groups = duplicates.find_groups(
-      [w[3] for w in written], lambda idx: _read_patches(source, [written[i][1:3] for i in idx]))
+  refs = [w[1:3] for w in written]
+  groups = duplicates.find_groups([w[3] for w in written],
+                                  lambda idx: _read_patches(source, refs, idx))
   return duplicates.summarize(
       groups, np.asarray([example_id(w[1], w[2]) for w in written]),
       np.asarray([w[0] for w in written]),

@@ -28,9 +28,9 @@ def test_groups_are_exactly_the_identical_patches():
   # unreadable (NO_KEY), like 2 with an equal key would be.
   keys = [7, 9, 9, 7, duplicates.NO_KEY, 7]
   read = []
-  def read_patches(indices):
+  def read_patches(indices):  # In any order (here reversed), as a stream.
     read.extend(indices.tolist())
-    return [patches[i] for i in indices]
+    return ((i, patches[i]) for i in indices[::-1])
   groups = duplicates.find_groups(keys, read_patches)
   assert [g.tolist() for g in groups] == [[0, 3, 5]]
   assert read == [0, 1, 2, 3, 5]  # Only candidates are read again, never NO_KEY.

@@ -11,7 +11,10 @@ page cache, in one run:
     naive loop, so the gain of the code itself reads per core;
   * converter: `pcam_tfdata.convert` as tools/make_records.py runs it
     (--workers, all cores by default), in a fresh process whose own and
-    workers' peak RSS are reported.
+    workers' peak RSS are reported;
+  * converter with --drop_duplicates: the same plus its scan, which reads
+    and keys every patch before planning (the data holds no duplicates, so
+    this is the cost of looking).
 Each figure is the median of --repeats runs, interleaved; ratios are against
 the same run. The table says how many processes each method used.
 """
@@ -51,10 +54,12 @@ def vm_hwm_mib():  # Peak RSS of this process since exec (ru_maxrss keeps the pa
   with open('/proc/self/status') as f:
     return next(int(l.split()[1]) for l in f if l.startswith('VmHWM')) / 1024
 data_dir, out_dir, crop, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+drop = sys.argv[5] == 'drop'
 start = time.perf_counter()
 source = kaggle.read_source(data_dir)
 manifest = convert.convert(source, out_dir, crop_size=crop, per_class=0, workers=workers,
-                           eda=False, show_progress=False, log=lambda _: None)
+                           eda=False, show_progress=False, log=lambda _: None,
+                           drop_duplicates=drop)
 seconds = time.perf_counter() - start
 print(json.dumps({
     'seconds': seconds,
@@ -75,15 +80,20 @@ def vm_hwm_mib():
 start = time.perf_counter()
 source = pcam_h5.read_source(sys.argv[1])
 manifest = pcam_h5.convert_h5(source, sys.argv[2], crop_size=int(sys.argv[3]), eda=False,
-                              show_progress=False, log=lambda _: None)
+                              show_progress=False, log=lambda _: None,
+                              drop_duplicates=sys.argv[4] == 'drop')
 print(json.dumps({'seconds': time.perf_counter() - start,
                   'records': sum(s['count'] for s in manifest['splits'].values()),
                   'peak_mib': vm_hwm_mib()}))
 '''
 
 
-def make_h5(folder, count, gz):
-  """A PCam-layout train split of `count` synthetic patches, written in blocks."""
+def make_h5(folder, count, gz, distinct=True):
+  """A PCam-layout train split of `count` synthetic patches, written in blocks.
+
+  The patches repeat 256 drawn ones; `distinct` marks each with its index, so
+  there are no duplicates; without it every patch is one.
+  """
   import gzip  # pylint: disable=g-import-not-at-top
   import h5py  # pylint: disable=g-import-not-at-top
   os.makedirs(folder, exist_ok=True)
@@ -95,7 +105,10 @@ def make_h5(folder, count, gz):
     x = f.create_dataset('x', (count, 96, 96, 3), np.uint8, chunks=(32, 96, 96, 3))
     for lo in range(0, count, 1024):
       hi = min(lo + 1024, count)
-      x[lo:hi] = pool[rng.integers(0, len(pool), hi - lo)]
+      block = pool[rng.integers(0, len(pool), hi - lo)]
+      if distinct:  # Two bytes of the index in a corner.
+        block[:, 0, 0, 0], block[:, 0, 0, 1] = np.arange(lo, hi) % 256, np.arange(lo, hi) // 256
+      x[lo:hi] = block
   with h5py.File(y_path, 'w') as f:
     f.create_dataset('y', data=rng.integers(0, 2, (count, 1, 1, 1)).astype(np.uint8))
   if gz:
@@ -117,9 +130,10 @@ def read_h5_arrays(folder):
   return n / (time.perf_counter() - start)
 
 
-def h5_converter(folder, out_dir, crop):
+def h5_converter(folder, out_dir, crop, drop=False):
   shutil.rmtree(out_dir, ignore_errors=True)
-  proc = subprocess.run([sys.executable, '-c', _H5_CONVERTER, folder, out_dir, str(crop)],
+  proc = subprocess.run([sys.executable, '-c', _H5_CONVERTER, folder, out_dir, str(crop),
+                         'drop' if drop else 'keep'],
                         capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -127,13 +141,19 @@ def h5_converter(folder, out_dir, crop):
 def bench_h5(work, count, crop, repeats):
   """images/s of plain h5py reads and of the HDF5 source (plain and gzipped)."""
   plain, zipped = os.path.join(work, 'h5'), os.path.join(work, 'h5gz')
+  repeated = os.path.join(work, 'h5dup')
   make_h5(plain, count, gz=False)
   make_h5(zipped, count, gz=True)
-  reads, runs = [], {'plain': [], 'gzip': []}
+  make_h5(repeated, count, gz=False, distinct=False)
+  cases = (('plain .h5', plain), ('gzip .h5.gz', zipped),
+           ('plain .h5, --drop_duplicates', plain),
+           ('plain .h5, every patch one of 256 (all confirmed)', repeated))
+  reads, runs = [], {name: [] for name, _ in cases}
   for _ in range(repeats):
     reads.append(read_h5_arrays(plain))
-    for name, folder in (('plain', plain), ('gzip', zipped)):
-      runs[name].append(h5_converter(folder, os.path.join(work, 'h5rec'), crop))
+    for name, folder in cases:
+      runs[name].append(h5_converter(folder, os.path.join(work, 'h5rec'), crop,
+                                     drop='drop' in name))
   x_mib = count * 96 * 96 * 3 / 2**20
   print(f'\nPCam HDF5 source: {count} patches ({x_mib:,.0f} MiB of x), crop {crop}, '
         f'median of {repeats}')
@@ -145,7 +165,7 @@ def bench_h5(work, count, crop, repeats):
   for name, rows in runs.items():
     rate = statistics.median(count / r['seconds'] for r in rows)
     peak = max(r['peak_mib'] for r in rows)
-    print(f'| converter, {name} .h5{".gz" if name == "gzip" else ""} | {rate:,.0f} | '
+    print(f'| converter, {name} | {rate:,.0f} | '
           f'{rate / floor:.2f} | {peak:,.0f} |')
     result[name] = {'images_per_second': rate, 'peak_rss_mib': peak}
   return result
@@ -182,9 +202,10 @@ def naive_loop(paths, labels, out_path, crop):
   return time.perf_counter() - start
 
 
-def converter(data_dir, out_dir, crop, workers):
+def converter(data_dir, out_dir, crop, workers, drop=False):
   shutil.rmtree(out_dir, ignore_errors=True)
-  proc = subprocess.run([sys.executable, '-c', _CONVERTER, data_dir, out_dir, str(crop), str(workers)],
+  proc = subprocess.run([sys.executable, '-c', _CONVERTER, data_dir, out_dir, str(crop), str(workers),
+                         'drop' if drop else 'keep'],
                         capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -202,15 +223,18 @@ def main(argv):
   labels = dict(zip(source.ids, source.labels.tolist()))
   n = len(paths)
   one, many = 'converter, 1 worker', f'converter, {_WORKERS.value} workers'
-  processes = {'read floor': 1, 'naive loop': 1, one: 1, many: _WORKERS.value}
+  drop = f'{many}, --drop_duplicates'
+  processes = {'read floor': 1, 'naive loop': 1, one: 1, many: _WORKERS.value,
+               drop: _WORKERS.value}
   times = {name: [] for name in processes}
   memory = []
   for _ in range(_REPEATS.value):  # Interleaved, so drift on a shared machine hits them all.
     times['read floor'].append(read_floor(paths))
     times['naive loop'].append(naive_loop(paths, labels, os.path.join(work, 'naive.tfrecord'),
                                           _CROP_SIZE.value))
-    for name, workers in ((one, 1), (many, _WORKERS.value)):
-      result = converter(data_dir, os.path.join(work, 'records'), _CROP_SIZE.value, workers)
+    for name, workers in ((one, 1), (many, _WORKERS.value), (drop, _WORKERS.value)):
+      result = converter(data_dir, os.path.join(work, 'records'), _CROP_SIZE.value, workers,
+                         drop=name == drop)
       assert result['records'] == n, result
       times[name].append(result['seconds'])
       if name == many:
