@@ -51,6 +51,32 @@ def dihedral_transform(images, k):
   return _DIHEDRAL[k](images)
 
 
+def dihedral_variants(images, out):
+  """Writes the 8 dihedral transforms of a whole split into `out`, in NumPy.
+
+  Args:
+    images: uint8 [N, S, S, C].
+    out: [8, N, S, S, C] array; out[t] becomes `dihedral_transform(images, t)`.
+  """
+  for t in range(NUM_DIHEDRAL):
+    source = images if t < 4 else images[:, :, ::-1]  # As `dihedral_permutations`.
+    out[t] = np.rot90(source, t % 4, axes=(1, 2))
+
+
+def draw_dihedral_ids(batch_size, seed):
+  """The transform (0..7) of each batch position: uniform and independent.
+
+  Args:
+    batch_size: images in the batch (a Python int or scalar tensor).
+    seed: [2] int tensor, a stateless seed (`tf.random.stateless_*`).
+
+  Returns:
+    int32 [batch_size]. `draw_dihedral` groups the same draws.
+  """
+  return tf.random.stateless_uniform([batch_size], seed, minval=0, maxval=NUM_DIHEDRAL,
+                                     dtype=tf.int32)
+
+
 def draw_dihedral(batch_size, seed):
   """Draws a transform per batch position, uniform over the 8 and independent.
 
@@ -68,8 +94,7 @@ def draw_dihedral(batch_size, seed):
     transform; positions order[bounds[k]:bounds[k+1]] get transform k.
     `bounds` is [9] int32.
   """
-  k = tf.random.stateless_uniform([batch_size], seed, minval=0, maxval=NUM_DIHEDRAL,
-                                  dtype=tf.int32)
+  k = draw_dihedral_ids(batch_size, seed)
   order = tf.argsort(k, stable=True)
   counts = tf.math.bincount(k, minlength=NUM_DIHEDRAL, maxlength=NUM_DIHEDRAL)
   bounds = tf.concat([[0], tf.cumsum(counts)], 0)
@@ -142,6 +167,21 @@ def hed_to_rgb(hed):
   return tf.clip_by_value(tf.exp(od * _LOG_FLOOR), 0.0, 1.0)
 
 
+def draw_stain(batch_size, strength, seed):
+  """Per image and stain, (alpha, beta) of `stain_jitter`: float32 [batch_size, 2, 3]."""
+  alpha_key, beta_key = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  alpha = tf.random.stateless_uniform([batch_size, 3], alpha_key, 1 - strength, 1 + strength)
+  beta = tf.random.stateless_uniform([batch_size, 3], beta_key, -strength, strength)
+  return tf.stack([alpha, beta], 1)
+
+
+def apply_stain(images, params):
+  """Images with each stain concentration c -> alpha * c + beta (`draw_stain`), as uint8."""
+  alpha, beta = params[:, None, None, 0], params[:, None, None, 1]
+  rgb = hed_to_rgb(rgb_to_hed(images) * alpha + beta)
+  return tf.cast(tf.round(rgb * 255.0), tf.uint8)
+
+
 def stain_jitter(images, strength, seed):
   """Perturbs each image's haematoxylin, eosin and DAB concentrations (Tellez et al. 2019).
 
@@ -160,9 +200,4 @@ def stain_jitter(images, strength, seed):
   """
   if not strength:
     return images
-  batch = tf.shape(images)[0]
-  alpha_key, beta_key = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  alpha = tf.random.stateless_uniform([batch, 1, 1, 3], alpha_key, 1 - strength, 1 + strength)
-  beta = tf.random.stateless_uniform([batch, 1, 1, 3], beta_key, -strength, strength)
-  rgb = hed_to_rgb(rgb_to_hed(images) * alpha + beta)
-  return tf.cast(tf.round(rgb * 255.0), tf.uint8)
+  return apply_stain(images, draw_stain(tf.shape(images)[0], strength, seed))

@@ -16,6 +16,7 @@ import os
 import keras
 import tensorflow as tf
 
+from pcam_tfdata import augment
 from pcam_tfdata import rundir
 
 MONITOR = 'val_auc'  # Maximized, as the seed's EarlyStopping and checkpoint.
@@ -62,7 +63,9 @@ def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=Fal
 
   Returns:
     fn(iterator, n) -> (sum of per-example losses, correct predictions), both
-    summed over the n steps and all replicas.
+    summed over the n steps and all replicas. The iterator yields (images,
+    labels) or (images, labels, stain draws): the stain jitter is then
+    applied here, on the replica's device (`augment.apply_stain`).
   """
   loss_fn = keras.losses.BinaryCrossentropy(reduction=None)
   loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -79,7 +82,9 @@ def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=Fal
   if jit_compile:
     forward_backward = tf.function(forward_backward, jit_compile=True)
 
-  def step(images, labels):
+  def step(images, labels, stain=None):
+    if stain is not None:
+      images = augment.apply_stain(images, stain)
     labels = tf.reshape(labels, [-1, 1])
     probs, per_example, grads = forward_backward(images, labels)
     if loss_scaled and strategy.num_replicas_in_sync > 1:
@@ -94,8 +99,7 @@ def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=Fal
     loss_sum = tf.constant(0.0)
     correct = tf.constant(0.0)
     for _ in tf.range(n):
-      images, labels = next(iterator)
-      loss, right = strategy.run(step, args=(images, labels))
+      loss, right = strategy.run(step, args=tuple(next(iterator)))
       # One reduce per value: MultiWorkerMirroredStrategy does not take a tuple.
       loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
       correct += strategy.reduce(tf.distribute.ReduceOp.SUM, right, axis=None)

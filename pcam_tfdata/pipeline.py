@@ -18,6 +18,7 @@ the pipeline and the host-to-device copy.
 
 import os
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -28,6 +29,9 @@ _PARSE_BATCH = 1024  # Records parsed per op; also the eval cache's element size
 _EVAL_READ_BUFFER = 8 << 20
 SERVICE_JOB_NAME = 'pcam_tfdata_train'
 _SERVICE_SHUFFLE_BUFFER = 8192  # Examples per service worker.
+# Memory the 8 dihedral variants of a pipeline's cached split may take: the
+# seed's 80,000 train patches at 32x32 take 1.8 GiB (at 96x96: 16.5 GiB).
+DEFAULT_VARIANT_BUDGET = 4 << 30
 
 
 def parse_batch(serialized, image_shape, with_ids=False):
@@ -80,7 +84,7 @@ def _aligned_empty(shape, dtype, alignment=64):
   return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def load_split(paths, count, parse):
+def load_split(paths, count, parse, variants=False):
   """Reads shards into one tensor per field, [count, ...], at about 1x their bytes.
 
   Records are parsed 1,024 at a time and copied into arrays allocated once;
@@ -91,7 +95,10 @@ def load_split(paths, count, parse):
   Args:
     paths: shard files, read in this order.
     count: records they hold (from the manifest).
-    parse: serialized [N] -> tuple of fields, [N, ...] each.
+    parse: serialized [N] -> tuple of fields, [N, ...] each; images first.
+    variants: the images field holds the 8 dihedral variants of every image,
+      [8 * count, ...], variant t of image i at t * count + i
+      (`augment.dihedral_variants`): 8x the images' bytes, at a peak of 9x.
 
   Returns:
     A tuple of tensors in the order `parse` returns its fields.
@@ -115,7 +122,13 @@ def load_split(paths, count, parse):
     filled += n
   else:
     if filled == count:
-      first = tf.experimental.dlpack.from_dlpack(fields[0].__dlpack__())  # No copy.
+      images = fields[0]
+      if variants:
+        images = _aligned_empty((augment_lib.NUM_DIHEDRAL, *fields[0].shape), np.uint8)
+        augment_lib.dihedral_variants(fields[0], images)
+        fields[0] = None  # Variant 0 is the image itself.
+        images = images.reshape(-1, *images.shape[2:])
+      first = tf.experimental.dlpack.from_dlpack(images.__dlpack__())  # No copy.
       return (first, *(tf.constant(f) for f in fields[1:]))
   raise schema.ShardCountError(f'{os.path.dirname(paths[0])}: its shards hold another number '
                                f'of records than the {count} manifest.json lists')
@@ -148,7 +161,8 @@ def steps_per_epoch(manifest, split, batch_size, num_input_pipelines=1):
 
 def make_dataset(records_dir, split, *, batch_size, training, cache=True, augment=None,
                  seed=None, input_context=None, with_ids=False, first_epoch=1, num_epochs=1,
-                 batches_per_epoch=None, stain_jitter=0.0):
+                 batches_per_epoch=None, stain_jitter=0.0,
+                 variant_budget=DEFAULT_VARIANT_BUDGET, stain_params=False):
   """Builds the input pipeline of one split.
 
   Args:
@@ -180,6 +194,16 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
       replicas per pipeline, or pipelines of unequal size) passes what it
       takes, so that epoch e+1 starts with its own first batch, not with
       epoch e's leftovers, and a resumed run lines up with an uninterrupted one.
+    variant_budget: training with `augment` and `cache`: bytes the 8
+      dihedral variants of this pipeline's split may take in memory. Within
+      it the cache holds them and a batch is one gather of (variant, index),
+      as cheap as no augmentation; over it (said once, in the log) each
+      batch is transformed after its gather. The two give the same batches.
+    stain_params: training with `stain_jitter`: yield each batch's stain
+      draws (`augment.draw_stain`, float32 [B, 2, 3]) as a last element
+      instead of applying them, for the training step to apply on the
+      accelerator; `augment.apply_stain(images, params)` is the batch the
+      pipeline would have yielded.
 
   Returns:
     A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches (plus
@@ -195,6 +219,8 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
     raise ValueError(f'augment={augment!r}: use None, False, True or "dihedral"')
   if not 0 <= stain_jitter < 1:
     raise ValueError(f'stain_jitter={stain_jitter}: must be in [0, 1)')
+  if stain_params and not (training and stain_jitter):
+    raise ValueError('stain_params=True needs training=True and stain_jitter > 0')
   if first_epoch < 1 or (num_epochs is not None and num_epochs < 1):
     raise ValueError(f'first_epoch={first_epoch}, num_epochs={num_epochs}: must be >= 1')
   manifest = schema.load_manifest(records_dir)
@@ -215,9 +241,18 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
     raise ValueError(f'batches_per_epoch={batches_per_epoch}: this input pipeline has '
                      f'{whole_batches} whole batches of {batch_size} per epoch')
   pipeline_id = input_context.input_pipeline_id if input_context else 0
+  variants = bool(augment) and cache
+  if variants:
+    need = augment_lib.NUM_DIHEDRAL * count * int(np.prod(image_shape))
+    if need > variant_budget:
+      variants = False
+      logging.warning('%s: the 8 dihedral variants of this pipeline\'s %d train examples '
+                      'need %.2f GiB, over the %.2f GiB budget; transforming each batch '
+                      'after its gather instead (the same batches, more host time)',
+                      records_dir, count, need / 2**30, variant_budget / 2**30)
   return _train_dataset(paths, count, batch_size, parse, cache, bool(augment), seed,
                         pipeline_id, first_epoch, num_epochs, batches_per_epoch,
-                        float(stain_jitter))
+                        float(stain_jitter), variants, stain_params)
 
 
 def _eval_dataset(paths, counts, batch_size, parse, cache):
@@ -265,12 +300,13 @@ def _gather_augmented(images, batch_index, seed):
 
 
 def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeline_id,
-                   first_epoch, num_epochs, steps, stain):
+                   first_epoch, num_epochs, steps, stain, variants, stain_params):
   deterministic = seed is not None
   if cache:
     # The whole split as one element: one tensor per field, [count, ...],
-    # read once, here. An epoch is then a gather by index.
-    whole = tf.data.Dataset.from_tensors(load_split(paths, count, parse))
+    # read once, here. An epoch is then a gather by index (with `variants`,
+    # of (transform, index): the augmentation costs no op of its own).
+    whole = tf.data.Dataset.from_tensors(load_split(paths, count, parse, variants))
   else:
     # Re-read each epoch, in manifest order (interleaved; in a fixed order
     # when seeded): the permutation below shuffles the whole split anyway.
@@ -282,11 +318,14 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeli
     # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
     whole = chunks.unbatch().batch(count)
 
-  def epoch(base_and_number, fields):
-    order_key, augment_key = epoch_keys(*base_and_number, pipeline_id)
+  def plan(base, number):
+    order_key, augment_key = epoch_keys(base, number, pipeline_id)
     # A new permutation of the whole split each epoch, from that epoch's key.
     order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=order_key)
-    index = tf.reshape(order[:steps * batch_size], [steps, batch_size])
+    return tf.reshape(order[:steps * batch_size], [steps, batch_size]), augment_key
+
+  def epoch(index_and_key, fields):
+    index, augment_key = index_and_key
     # `fields` repeats by reference, not by copy: each batch sees the split.
     return tf.data.Dataset.zip(
         tf.data.Dataset.from_tensor_slices((index, tf.range(steps))),
@@ -300,14 +339,22 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeli
       # Each step's draws from (epoch key, step): parallel and reproducible.
       # (Only then: under op determinism a random op makes the map serial.)
       step_key = tf.random.experimental.stateless_fold_in(augment_key, step_number)
-    if augment:
+    if variants:
+      transform = augment_lib.draw_dihedral_ids(tf.shape(batch_index)[0], step_key)
+      images = tf.gather(images, transform * count + batch_index)
+    elif augment:
       images = _gather_augmented(images, batch_index, step_key)
     else:
       images = tf.gather(images, batch_index)
+    rest = [tf.gather(f, batch_index) for f in rest]
     if stain:
-      images = augment_lib.stain_jitter(
-          images, stain, tf.random.experimental.stateless_fold_in(step_key, 1))
-    return (images, *(tf.gather(f, batch_index) for f in rest))
+      params = augment_lib.draw_stain(tf.shape(batch_index)[0], stain,
+                                      tf.random.experimental.stateless_fold_in(step_key, 1))
+      if stain_params:
+        rest.append(params)
+      else:
+        images = augment_lib.apply_stain(images, params)
+    return (images, *rest)
 
   # One base seed per iteration (the given one, or a fresh draw), then the
   # epoch numbers: (base, e) decides everything random in epoch e.
@@ -317,8 +364,10 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeli
     bases = tf.data.Dataset.from_tensors(tf.constant(seed, tf.int64))
   numbers = (tf.data.Dataset.counter(first_epoch) if num_epochs is None
              else tf.data.Dataset.range(first_epoch, first_epoch + num_epochs))
-  epochs = bases.flat_map(lambda base: numbers.map(lambda e: (base, e)))
-  ds = tf.data.Dataset.zip(epochs, whole.repeat()).flat_map(epoch)
+  # Each epoch's permutation is made a step ahead (prefetched), while the
+  # epoch before it is still being consumed: no stall at the boundary.
+  plans = bases.flat_map(lambda base: numbers.map(lambda e: plan(base, e))).prefetch(1)
+  ds = tf.data.Dataset.zip(plans, whole.repeat()).flat_map(epoch)
   # Outside the flat_map, so that batches are gathered on all cores at once.
   ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   ds = ds.apply(tf.data.experimental.assert_cardinality(

@@ -44,9 +44,20 @@ _STAIN_JITTER = flags.DEFINE_float(
     'stain_jitter', 0.0, 'HED stain augmentation strength s in [0, 1): each image\'s '
     'haematoxylin, eosin and DAB scaled by U(1-s, 1+s) and shifted by U(-s, s), in '
     'skimage rgb2hed units (tissue spans about 0-0.1: 0.01 is visible, 0.05 strong); 0 off.')
+_STAIN_JITTER_ON = flags.DEFINE_enum(
+    'stain_jitter_on', 'auto', ['auto', 'host', 'device'],
+    'Where the stain jitter runs: host (in the input pipeline) or device (in the training '
+    'step, from draws the pipeline makes); auto: device with a GPU or TPU, else host. Both '
+    'give the same images.')
+_AUGMENT_CACHE_GIB = flags.DEFINE_float(
+    'augment_cache_gib', 4.0,
+    'With --augment: memory (GiB, per input pipeline) the cached train split may take to '
+    'hold all 8 flips/rotations of every image, so a batch costs one gather (8x the split: '
+    '1.8 GiB for 80,000 patches at 32x32). Over it, each batch is transformed after its '
+    'gather instead (the same batches, more host time). 0: never.')
 _SEED = flags.DEFINE_integer(
     'seed', None, 'Seed of weights, data order, augmentation and dropout: a rerun, or a '
-    'resumed run, ends with bit-identical weights (turns on TF op determinism).')
+    'resumed run, ends with bit-identical weights (on GPU hosts, with TF op determinism).')
 _STEPS_PER_EXECUTION = flags.DEFINE_integer('steps_per_execution', 1,
                                             'Training steps per compiled call.')
 _EARLY_STOPPING_PATIENCE = flags.DEFINE_integer(
@@ -81,6 +92,8 @@ class Config:
   jit_compile: str = 'auto'
   augment: bool = False
   stain_jitter: float = 0.0
+  stain_jitter_on: str = 'auto'
+  augment_cache_gib: float = 4.0  # As pipeline.DEFAULT_VARIANT_BUDGET (TF-free here).
   seed: int | None = None
   steps_per_execution: int = 1
   early_stopping_patience: int = 3
@@ -107,6 +120,10 @@ def check_config(config):
        f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
       (0 <= config.stain_jitter < 1,
        f'--stain_jitter={config.stain_jitter}: must be in [0, 1)'),
+      (config.stain_jitter_on in ('auto', 'host', 'device'),
+       f'--stain_jitter_on={config.stain_jitter_on}: choose one of auto, host, device'),
+      (config.augment_cache_gib >= 0,
+       f'--augment_cache_gib={config.augment_cache_gib}: must be >= 0'),
       (config.seed is None or 0 <= config.seed < 2**32,
        f'--seed={config.seed}: must be in 0..{2**32 - 1} (NumPy and Keras seeds)'),
       (config.sync_batch_norm in ('auto', 'on', 'off'),
@@ -160,7 +177,8 @@ def _config_from_flags():
       mixed_precision=_MIXED_PRECISION.value, strategy=_STRATEGY.value,
       num_cpu_devices=_NUM_CPU_DEVICES.value, sync_batch_norm=_SYNC_BATCH_NORM.value,
       jit_compile=_JIT_COMPILE.value, augment=_AUGMENT.value,
-      stain_jitter=_STAIN_JITTER.value, seed=_SEED.value,
+      stain_jitter=_STAIN_JITTER.value, stain_jitter_on=_STAIN_JITTER_ON.value,
+      augment_cache_gib=_AUGMENT_CACHE_GIB.value, seed=_SEED.value,
       steps_per_execution=_STEPS_PER_EXECUTION.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,
       reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile,

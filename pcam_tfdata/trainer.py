@@ -24,6 +24,20 @@ _HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_acc
                    'val_auc', 'learning_rate', 'seconds', 'images_per_second')
 
 
+def stain_on_device(config):
+  """Whether the training step applies the stain jitter (else the input pipeline).
+
+  On the accelerator when there is one: per-pixel float arithmetic that the
+  host's few cores would otherwise spend on every image. Not with the
+  tf.data service, whose workers build whole batches.
+  """
+  if not config.stain_jitter or config.data_service_address:
+    return False
+  if config.stain_jitter_on == 'auto':
+    return bool(tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('TPU'))
+  return config.stain_jitter_on == 'device'
+
+
 def _datasets(config, manifest, global_batch):
   """The training dataset function and the two evaluation datasets."""
   def train_fn(context, first_epoch, batches_per_epoch):
@@ -41,7 +55,9 @@ def _datasets(config, manifest, global_batch):
         augment=config.augment, stain_jitter=config.stain_jitter, seed=config.seed,
         input_context=context,
         first_epoch=first_epoch, num_epochs=config.epochs - first_epoch + 1,
-        batches_per_epoch=batches_per_epoch)
+        batches_per_epoch=batches_per_epoch,
+        variant_budget=int(config.augment_cache_gib * 2**30),
+        stain_params=stain_on_device(config))
   evaluation = lambda split, cache: pipeline.make_dataset(
       config.records_dir, split, batch_size=config.eval_batch_size, training=False,
       cache=cache, with_ids=True)
@@ -309,6 +325,7 @@ def _final_evaluation(config, model, predict_fn, datasets, state, strategy, poli
       'sync_batch_norm': any(getattr(l, 'synchronized', False) for l in model.layers),
       'augment': bool(config.augment),
       'stain_jitter': config.stain_jitter,
+      'stain_jitter_on': 'device' if stain_on_device(config) else 'host',
       'records_dir': os.path.abspath(config.records_dir),
       'seconds': round(seconds, 1),
   })

@@ -1,6 +1,7 @@
 """The tf.data pipeline: epochs, sharding, evaluation order, augmentation, pixels."""
 
 import collections
+import logging
 
 import numpy as np
 import pandas as pd
@@ -198,16 +199,24 @@ def _chi_square(counts, n):
   return sum((counts.get(k, 0) - expected) ** 2 / expected for k in range(8))
 
 
-@pytest.mark.parametrize('cache', [True, False])
+# The three ways a batch is augmented: gathered from the cached variants, or
+# transformed after its gather from the cache (no budget for variants) or
+# from the records re-read each epoch.
+_AUGMENT_PATHS = {'variants': dict(cache=True),
+                  'per_batch': dict(cache=True, variant_budget=0),
+                  'uncached': dict(cache=False)}
+
+
+@pytest.mark.parametrize('path', sorted(_AUGMENT_PATHS))
 @pytest.mark.parametrize('batch_size', [4, 12, 64])
-def test_augmentation_is_uniform_per_image_at_any_batch_size(small_records, batch_size, cache):
+def test_augmentation_is_uniform_per_image_at_any_batch_size(small_records, batch_size, path):
   """Fails for by-position transforms (batch 4 never rotates by 90), per-image or per-batch ones."""
   originals = _originals(small_records)
   table = augment.dihedral_permutations(8)
   epochs = {4: 4, 12: 8, 64: 24}[batch_size]
   ds = pipeline.make_dataset(str(small_records), 'train', batch_size=batch_size,
-                             training=True, augment=True, cache=cache, seed=5, with_ids=True,
-                             num_epochs=epochs)
+                             training=True, augment=True, seed=5, with_ids=True,
+                             num_epochs=epochs, **_AUGMENT_PATHS[path])
   per_image = collections.defaultdict(list)
   per_batch = []
   for images, labels, ids in ds:
@@ -253,6 +262,45 @@ def test_random_dihedral_draws_are_uniform_and_independent_of_position():
       by_position[i][_which_transform(out[i], images[i], table)] += 1
   for i, counts in by_position.items():  # Every position draws all 8, evenly.
     assert _chi_square(counts, 400) < _CHI2_7_P001, (i, counts)
+
+
+def test_variant_cache_gives_the_batches_of_the_per_batch_transform(small_records, caplog):
+  """The same seed: the same batches, byte for byte, whichever way they are augmented."""
+  def batches(**kwargs):
+    ds = pipeline.make_dataset(str(small_records), 'train', batch_size=12, training=True,
+                               augment=True, seed=9, with_ids=True, num_epochs=3,
+                               stain_jitter=0.05, **kwargs)
+    return [tuple(t.numpy() for t in batch) for batch in ds]
+  with caplog.at_level(logging.WARNING):
+    fitted = batches()
+    assert not caplog.records  # 200 examples at 8x8 fit the default budget.
+    count = schema.load_manifest(str(small_records))['splits']['train']['count']
+    exact = batches(variant_budget=8 * count * 8 * 8 * 3)  # Just fits.
+    assert not caplog.records
+    fallback = batches(variant_budget=8 * count * 8 * 8 * 3 - 1)
+  assert len(fitted) == len(fallback) == 3 * (count // 12)
+  for a, b, c in zip(fitted, exact, fallback):
+    for x, y, z in zip(a, b, c):
+      np.testing.assert_array_equal(x, y)
+      np.testing.assert_array_equal(x, z)
+  said = [r.getMessage() for r in caplog.records]
+  assert len(said) == 1 and 'over the' in said[0] and str(small_records) in said[0], said
+
+
+def test_load_split_with_variants_holds_transform_t_of_image_i_at_t_count_plus_i(records):
+  manifest = schema.load_manifest(str(records))
+  paths = schema.shard_paths(str(records), manifest, 'train')
+  count = manifest['splits']['train']['count']
+  shape = tuple(manifest['image_shape'])
+  parse = lambda x: pipeline.parse_batch(x, shape, with_ids=True)
+  images, labels, ids = pipeline.load_split(paths, count, parse)
+  variants, labels8, ids8 = pipeline.load_split(paths, count, parse, variants=True)
+  assert variants.shape == (8 * count, *shape) and variants.dtype == tf.uint8
+  np.testing.assert_array_equal(labels8, labels)
+  np.testing.assert_array_equal(ids8, ids)
+  for t in range(8):
+    np.testing.assert_array_equal(variants[t * count:(t + 1) * count],
+                                  augment.dihedral_transform(images, t))
 
 
 @pytest.mark.parametrize('k', range(8))
@@ -414,3 +462,24 @@ def test_hed_conversion_matches_the_reference_and_inverts():
   np.testing.assert_allclose(augment.rgb_to_hed(images).numpy(), _hed(images), atol=1e-5)
   back = np.round(augment.hed_to_rgb(augment.rgb_to_hed(images)).numpy() * 255)
   np.testing.assert_array_equal(back.astype(np.uint8), images)
+
+
+def test_stain_params_are_the_draws_the_pipeline_would_apply(small_records):
+  common = dict(batch_size=16, training=True, augment=True, seed=4, num_epochs=2,
+                stain_jitter=0.1)
+  applied = pipeline.make_dataset(str(small_records), 'train', **common)
+  drawn = pipeline.make_dataset(str(small_records), 'train', stain_params=True, **common)
+  n = 0
+  for (images, labels), (raw, raw_labels, params) in zip(applied, drawn):
+    assert params.shape == (16, 2, 3) and params.dtype == tf.float32
+    alpha, beta = params[:, 0].numpy(), params[:, 1].numpy()
+    assert (np.abs(alpha - 1) <= 0.1).all() and (np.abs(beta) <= 0.1).all()
+    assert len({tuple(a) for a in alpha}) == 16  # Drawn per image.
+    np.testing.assert_array_equal(augment.apply_stain(raw, params), images)
+    np.testing.assert_array_equal(raw_labels, labels)
+    assert not np.array_equal(raw, images)
+    n += 1
+  assert n == 2 * (schema.load_manifest(str(small_records))['splits']['train']['count'] // 16)
+  with pytest.raises(ValueError, match='stain_params=True needs'):
+    pipeline.make_dataset(str(small_records), 'train', batch_size=16, training=True,
+                          stain_params=True)

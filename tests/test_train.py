@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 
 import keras
 import numpy as np
@@ -195,6 +196,30 @@ def test_training_with_stain_jitter_and_augmentation_records_both(records, tmp_p
   metrics = train.run(_config(records, tmp_path / 'run', augment=True, stain_jitter=0.1))
   assert metrics['augment'] is True and metrics['stain_jitter'] == 0.1
   assert np.isfinite(metrics['train_loss']) and 0 <= metrics['val_auc'] <= 1
+
+
+@pytest.mark.parametrize('strategy', ['default', 'mirrored'])
+def test_stain_jitter_on_the_device_and_per_batch_dihedral_train_the_same_weights(
+    records, tmp_path, strategy, request):
+  """The pipeline's draws, applied in the training step or in the pipeline; the
+  dihedral transform from the cached variants or after each gather: the same run."""
+  from pcam_tfdata import augment, loop  # pylint: disable=g-import-not-at-top
+  dist = request.getfixturevalue('mirrored') if strategy == 'mirrored' else None
+  runs = {}
+  for name, where, gib in (('host', 'host', 4.0), ('device', 'device', 0.0)):
+    in_step = []  # Traces of the training step's stain jitter.
+    step_augment = types.SimpleNamespace(
+        apply_stain=lambda *a: in_step.append(1) or augment.apply_stain(*a))
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(loop, 'augment', step_augment)
+      metrics = train.run(_config(records, tmp_path / name, augment=True, stain_jitter=0.05,
+                                  stain_jitter_on=where, augment_cache_gib=gib, batch_size=8),
+                          strategy=dist)
+    assert metrics['stain_jitter_on'] == where
+    assert bool(in_step) == (where == 'device')
+    runs[name] = keras.saving.load_model(tmp_path / name / 'model.keras').get_weights()
+  for a, b in zip(runs['host'], runs['device']):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
