@@ -63,18 +63,24 @@ def dihedral_variants(images, out):
     out[t] = np.rot90(source, t % 4, axes=(1, 2))
 
 
-def draw_dihedral_ids(batch_size, seed):
-  """The transform (0..7) of each batch position: uniform and independent.
+def draw_dihedral_ids(shape, seed):
+  """The transform (0..7) of each image: uniform and independent.
 
   Args:
-    batch_size: images in the batch (a Python int or scalar tensor).
+    shape: of the draws, e.g. [batch] or [steps, batch] (ints or a tensor).
     seed: [2] int tensor, a stateless seed (`tf.random.stateless_*`).
 
   Returns:
-    int32 [batch_size]. `draw_dihedral` groups the same draws.
+    int32 tensor of `shape`.
   """
-  return tf.random.stateless_uniform([batch_size], seed, minval=0, maxval=NUM_DIHEDRAL,
-                                     dtype=tf.int32)
+  return tf.random.stateless_uniform(shape, seed, minval=0, maxval=NUM_DIHEDRAL, dtype=tf.int32)
+
+
+def group_dihedral(transforms):
+  """(order, bounds) of `draw_dihedral` for given per-position transforms [B]."""
+  order = tf.argsort(transforms, stable=True)
+  counts = tf.math.bincount(transforms, minlength=NUM_DIHEDRAL, maxlength=NUM_DIHEDRAL)
+  return order, tf.concat([[0], tf.cumsum(counts)], 0)
 
 
 def draw_dihedral(batch_size, seed):
@@ -94,11 +100,7 @@ def draw_dihedral(batch_size, seed):
     transform; positions order[bounds[k]:bounds[k+1]] get transform k.
     `bounds` is [9] int32.
   """
-  k = draw_dihedral_ids(batch_size, seed)
-  order = tf.argsort(k, stable=True)
-  counts = tf.math.bincount(k, minlength=NUM_DIHEDRAL, maxlength=NUM_DIHEDRAL)
-  bounds = tf.concat([[0], tf.cumsum(counts)], 0)
-  return order, bounds
+  return group_dihedral(draw_dihedral_ids([batch_size], seed))
 
 
 def apply_dihedral(grouped, order, bounds):

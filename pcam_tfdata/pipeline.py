@@ -2,11 +2,14 @@
 
 Training, in the order of the TF performance guide: list the split's shards ->
 shard them per input pipeline -> read and parse 1024 records at a time into
-one tensor per field holding the whole (per-pipeline) split, once (the cache)
--> per epoch, a permutation (from the seed and the epoch number) cut into
-batches that are gathered from it -> a dihedral transform per image, applied
-as static flips and transposes to the groups that drew each one -> optional
-HED stain jitter per image -> prefetch.
+one tensor per field holding the whole (per-pipeline) split, once (the cache;
+with augmentation and within a memory budget, the 8 dihedral variants of
+every image) -> per epoch, from the seed and the epoch number, a permutation
+cut into batches and every random draw of the epoch, made while the epoch
+before is consumed -> each batch gathered from the cache (with the variants,
+its transforms folded into the gather's index; without, applied as static
+flips and transposes to the groups that drew each one) -> optional HED stain
+jitter per image (or its draws passed on, for the training step) -> prefetch.
 
 Why the cache holds one tensor: a per-example cache -> shuffle -> batch chain
 pays tf.data's per-element cost on every image and tops out at 140-170k
@@ -203,7 +206,8 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
       draws (`augment.draw_stain`, float32 [B, 2, 3]) as a last element
       instead of applying them, for the training step to apply on the
       accelerator; `augment.apply_stain(images, params)` is the batch the
-      pipeline would have yielded.
+      pipeline would have yielded (up to a pixel rounded the other way by a
+      compiled function's float arithmetic).
 
   Returns:
     A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches (plus
@@ -287,14 +291,14 @@ def epoch_keys(base, epoch, pipeline_id):
   return order_key, augment_key
 
 
-def _gather_augmented(images, batch_index, seed):
-  """images[batch_index], each with a dihedral transform drawn from `seed`.
+def _gather_augmented(images, batch_index, transforms):
+  """images[batch_index], image j with dihedral transform transforms[j].
 
   The images are gathered already grouped by transform, so the grouping
   costs no copy of its own. (tools/bench_input.py swaps this function to
   compare augmentation methods inside the same pipeline.)
   """
-  order, bounds = augment_lib.draw_dihedral(tf.shape(batch_index)[0], seed)
+  order, bounds = augment_lib.group_dihedral(transforms)
   grouped = tf.gather(images, tf.gather(batch_index, order))
   return augment_lib.apply_dihedral(grouped, order, bounds)
 
@@ -319,41 +323,43 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeli
     whole = chunks.unbatch().batch(count)
 
   def plan(base, number):
+    """Epoch `number`'s batches: indices and every random draw, [steps, batch, ...]."""
     order_key, augment_key = epoch_keys(base, number, pipeline_id)
+    dihedral_key, stain_key = tf.unstack(tf.random.experimental.stateless_split(augment_key, 2))
     # A new permutation of the whole split each epoch, from that epoch's key.
     order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=order_key)
-    return tf.reshape(order[:steps * batch_size], [steps, batch_size]), augment_key
-
-  def epoch(index_and_key, fields):
-    index, augment_key = index_and_key
-    # `fields` repeats by reference, not by copy: each batch sees the split.
-    return tf.data.Dataset.zip(
-        tf.data.Dataset.from_tensor_slices((index, tf.range(steps))),
-        tf.data.Dataset.from_tensors((augment_key, fields)).repeat())
-
-  def gather(step, key_and_fields):
-    batch_index, step_number = step
-    augment_key, fields = key_and_fields
-    images, *rest = fields
-    if augment or stain:
-      # Each step's draws from (epoch key, step): parallel and reproducible.
-      # (Only then: under op determinism a random op makes the map serial.)
-      step_key = tf.random.experimental.stateless_fold_in(augment_key, step_number)
-    if variants:
-      transform = augment_lib.draw_dihedral_ids(tf.shape(batch_index)[0], step_key)
-      images = tf.gather(images, transform * count + batch_index)
-    elif augment:
-      images = _gather_augmented(images, batch_index, step_key)
-    else:
-      images = tf.gather(images, batch_index)
-    rest = [tf.gather(f, batch_index) for f in rest]
+    index = tf.reshape(order[:steps * batch_size], [steps, batch_size])
+    # The draws of the whole epoch at once, here, a step ahead: a batch then
+    # runs no random op (nor, with `variants`, any op but its gathers).
+    draws = {'index': index}
+    if augment:
+      transforms = augment_lib.draw_dihedral_ids([steps, batch_size], dihedral_key)
+      # With variants, the transform is folded into the image's index.
+      draws['image'] = transforms * count + index if variants else transforms
     if stain:
-      params = augment_lib.draw_stain(tf.shape(batch_index)[0], stain,
-                                      tf.random.experimental.stateless_fold_in(step_key, 1))
-      if stain_params:
-        rest.append(params)
-      else:
-        images = augment_lib.apply_stain(images, params)
+      draws['stain'] = tf.reshape(
+          augment_lib.draw_stain(steps * batch_size, stain, stain_key), [steps, batch_size, 2, 3])
+    return draws
+
+  def epoch(draws, fields):
+    # `fields` repeats by reference, not by copy: each batch sees the split.
+    return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(draws),
+                               tf.data.Dataset.from_tensors(fields).repeat())
+
+  def gather(draws, fields):
+    images, *rest = fields
+    index = draws['index']
+    if variants:
+      images = tf.gather(images, draws['image'])
+    elif augment:
+      images = _gather_augmented(images, index, draws['image'])
+    else:
+      images = tf.gather(images, index)
+    rest = [tf.gather(f, index) for f in rest]
+    if stain_params:
+      rest.append(draws['stain'])
+    elif stain:
+      images = augment_lib.apply_stain(images, draws['stain'])
     return (images, *rest)
 
   # One base seed per iteration (the given one, or a fresh draw), then the

@@ -47,8 +47,8 @@ _STAIN_JITTER = flags.DEFINE_float(
 _STAIN_JITTER_ON = flags.DEFINE_enum(
     'stain_jitter_on', 'auto', ['auto', 'host', 'device'],
     'Where the stain jitter runs: host (in the input pipeline) or device (in the training '
-    'step, from draws the pipeline makes); auto: device with a GPU or TPU, else host. Both '
-    'give the same images.')
+    'step, from draws the pipeline makes); auto: device with a GPU or TPU, else host. The '
+    'same draws either way (a compiled step may round a pixel the other way).')
 _AUGMENT_CACHE_GIB = flags.DEFINE_float(
     'augment_cache_gib', 4.0,
     'With --augment: memory (GiB, per input pipeline) the cached train split may take to '

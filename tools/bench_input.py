@@ -33,6 +33,19 @@ thread. The tf.data methods use every core. The `processes` column says
 which, so a ratio can be read per core where it matters.
 It also reports what the training cache costs in memory against the raw bytes
 it holds, kept and at its peak (for --records_dir and each --memory_records).
+
+    python tools/bench_input.py --records_dir=/tmp/bench_rec --suite=augment
+
+--suite=augment runs only the augmentation table (issue 13), in one process,
+every method iterated the same way through one iterator over --epochs + 1
+epochs (the first a warm-up), in --rounds interleaved rounds, median of all:
+the tf.data ceiling, a bare gather by index from the whole-split tensor, the
+pipeline unaugmented, with the dihedral transform from the cached variants
+and per batch after the gather (no variant budget), and with stain jitter
+applied in the pipeline or only drawn there (applied in the training step);
+batch 64 and 256. Also the first batch of each epoch against the median
+batch (one iterator for the run, and a new iterator per epoch), and the
+memory of the plain and the variant cache.
 """
 
 import json
@@ -62,6 +75,9 @@ _MEMORY_RECORDS = flags.DEFINE_list(
     'memory_records', [], 'More records folders (e.g. the same split at crop 96) whose '
     'training cache memory is measured too.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
+_SUITE = flags.DEFINE_enum('suite', 'all', ['all', 'augment'],
+                           'all: every table; augment: only the augmentation table.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, '--suite=augment: interleaved rounds.')
 
 
 def _epoch_rate(ds, batch_size):
@@ -87,7 +103,7 @@ def by_position_rate(records_dir, batch_size, epochs):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
   uniform = pipeline._gather_augmented  # pylint: disable=protected-access
-  pipeline._gather_augmented = lambda images, index, seed: _dihedral_by_position(  # pylint: disable=protected-access
+  pipeline._gather_augmented = lambda images, index, transforms: _dihedral_by_position(  # pylint: disable=protected-access
       tf.ensure_shape(tf.gather(images, index), [batch_size, *images.shape[1:]]))
   try:
     return pipeline_rates(records_dir, batch_size, True, epochs)[1]
@@ -118,6 +134,7 @@ import json, sys
 from pcam_tfdata import cli
 cli.import_tensorflow()
 from pcam_tfdata import pipeline
+augment, budget = sys.argv[2] == 'augment', int(sys.argv[3])
 def status_mib(key):
   with open('/proc/self/status') as f:
     return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
@@ -127,7 +144,8 @@ for _ in tf.data.Dataset.range(10).map(lambda x: x + 1).batch(2):  # tf.data's r
 with open('/proc/self/clear_refs', 'w') as f:
   f.write('5')  # Linux: VmHWM starts again from VmRSS.
 before = status_mib('VmRSS')
-ds = pipeline.make_dataset(sys.argv[1], 'train', batch_size=256, training=True)
+ds = pipeline.make_dataset(sys.argv[1], 'train', batch_size=256, training=True,
+                           augment=augment, variant_budget=budget)
 for _ in ds:
   pass
 print(json.dumps({'retained': status_mib('VmRSS') - before,
@@ -135,7 +153,7 @@ print(json.dumps({'retained': status_mib('VmRSS') - before,
 """
 
 
-def cache_cost(records_dir):
+def cache_cost(records_dir, augment=False, budget=0):
   """Memory of the training cache, per raw image byte of the split it holds.
 
   In a fresh process with TensorFlow and tf.data started: `retained` is the
@@ -147,7 +165,8 @@ def cache_cost(records_dir):
   from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
   manifest = schema.load_manifest(records_dir)
   raw = manifest['splits']['train']['count'] * int(np.prod(manifest['image_shape']))
-  proc = subprocess.run([sys.executable, '-c', _CACHE_PROBE, records_dir],
+  proc = subprocess.run([sys.executable, '-c', _CACHE_PROBE, records_dir,
+                         'augment' if augment else 'plain', str(budget)],
                         capture_output=True, text=True, check=True)
   growth = json.loads(proc.stdout.strip().splitlines()[-1])
   return {'crop': manifest['image_shape'][0], 'raw_mib': raw / 2**20,
@@ -222,9 +241,132 @@ def memcpy_rate(count, image_shape, epochs):
   return count / statistics.median(times[1:])
 
 
+def _timed_epochs(ds, steps, batch_size):
+  """Per epoch of one iterator: (images/s, seconds to its first batch); per-batch median."""
+  rates, firsts, gaps = [], [], []
+  last = time.perf_counter()
+  start = last
+  for i, _ in enumerate(ds):
+    now = time.perf_counter()
+    gaps.append(now - last)
+    if i % steps == 0:
+      firsts.append(now - last)
+      start = last
+    if i % steps == steps - 1:
+      rates.append(steps * batch_size / (now - start))
+    last = now
+  return rates, firsts, statistics.median(gaps)
+
+
+def _gather_only(images, labels, count, steps, batch_size, epochs):
+  """The bare gather: a permutation's batches gathered from the split's tensors."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  index = tf.reshape(tf.random.shuffle(tf.range(count))[:steps * batch_size], [steps, batch_size])
+  ds = tf.data.Dataset.from_tensor_slices(index).repeat(epochs)
+  ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def augment_suite(records_dir, epochs, rounds):
+  """The augmentation table of issue 13; returns its rows."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
+  manifest = schema.load_manifest(records_dir)
+  count = manifest['splits']['train']['count']
+  shape = tuple(manifest['image_shape'])
+  paths = schema.shard_paths(records_dir, manifest, 'train')
+  images, labels = pipeline.load_split(paths, count, lambda x: pipeline.parse_batch(x, shape))
+  n = epochs + 1  # The first is a warm-up.
+  make = lambda batch, **kw: pipeline.make_dataset(
+      records_dir, 'train', batch_size=batch, training=True, num_epochs=n, seed=0, **kw)
+  methods = {
+      'tf.data ceiling: one batch repeated': lambda b, steps: tf.data.Dataset.from_tensors(
+          (images[:b], labels[:b])).repeat(steps * n),
+      'bare gather by index from the split tensor': lambda b, steps: _gather_only(
+          images, labels, count, steps, b, n),
+      'pipeline, no augmentation': lambda b, _: make(b),
+      'pipeline, dihedral from the cached variants': lambda b, _: make(b, augment=True),
+      'pipeline, dihedral per batch after the gather (no variant budget)':
+          lambda b, _: make(b, augment=True, variant_budget=0),
+      'pipeline, dihedral (variants) + stain jitter 0.05 applied in the pipeline':
+          lambda b, _: make(b, augment=True, stain_jitter=0.05),
+      'pipeline, dihedral (variants) + stain jitter 0.05 drawn (applied in the step)':
+          lambda b, _: make(b, augment=True, stain_jitter=0.05, stain_params=True),
+  }
+  found = {}
+  for _ in range(rounds):
+    for batch in (64, 256):
+      steps = count // batch
+      for name, build in methods.items():
+        ds = build(batch, steps)
+        rates, firsts, median_gap = _timed_epochs(ds, steps, batch)
+        entry = found.setdefault((batch, name), {'rates': [], 'firsts': [], 'gaps': []})
+        entry['rates'].extend(rates[1:])
+        entry['firsts'].extend(firsts[1:])  # Epochs 2.. of one iterator.
+        entry['gaps'].append(median_gap)
+  # A new iterator per epoch (as before issue 11): the first batch of each.
+  fresh = {}
+  for batch in (64, 256):
+    ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch, training=True,
+                               augment=True, seed=0)
+    times = []
+    for _ in range(epochs + 1):  # The first also traces: left out.
+      start = time.perf_counter()
+      next(iter(ds))
+      times.append(time.perf_counter() - start)
+    fresh[batch] = statistics.median(times[1:])
+  rows = []
+  for (batch, name), entry in found.items():
+    rows.append({'batch': batch, 'method': name,
+                 'images_per_second': statistics.median(entry['rates']),
+                 'first_batch_ms': 1e3 * statistics.median(entry['firsts']),
+                 'median_batch_ms': 1e3 * statistics.median(entry['gaps'])})
+  memory = {'plain cache': cache_cost(records_dir),
+            'variant cache': cache_cost(records_dir, augment=True,
+                                        budget=pipeline.DEFAULT_VARIANT_BUDGET)}
+  return rows, fresh, memory, count, shape
+
+
+def print_augment_suite(rows, fresh, memory, count, shape, epochs, rounds):
+  print(f'\n{count} train examples of {list(shape)}; one iterator over {epochs} timed epochs '
+        f'after a warm-up, {rounds} interleaved rounds, median; {hostinfo.describe()}\n')
+  print('| batch | method | images/s | x unaugmented pipeline | % of ceiling | '
+        'first batch of an epoch ms | median batch ms | cores for 8 x 60k images/s |')
+  print('|---:|---|---:|---:|---:|---:|---:|---:|')
+  cores = len(os.sched_getaffinity(0))
+  for row in rows:
+    same = {r['method']: r['images_per_second'] for r in rows if r['batch'] == row['batch']}
+    rate = row['images_per_second']
+    plain = same['pipeline, no augmentation']
+    ceiling = same['tf.data ceiling: one batch repeated']
+    need = 8 * 60000 / (rate / cores)  # Cores at this run's rate per core.
+    print(f'| {row["batch"]} | {row["method"]} | {rate:,.0f} | {rate / plain:.2f} | '
+          f'{100 * rate / ceiling:.0f}% | {row["first_batch_ms"]:.2f} | '
+          f'{row["median_batch_ms"]:.2f} | {need:.1f} |')
+  print('\nFirst batch of a new iterator per epoch (dihedral, variants): ' + ', '.join(
+      f'batch {b}: {1e3 * t:.1f} ms' for b, t in fresh.items()))
+  print('\n| training cache | raw image bytes MiB | retained x raw | peak x raw |')
+  print('|---|---:|---:|---:|')
+  for name, m in memory.items():
+    print(f'| {name}, crop {m["crop"]} | {m["raw_mib"]:,.0f} | {m["retained"]:.2f} | '
+          f'{m["peak"]:.2f} |')
+
+
 def main(argv):
   del argv
   cli.import_tensorflow()  # Before anything imports it: no start-up chatter in the tables.
+  if _SUITE.value == 'augment':
+    found = augment_suite(_RECORDS_DIR.value, _EPOCHS.value, _ROUNDS.value)
+    print_augment_suite(*found, _EPOCHS.value, _ROUNDS.value)
+    if _JSON.value:
+      rows, fresh, memory, count, shape = found
+      with open(_JSON.value, 'w') as f:
+        json.dump({'host': hostinfo.describe(), 'examples': count, 'image_shape': shape,
+                   'rows': rows, 'fresh_iterator_first_batch_s': fresh,
+                   'cache_memory': memory}, f, indent=1)
+    return
   from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
   manifest = schema.load_manifest(_RECORDS_DIR.value)
   count = manifest['splits']['train']['count']
