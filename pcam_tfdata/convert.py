@@ -258,8 +258,10 @@ def find_source_duplicates(source, *, workers=1, skip_bad=False, show_progress=T
   ids = np.concatenate([np.sort(source.ids), source.test_ids]).astype(str)
   paths = ([source.train_path(i) for i in ids[:len(source.ids)]] +
            [source.test_path(i) for i in source.test_ids])
-  tasks = [{'start': s, 'paths': paths[s:s + _KEY_CHUNK], 'patch_size': schema.PATCH_SIZE,
-            'skip_bad': skip_bad} for s in range(0, len(paths), _KEY_CHUNK)]
+  # Chunks of up to 1,024 files, at least 4 per worker (load balance).
+  chunk = max(1, min(_KEY_CHUNK, -(-len(paths) // (4 * workers))))
+  tasks = [{'start': s, 'paths': paths[s:s + chunk], 'patch_size': schema.PATCH_SIZE,
+            'skip_bad': skip_bad} for s in range(0, len(paths), chunk)]
   keys = np.zeros(len(paths), np.int64)
   for result in _run_tasks(records.key_patches, tasks, workers, len(paths), 0, show_progress,
                            desc='duplicate scan'):
@@ -271,10 +273,20 @@ def find_source_duplicates(source, *, workers=1, skip_bad=False, show_progress=T
   labels = np.asarray([by_id.get(i, schema.TEST_LABEL) for i in ids.tolist()])
   summary = duplicates.summarize(groups, ids, np.where(is_test, 'test', 'labelled'), labels,
                                  schema.TEST_LABEL)
-  info = {'count': len(dropped), 'groups': summary['groups'],
+  info = {'count': len(dropped), 'groups': len(np.unique(same_as)),
           'label_conflicts': summary['label_conflicts'],
           'ids': [{'id': ids[d], 'same_as': ids[k]} for d, k in zip(dropped, same_as)]}
   return ids[dropped], info
+
+
+def check_before_scan(source, per_class, num_folds, fold):
+  """Raises ConvertError for --per_class or --fold errors that dropping could only worsen."""
+  for label in (0, 1):
+    have = int((source.labels == label).sum())
+    if per_class > have:
+      raise ConvertError(f'--per_class={per_class} but class {label} holds only {have} examples')
+  if num_folds and not 0 <= fold < num_folds:
+    raise ConvertError(f'--fold={fold}: must be in 0..{num_folds - 1} (--num_folds={num_folds})')
 
 
 def _read_files(paths, indices):
@@ -315,6 +327,8 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
   outdir.check_paths(source.data_dir, out_dir)
   dropped_ids, dropped = None, None
   if drop_duplicates:
+    # What can fail without the scan fails before it (a full read of the data).
+    check_before_scan(source, per_class, num_folds, fold)
     dropped_ids, dropped = find_source_duplicates(source, workers=workers, skip_bad=skip_bad,
                                                   show_progress=show_progress)
   plan = make_plan(source, crop_size=crop_size, per_class=per_class,

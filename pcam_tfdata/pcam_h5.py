@@ -187,6 +187,10 @@ def _plan(source, *, crop_size, per_class, val_fraction, seed, resplit, num_shar
       if pcam in source:
         targets[ours] = [(pcam, undropped(pcam))]
   sizes = {ours: sum(len(i) for _, i in parts) for ours, parts in targets.items()}
+  for ours, size in sizes.items():
+    if not size:  # As TFDS's writer: a split with no example is an error.
+      why = ' (--drop_duplicates left out every one as a copy)' if dropped else ''
+      raise convert.ConvertError(f'split {ours}: no example to write{why}')
   return targets, convert.count_shards(sizes, crop_size, num_shards)
 
 
@@ -362,7 +366,7 @@ def _find_duplicates(source, show_progress):
   indices = {}
   for d in dropped:
     indices.setdefault(refs[d][0], []).append(refs[d][1])
-  info = {'count': len(dropped), 'groups': summary['groups'],
+  info = {'count': len(dropped), 'groups': len(np.unique(same_as)),
           'label_conflicts': summary['label_conflicts'],
           'ids': [{'id': ids[d], 'same_as': ids[k]} for d, k in zip(dropped, same_as)]}
   return {'indices': indices, 'info': info}

@@ -160,7 +160,7 @@ def test_dropped_duplicates_and_folds_still_partition(kaggle_copy, tmp_path):
   assert sorted(i for v in vals for i in v) == sorted(labelled)
 
 
-def test_drop_duplicates_enters_the_fingerprint_only_when_on(kaggle_dir, tmp_path):
+def test_settings_name_drop_duplicates_only_when_on(kaggle_dir, tmp_path):
   first = run_convert(kaggle_dir, tmp_path / 'a')
   second = run_convert(kaggle_dir, tmp_path / 'b', drop_duplicates=True)
   assert 'drop_duplicates' not in first['settings']
@@ -261,3 +261,59 @@ def test_h5_duplicates_are_counted_and_dropped(tmp_path, resplit):
   assert manifest['duplicates']['groups'] == 0
   stored = _stored(tmp_path / 'b')
   assert len(stored) == 62 - 4 and not set(dropped) & set(stored)
+
+
+def test_test_only_duplicates_are_counted_never_dropped(kaggle_copy, tmp_path):
+  first, second = sorted((kaggle_copy / 'test').glob('*.tif'))[:2]
+  second.write_bytes(first.read_bytes())
+  manifest = run_convert(kaggle_copy, tmp_path / 'r', drop_duplicates=True, workers=2)
+  info = manifest['duplicates']
+  assert info['within'] == {'test': 1} and info['groups'] == 1
+  assert info['dropped'] == {'count': 0, 'groups': 0, 'label_conflicts': 0, 'ids': []}
+  assert manifest['splits']['test']['count'] == 10  # Every test id stays.
+
+
+def test_flag_errors_come_before_the_duplicate_scan(kaggle_copy, tmp_path):
+  # A bad patch the scan would stop at: the flag's error must come first.
+  sorted((kaggle_copy / 'train').glob('*.tif'))[0].write_bytes(b'not a tiff')
+  for flags, message in ((['--num_folds=3', '--fold=3', '--per_class=0'],
+                          '--fold=3: must be in 0..2'),
+                         (['--per_class=1000'], '--per_class=1000 but class 0 holds only')):
+    proc = run_tool('tools/make_records.py', f'--data_dir={kaggle_copy}',
+                    f'--out_dir={tmp_path / "r"}', '--drop_duplicates', '--workers=1', *flags)
+    assert proc.returncode == 1
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_a_sidecar_without_keys_is_redone(tmp_path, kaggle_dir):
+  from pcam_tfdata import records  # pylint: disable=g-import-not-at-top
+  source = kaggle.read_source(str(kaggle_dir))
+  task = {'path': str(tmp_path / 'train-00000-of-00001.tfrecord'),
+          'examples': [(i, int(l), source.train_path(i))
+                       for i, l in zip(source.ids[:5], source.labels[:5])],
+          'crop_size': 32, 'patch_size': 96, 'skip_bad': False}
+  stats = records.write_shard(task)
+  assert records.load_done(task['path']) == stats and len(stats['keys']) == 5
+  older = {k: v for k, v in stats.items() if k != 'keys'}  # As an earlier version wrote it.
+  (tmp_path / 'train-00000-of-00001.tfrecord.done.json').write_text(json.dumps(older))
+  assert records.load_done(task['path']) is None
+
+
+@needs_h5py
+def test_h5_drop_that_empties_a_split_is_refused(tmp_path):
+  from pcam_tfdata import convert, pcam_h5  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  x = {'train': rng.integers(0, 256, (20, 96, 96, 3), dtype=np.uint8),
+       'test': rng.integers(0, 256, (6, 96, 96, 3), dtype=np.uint8)}
+  x['valid'] = x['test'][:4].copy()  # Every valid patch is a test patch.
+  folder = tmp_path / 'pcam'
+  folder.mkdir()
+  for s in x:
+    _write_h5(folder, s, x[s], np.arange(len(x[s])) % 2)
+  source = pcam_h5.read_source(str(folder))
+  with pytest.raises(convert.ConvertError, match=r'split val: no example to write '
+                     r'\(--drop_duplicates left out every one as a copy\)'):
+    pcam_h5.convert_h5(source, str(tmp_path / 'r'), drop_duplicates=True, show_progress=False,
+                       log=lambda _: None, eda=False)
+  assert not (tmp_path / 'r').exists()

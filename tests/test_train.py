@@ -419,6 +419,8 @@ def test_multi_worker_without_a_cluster_trains_as_one_local_worker(records, tmp_
     (['--seed=-1'], '--seed=-1: must be in 0..4294967295'),
     (['--stain_jitter=1.5'], '--stain_jitter=1.5: must be in [0, 1)'),
     (['--sync_batch_norm=maybe'], 'sync_batch_norm'),
+    (['--augment_cache_gib=-1'], '--augment_cache_gib=-1.0: must be >= 0'),
+    (['--stain_jitter_on=gpu'], 'stain_jitter_on'),
     (['--strategy=mirrored', '--num_cpu_devices=2', '--model=batchnorm', '--jit_compile=on',
       '--batch_size=8'],
      '--jit_compile=on cannot compile synchronized BatchNorm over 2 replicas'),

@@ -155,8 +155,11 @@ def _summarize(manifest, out_dir):
     print(f'{name:>5}: {info["count"]:>7,} examples {info["label_counts"]} in '
           f'{len(info["shards"])} shards' + (f', {info["skipped"]} skipped' if info['skipped'] else '')
           + (f', {info["slides"]} slides' if 'slides' in info else ''))
-  if 'duplicates' in manifest:  # (Absent from conversions made before it was counted.)
+  if 'duplicates' in manifest:
     print(duplicates.summary_line(manifest['duplicates'], written))
+  else:  # A conversion made before duplicates were counted.
+    print('duplicates: not counted in this output (made by an earlier version); '
+          '--overwrite rebuilds it and counts them')
   print(f'{written:,} examples of {manifest["image_shape"]} in {manifest["seconds"]:.1f} s '
         f'-> {os.path.abspath(out_dir)}')
 
