@@ -250,10 +250,11 @@ def make_dataset(records_dir, split, *, batch_size, training, cache=True, augmen
     need = augment_lib.NUM_DIHEDRAL * count * int(np.prod(image_shape))
     if need > variant_budget:
       variants = False
-      logging.warning('%s: the 8 dihedral variants of this pipeline\'s %d train examples '
-                      'need %.2f GiB, over the %.2f GiB budget; transforming each batch '
-                      'after its gather instead (the same batches, more host time)',
-                      records_dir, count, need / 2**30, variant_budget / 2**30)
+      if variant_budget:  # (0: the caller asked for no variants.)
+        logging.warning('%s: the 8 dihedral variants of this pipeline\'s %d train examples '
+                        'need %.2f GiB, over the %.2f GiB budget; transforming each batch '
+                        'after its gather instead (the same batches, more host time)',
+                        records_dir, count, need / 2**30, variant_budget / 2**30)
   return _train_dataset(paths, count, batch_size, parse, cache, bool(augment), seed,
                         pipeline_id, first_epoch, num_epochs, batches_per_epoch,
                         float(stain_jitter), variants, stain_params)
@@ -312,13 +313,13 @@ def _train_dataset(paths, count, batch_size, parse, cache, augment, seed, pipeli
     # of (transform, index): the augmentation costs no op of its own).
     whole = tf.data.Dataset.from_tensors(load_split(paths, count, parse, variants))
   else:
-    # Re-read each epoch, in manifest order (interleaved; in a fixed order
-    # when seeded): the permutation below shuffles the whole split anyway.
-    records = tf.data.Dataset.from_tensor_slices(paths).interleave(
-        lambda f: tf.data.TFRecordDataset(f), cycle_length=min(len(paths), 8),
-        block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    # Re-read each epoch, shard after shard in manifest order, as
+    # `load_split` reads them: position i is the same example either way, so
+    # the permutation below gives the cached path's batches. (The epoch is
+    # shuffled whole anyway; an interleave would only reorder it.)
+    records = tf.data.TFRecordDataset(paths, buffer_size=_EVAL_READ_BUFFER)
     chunks = records.batch(_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
-                                             deterministic=deterministic)
+                                             deterministic=True)
     # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
     whole = chunks.unbatch().batch(count)
 

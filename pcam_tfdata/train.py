@@ -54,7 +54,8 @@ _AUGMENT_CACHE_GIB = flags.DEFINE_float(
     'With --augment: memory (GiB, per input pipeline) the cached train split may take to '
     'hold all 8 flips/rotations of every image, so a batch costs one gather (8x the split: '
     '1.8 GiB for 80,000 patches at 32x32). Over it, each batch is transformed after its '
-    'gather instead (the same batches, more host time). 0: never.')
+    'gather instead (the same batches, more host time). Building them holds the split once '
+    'more for a moment (9x at peak). 0: never.')
 _SEED = flags.DEFINE_integer(
     'seed', None, 'Seed of weights, data order, augmentation and dropout: a rerun, or a '
     'resumed run, ends with bit-identical weights (on GPU hosts, with TF op determinism).')
@@ -122,8 +123,8 @@ def check_config(config):
        f'--stain_jitter={config.stain_jitter}: must be in [0, 1)'),
       (config.stain_jitter_on in ('auto', 'host', 'device'),
        f'--stain_jitter_on={config.stain_jitter_on}: choose one of auto, host, device'),
-      (config.augment_cache_gib >= 0,
-       f'--augment_cache_gib={config.augment_cache_gib}: must be >= 0'),
+      (0 <= config.augment_cache_gib < 2**20,  # (Also refuses inf and nan.)
+       f'--augment_cache_gib={config.augment_cache_gib}: must be a number of GiB, >= 0'),
       (config.seed is None or 0 <= config.seed < 2**32,
        f'--seed={config.seed}: must be in 0..{2**32 - 1} (NumPy and Keras seeds)'),
       (config.sync_batch_norm in ('auto', 'on', 'off'),

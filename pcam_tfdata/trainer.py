@@ -325,7 +325,8 @@ def _final_evaluation(config, model, predict_fn, datasets, state, strategy, poli
       'sync_batch_norm': any(getattr(l, 'synchronized', False) for l in model.layers),
       'augment': bool(config.augment),
       'stain_jitter': config.stain_jitter,
-      'stain_jitter_on': 'device' if stain_on_device(config) else 'host',
+      'stain_jitter_on': ('device' if stain_on_device(config) else 'host'
+                          if config.stain_jitter else 'off'),
       'records_dir': os.path.abspath(config.records_dir),
       'seconds': round(seconds, 1),
   })

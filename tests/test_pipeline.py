@@ -264,27 +264,36 @@ def test_random_dihedral_draws_are_uniform_and_independent_of_position():
     assert _chi_square(counts, 400) < _CHI2_7_P001, (i, counts)
 
 
-def test_variant_cache_gives_the_batches_of_the_per_batch_transform(small_records, caplog):
+def test_every_augmentation_path_gives_the_same_batches(small_records, tmp_path, caplog):
   """The same seed: the same batches, byte for byte, whichever way they are augmented."""
+  # Two shards of 90: larger than any read-ahead block, so a reader that
+  # interleaved shards would order the split differently from the cache.
+  records = tmp_path / 'rec'
+  run_convert(small_records.parent / 'kaggle', records, crop_size=8, val_fraction=0.1,
+              num_shards=2)
   def batches(**kwargs):
-    ds = pipeline.make_dataset(str(small_records), 'train', batch_size=12, training=True,
+    ds = pipeline.make_dataset(str(records), 'train', batch_size=12, training=True,
                                augment=True, seed=9, with_ids=True, num_epochs=3,
                                stain_jitter=0.05, **kwargs)
     return [tuple(t.numpy() for t in batch) for batch in ds]
   with caplog.at_level(logging.WARNING):
     fitted = batches()
-    assert not caplog.records  # 200 examples at 8x8 fit the default budget.
-    count = schema.load_manifest(str(small_records))['splits']['train']['count']
+    assert not caplog.records  # 180 examples at 8x8 fit the default budget.
+    count = schema.load_manifest(str(records))['splits']['train']['count']
     exact = batches(variant_budget=8 * count * 8 * 8 * 3)  # Just fits.
     assert not caplog.records
     fallback = batches(variant_budget=8 * count * 8 * 8 * 3 - 1)
+    assert len(caplog.records) == 1
+    uncached = batches(cache=False)
+    chosen = batches(variant_budget=0)  # No variants, asked for: nothing to say.
   assert len(fitted) == len(fallback) == 3 * (count // 12)
-  for a, b, c in zip(fitted, exact, fallback):
-    for x, y, z in zip(a, b, c):
-      np.testing.assert_array_equal(x, y)
-      np.testing.assert_array_equal(x, z)
+  for path in (exact, fallback, uncached, chosen):
+    assert len(path) == len(fitted)
+    for a, b in zip(fitted, path):
+      for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
   said = [r.getMessage() for r in caplog.records]
-  assert len(said) == 1 and 'over the' in said[0] and str(small_records) in said[0], said
+  assert len(said) == 1 and 'over the' in said[0] and str(records) in said[0], said
 
 
 def test_load_split_with_variants_holds_transform_t_of_image_i_at_t_count_plus_i(records):

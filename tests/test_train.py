@@ -218,7 +218,7 @@ def test_stain_jitter_in_the_step_and_the_per_batch_dihedral_train_as_the_pipeli
       metrics = train.run(_config(records, tmp_path / name, augment=True, stain_jitter=stain,
                                   stain_jitter_on=where, augment_cache_gib=gib, batch_size=8),
                           strategy=dist)
-    assert metrics['stain_jitter_on'] == (where if stain else 'host')
+    assert metrics['stain_jitter_on'] == (where if stain else 'off')
     assert bool(in_step) == (where == 'device')
     runs[name] = keras.saving.load_model(tmp_path / name / 'model.keras').get_weights()
   for a, b in zip(runs['variants'], runs['per_batch']):
@@ -419,7 +419,8 @@ def test_multi_worker_without_a_cluster_trains_as_one_local_worker(records, tmp_
     (['--seed=-1'], '--seed=-1: must be in 0..4294967295'),
     (['--stain_jitter=1.5'], '--stain_jitter=1.5: must be in [0, 1)'),
     (['--sync_batch_norm=maybe'], 'sync_batch_norm'),
-    (['--augment_cache_gib=-1'], '--augment_cache_gib=-1.0: must be >= 0'),
+    (['--augment_cache_gib=-1'], '--augment_cache_gib=-1.0: must be a number of GiB'),
+    (['--augment_cache_gib=inf'], '--augment_cache_gib=inf: must be a number of GiB'),
     (['--stain_jitter_on=gpu'], 'stain_jitter_on'),
     (['--strategy=mirrored', '--num_cpu_devices=2', '--model=batchnorm', '--jit_compile=on',
       '--batch_size=8'],
