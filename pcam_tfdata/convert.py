@@ -363,8 +363,9 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
     log(f'resuming {work_dir}: {len(tasks) - len(todo)} of {len(tasks)} shards already written')
   total = sum(len(t['examples']) for t in tasks)
   # Largest shards first keeps the workers busy until the end.
-  for stats in _run_tasks(records.write_shard, sorted(todo, key=lambda t: -len(t['examples'])), workers, total,
-                          resumed, show_progress):
+  largest_first = sorted(todo, key=lambda t: -len(t['examples']))
+  for stats in _run_tasks(records.write_shard, largest_first, workers, total, resumed,
+                          show_progress):
     done[os.path.join(work_dir, stats['file'])] = stats
 
   manifest = _make_manifest(plan, tasks, done, source, flags)
