@@ -90,9 +90,7 @@ def make_plan(source, *, crop_size, per_class, val_fraction, seed, groups=None,
   try:
     kept = splits.balance(ids, labels, per_class, rng)
     if num_folds:
-      if not 0 <= fold < num_folds:
-        raise ValueError(f'--fold={fold}: must be in 0..{num_folds - 1} '
-                         f'(--num_folds={num_folds})')
+      splits.check_fold(num_folds, fold)
       folds = splits.assign_folds(labels[kept], num_folds, rng, kept_groups(kept))
       train = rng.permutation(np.flatnonzero(folds != fold))
       val = rng.permutation(np.flatnonzero(folds == fold))
@@ -273,20 +271,17 @@ def find_source_duplicates(source, *, workers=1, skip_bad=False, show_progress=T
   labels = np.asarray([by_id.get(i, schema.TEST_LABEL) for i in ids.tolist()])
   summary = duplicates.summarize(groups, ids, np.where(is_test, 'test', 'labelled'), labels,
                                  schema.TEST_LABEL)
-  info = {'count': len(dropped), 'groups': len(np.unique(same_as)),
-          'label_conflicts': summary['label_conflicts'],
-          'ids': [{'id': ids[d], 'same_as': ids[k]} for d, k in zip(dropped, same_as)]}
+  info = duplicates.describe_dropped(ids, dropped, same_as, summary)
   return ids[dropped], info
 
 
 def check_before_scan(source, per_class, num_folds, fold):
   """Raises ConvertError for --per_class or --fold errors that dropping could only worsen."""
-  for label in (0, 1):
-    have = int((source.labels == label).sum())
-    if per_class > have:
-      raise ConvertError(f'--per_class={per_class} but class {label} holds only {have} examples')
-  if num_folds and not 0 <= fold < num_folds:
-    raise ConvertError(f'--fold={fold}: must be in 0..{num_folds - 1} (--num_folds={num_folds})')
+  try:
+    splits.check_per_class(source.labels, per_class)
+    splits.check_fold(num_folds, fold)
+  except ValueError as e:
+    raise ConvertError(str(e)) from None
 
 
 def _read_files(paths, indices):

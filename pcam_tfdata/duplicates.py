@@ -81,6 +81,23 @@ def drop_plan(groups, rank, fixed=None):
   return (np.asarray(dropped, dtype=np.int64)[order], np.asarray(same_as, dtype=np.int64)[order])
 
 
+def describe_dropped(ids, dropped, same_as, summary):
+  """The manifest's record of what --drop_duplicates left out.
+
+  Args:
+    ids: array of every scanned patch's id.
+    dropped, same_as: from `drop_plan`.
+    summary: `summarize` of the scan's groups.
+
+  Returns:
+    {'count', 'groups' (those that lost a patch), 'label_conflicts', 'ids':
+    every dropped id with the id it copies}.
+  """
+  return {'count': len(dropped), 'groups': len(np.unique(same_as)),
+          'label_conflicts': summary['label_conflicts'],
+          'ids': [{'id': ids[d], 'same_as': ids[k]} for d, k in zip(dropped, same_as)]}
+
+
 def summarize(groups, ids, split_names, labels, unlabelled=-1):
   """The manifest's account of duplicate groups.
 

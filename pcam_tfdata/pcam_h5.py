@@ -366,9 +366,7 @@ def _find_duplicates(source, show_progress):
   indices = {}
   for d in dropped:
     indices.setdefault(refs[d][0], []).append(refs[d][1])
-  info = {'count': len(dropped), 'groups': len(np.unique(same_as)),
-          'label_conflicts': summary['label_conflicts'],
-          'ids': [{'id': ids[d], 'same_as': ids[k]} for d, k in zip(dropped, same_as)]}
+  info = duplicates.describe_dropped(ids, dropped, same_as, summary)
   return {'indices': indices, 'info': info}
 
 

@@ -21,14 +21,26 @@ def balance(ids, labels, per_class, rng):
   order = np.argsort(ids, kind='stable')
   if per_class == 0:
     return np.sort(order)
+  check_per_class(labels, per_class)
   kept = []
   for label in (0, 1):
     members = order[labels[order] == label]
-    if len(members) < per_class:
-      raise ValueError(f'--per_class={per_class} but class {label} holds only '
-                       f'{len(members)} examples')
     kept.append(rng.choice(members, per_class, replace=False))
   return np.sort(np.concatenate(kept))
+
+
+def check_per_class(labels, per_class):
+  """Raises ValueError naming --per_class if a class holds fewer examples."""
+  for label in (0, 1):
+    have = int(np.sum(labels == label))
+    if have < per_class:
+      raise ValueError(f'--per_class={per_class} but class {label} holds only {have} examples')
+
+
+def check_fold(num_folds, fold):
+  """Raises ValueError naming --fold if it is not one of the K folds."""
+  if num_folds and not 0 <= fold < num_folds:
+    raise ValueError(f'--fold={fold}: must be in 0..{num_folds - 1} (--num_folds={num_folds})')
 
 
 def split_train_val(labels, val_fraction, rng, groups=None):

@@ -9,6 +9,7 @@ import pytest
 
 from pcam_tfdata import convert
 from pcam_tfdata import kaggle
+from pcam_tfdata import schema
 from pcam_tfdata import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -80,6 +81,18 @@ def run_convert(data_dir, out_dir, **kwargs):
   kwargs.setdefault('log', lambda _: None)
   source = kaggle.read_source(str(data_dir), allow_missing=kwargs.get('skip_bad', False))
   return convert.convert(source, str(out_dir), show_progress=False, **kwargs)
+
+
+def read_records(records_dir):
+  """{id: (split, label, image bytes)} of every record of a records folder."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  manifest = schema.load_manifest(str(records_dir))
+  out = {}
+  for split in manifest['splits']:
+    ds = tf.data.TFRecordDataset(schema.shard_paths(str(records_dir), manifest, split))
+    for r in ds.map(lambda r: tf.io.parse_single_example(r, schema.feature_spec())):
+      out[r['id'].numpy().decode()] = (split, int(r['label']), r['image'].numpy())
+  return out
 
 
 def user_env(**overrides):

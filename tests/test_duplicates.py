@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from pcam_tfdata import duplicates
@@ -16,7 +15,7 @@ from pcam_tfdata import kaggle
 from pcam_tfdata import schema
 from pcam_tfdata import synthetic
 from pcam_tfdata import tiff
-from conftest import error_lines, run_convert, run_tool
+from conftest import error_lines, read_records, run_convert, run_tool
 
 
 def test_groups_are_exactly_the_identical_patches():
@@ -85,13 +84,7 @@ def _plant(kaggle_dir):
 
 def _stored(records_dir):
   """{id: (split, image bytes)} of every record."""
-  manifest = schema.load_manifest(str(records_dir))
-  out = {}
-  for split in manifest['splits']:
-    ds = tf.data.TFRecordDataset(schema.shard_paths(str(records_dir), manifest, split))
-    for r in ds.map(lambda r: tf.io.parse_single_example(r, schema.feature_spec())):
-      out[r['id'].numpy().decode()] = (split, r['image'].numpy())
-  return out
+  return {i: (split, image) for i, (split, _, image) in read_records(records_dir).items()}
 
 
 def test_planted_duplicates_are_counted(kaggle_copy, tmp_path):

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from pcam_tfdata import pcam_h5
 from pcam_tfdata import schema
-from conftest import ROOT, error_lines, run_tool, user_env
+from conftest import ROOT, error_lines, read_records, run_tool, user_env
 
 # Writing PCam files takes h5py; saying that it is missing does not.
 needs_h5py = pytest.mark.skipif(importlib.util.find_spec('h5py') is None,
@@ -58,13 +58,7 @@ def _make(folder, gz, chunked=False):
 
 
 def _read_all(out_dir):
-  manifest = schema.load_manifest(str(out_dir))
-  out = {}
-  for split in manifest['splits']:
-    ds = tf.data.TFRecordDataset(schema.shard_paths(str(out_dir), manifest, split))
-    for r in ds.map(lambda r: tf.io.parse_single_example(r, schema.feature_spec())):
-      out[r['id'].numpy().decode()] = (split, int(r['label']), r['image'].numpy())
-  return manifest, out
+  return schema.load_manifest(str(out_dir)), read_records(out_dir)
 
 
 def _convert(data_dir, out_dir, **kwargs):
