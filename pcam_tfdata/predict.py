@@ -10,7 +10,6 @@ HDF5 source) the metrics of that mean are printed too.
 """
 
 import os
-import zipfile
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from absl import app
 from absl import flags
 
 from pcam_tfdata import cli
+from pcam_tfdata import records as records_lib
 from pcam_tfdata import rundir
 from pcam_tfdata import schema
 
@@ -45,36 +45,23 @@ def main(argv):
     cli.fail('predict', f'--batch_size={_BATCH_SIZE.value}: must be >= 1')
   if '' in _MODEL_DIR.value:  # 'a,' would otherwise read ./model.keras as a member.
     cli.fail('predict', f'--model_dir={",".join(_MODEL_DIR.value)}: an empty entry')
-  paths = [os.path.join(d, rundir.MODEL_FILE) for d in _MODEL_DIR.value]
-  for path in paths:
+  for model_dir in _MODEL_DIR.value:  # Before TF starts, as the records below.
+    path = os.path.join(model_dir, rundir.MODEL_FILE)
     if not os.path.isfile(path):
       cli.fail('predict', f'{path}: no such model (train first)')
   try:
-    manifest = schema.load_manifest(_RECORDS_DIR.value)  # A wrong folder fails before TF starts.
+    records = records_lib.Records.open(_RECORDS_DIR.value)
   except schema.ManifestError as e:
     cli.fail('predict', e)
   cli.import_tensorflow(_VERBOSE.value)
-  import keras  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import evaluate  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import submission  # pylint: disable=g-import-not-at-top
-  models = []
-  for path in paths:
-    try:
-      # safe_mode (Keras' default, kept explicit): a model file cannot run code on load.
-      model = keras.models.load_model(path, safe_mode=True)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-      cli.fail('predict', f'{path}: unreadable model ({str(e).splitlines()[0] if str(e) else e})')
-    shape = tuple(model.input_shape[1:])
-    if shape != tuple(manifest['image_shape']):
-      cli.fail('predict', f'{path}: trained on images of {list(shape)}, but '
-                          f'{_RECORDS_DIR.value} holds {manifest["image_shape"]}')
-    models.append(model)
+  from pcam_tfdata.training import evaluate  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import submission  # pylint: disable=g-import-not-at-top
   try:
-    ids, probs, labels = submission.predict_split(models, _RECORDS_DIR.value, 'test',
-                                                  _BATCH_SIZE.value, _TTA.value,
-                                                  show_progress=_PROGRESS.value)
+    models = submission.load_models(_MODEL_DIR.value, records.image_shape, records.path)
+    ids, probs, labels = submission.predict_split(models, records, 'test', _BATCH_SIZE.value,
+                                                  _TTA.value, show_progress=_PROGRESS.value)
     frame = submission.write_submission(ids, probs, _OUTPUT.value, _SAMPLE_SUBMISSION.value)
-  except ValueError as e:  # schema.ManifestError is one.
+  except ValueError as e:  # schema.ManifestError and verify.CorruptShardError are ones.
     cli.fail('predict', e)
   if len(labels) and np.isin(labels, (0, 1)).all():  # Labelled (PCam's test split).
     metrics = evaluate.binary_metrics(labels, probs)

@@ -1,143 +1,129 @@
-"""Writes one TFRecord shard from patch files: decode, center crop, encode, frame.
+"""One handle on a records folder: its manifest read once, and everything readers ask of it.
 
-Each shard is an independent task, so worker processes write shards side by
-side with no pixel data crossing process boundaries, and the bytes of a shard
-do not depend on how many workers ran. TensorFlow is not imported here: the
-TFRecord framing is done by hand (tests check it byte for byte against
-`tf.io.TFRecordWriter`).
+The trainer, the input pipeline, `predict`, `verify` and the benchmarks all
+take a `Records` (or open one from a path): the image shape, the counts,
+each split's shard files (all of them, or one input pipeline's share) and
+the checksums that name a damaged shard. TensorFlow-free, so an entry point
+can open it, and fail on a wrong folder, before TensorFlow starts.
+
+    records = Records.open('records/demo')
+    records.image_shape            # (32, 32, 3)
+    records.count('train')         # 3888
+    records.shard_paths('train', num_pipelines=2, pipeline_id=1)
 """
 
-import collections
 import hashlib
-import json
 import os
-import struct
 
-import google_crc32c
-
-from pcam_tfdata import duplicates
 from pcam_tfdata import schema
-from pcam_tfdata import tiff
-
-_FLUSH_EVERY = 256  # Records per write and hash update, and per progress update.
 
 
-def _masked_crc(data):
-  # TFRecord stores CRC32C rotated right by 15 bits plus a constant, so that
-  # the CRC of data that itself contains CRCs does not degenerate.
-  crc = google_crc32c.value(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+class Records:
+  """A records folder written by tools/make_records.py; see the module docstring.
 
-
-def frame_record(record):
-  """A record in TFRecord framing: length, CRC of length, data, CRC of data."""
-  length = struct.pack('<Q', len(record))
-  return b''.join((length, struct.pack('<I', _masked_crc(length)), record,
-                   struct.pack('<I', _masked_crc(record))))
-
-
-class ShardWriter:
-  """One shard: framed records, their SHA-256 and counts, committed by `close`.
-
-  Records go to `<path>.partial`, written 256 at a time; `close` syncs the
-  file and renames it to `path`, so a shard under its real name is whole.
+  Attributes:
+    path: the folder, as given.
+    manifest: its manifest.json, as a dict (read once, at `open`).
+    image_shape: (height, width, channels) of every stored image.
   """
 
-  def __init__(self, path):
-    self.path = path
-    self._file = open(path + '.partial', 'wb')
-    self._digest = hashlib.sha256()
-    self._pending = []
-    self.count = 0
-    self.label_counts = collections.Counter()
+  def __init__(self, path, manifest):
+    self.path = str(path)
+    self.manifest = manifest
+    self.image_shape = tuple(manifest['image_shape'])
 
-  def write(self, image, label, example_id):
-    self._pending.append(frame_record(schema.encode_example(image, label, example_id)))
-    self.count += 1
-    self.label_counts[str(label)] += 1
-    if len(self._pending) == _FLUSH_EVERY:
-      self._flush()
+  @classmethod
+  def open(cls, path):
+    """Reads and checks the manifest (every shard it lists must exist).
 
-  def _flush(self):
-    data = b''.join(self._pending)
-    self._file.write(data)
-    self._digest.update(data)
-    self._pending.clear()
+    Raises:
+      schema.ManifestError: no such folder, no or a malformed manifest, or
+        a listed shard missing.
+    """
+    return cls(path, schema.load_manifest(str(path)))
 
-  def close(self):
-    """Commits the shard; returns its stats: file, count, sha256, label_counts."""
-    self._flush()
-    self._file.flush()
-    os.fsync(self._file.fileno())
-    self._file.close()
-    os.replace(self.path + '.partial', self.path)
-    return {'file': os.path.basename(self.path), 'count': self.count,
-            'sha256': self._digest.hexdigest(),
-            'label_counts': dict(sorted(self.label_counts.items()))}
+  @classmethod
+  def of(cls, records):
+    """`records` itself if it is a Records, else the folder at that path, opened."""
+    return records if isinstance(records, cls) else cls.open(records)
 
+  def __repr__(self):
+    counts = ', '.join(f'{s}={self.count(s)}' for s in self.splits)
+    return f'Records({self.path!r}, {list(self.image_shape)}, {counts})'
 
-def write_shard(task, progress=None):
-  """Writes one shard from patch files; a finished shard is committed by a sidecar.
+  @property
+  def splits(self):
+    """Split names, in manifest order (train, val, and test when there is one)."""
+    return tuple(self.manifest['splits'])
 
-  The sidecar `<name>.done.json` (stats) is written after the shard's rename;
-  a shard without one is redone on resume.
+  def _split(self, split):
+    if split not in self.manifest['splits']:
+      raise schema.ManifestError(
+          f'{os.path.join(self.path, schema.MANIFEST_NAME)}: no split {split!r} '
+          f'(has {", ".join(self.splits)})')
+    return self.manifest['splits'][split]
 
-  Args:
-    task: dict with `path` (final shard path), `examples` (list of
-      (id, label, source_path)), `crop_size`, `patch_size`, `skip_bad`.
-    progress: optional shared counter (multiprocessing.Value) of records done.
+  def count(self, split):
+    """Examples in `split`.
 
-  Returns:
-    The shard's stats: file, count, sha256, label_counts, skipped, and
-    `keys`, the `duplicates.patch_key` of each example's full patch (NO_KEY
-    for a skipped one), aligned with `task['examples']`. With
-    `skip_bad` a shard may hold no record; the split as a whole may not
-    (checked by the caller).
+    Raises:
+      schema.ManifestError: no such split (so for every method below).
+    """
+    return self._split(split)['count']
 
-  Raises:
-    tiff.BadImageError: a bad patch, unless `skip_bad`.
-  """
-  writer = ShardWriter(task['path'])
-  skipped, keys = [], []
-  seen = 0
-  def report():
-    nonlocal seen
-    if progress is not None:
-      with progress.get_lock():
-        progress.value += seen
-    seen = 0
-  for example_id, label, source in task['examples']:
-    seen += 1
-    if seen == _FLUSH_EVERY:
-      report()
-    try:
-      pixels = tiff.read_patch(source, task['patch_size'])
-    except (tiff.BadImageError, OSError) as e:
-      if not task['skip_bad']:
-        raise tiff.BadImageError(str(e)) from None
-      skipped.append({'id': example_id, 'reason': str(e)})
-      keys.append(duplicates.NO_KEY)
-      continue
-    keys.append(duplicates.patch_key(pixels))
-    writer.write(tiff.center_crop(pixels, task['crop_size']).tobytes(), label, example_id)
-  report()
-  stats = writer.close()
-  stats['skipped'] = skipped
-  stats['keys'] = keys
-  write_json_atomic(task['path'] + '.done.json', stats)
-  return stats
+  def label_counts(self, split):
+    """{label as str: examples} of `split`."""
+    return dict(self._split(split)['label_counts'])
 
+  def shards(self, split, num_pipelines=1, pipeline_id=0):
+    """Manifest entries (`file`, `count`, `sha256`) of a split's shards, in manifest order.
 
-def load_done(path):
-  """The stats of a shard finished by an earlier run, or None if it must be redone."""
-  try:
-    with open(path + '.done.json') as f:
-      stats = json.load(f)
-    if sha256_file(path) != stats['sha256'] or 'keys' not in stats:
-      return None  # (A sidecar of an older version, without keys, too.)
-  except (OSError, ValueError, KeyError):
+    With several input pipelines, pipeline `pipeline_id` of `num_pipelines`
+    gets every num_pipelines-th shard from its own index on, so the
+    pipelines read disjoint shards that together cover the split.
+
+    Raises:
+      ValueError: fewer shards than input pipelines (a pipeline would read nothing).
+    """
+    shards = self._split(split)['shards']
+    if num_pipelines > 1:
+      if len(shards) < num_pipelines:
+        raise ValueError(f'{self.path}: split {split!r} has {len(shards)} shards, fewer than '
+                         f'{num_pipelines} input pipelines; rerun tools/make_records.py with '
+                         f'--num_shards={num_pipelines} or more')
+      shards = shards[pipeline_id::num_pipelines]
+    return list(shards)
+
+  def shard_paths(self, split, num_pipelines=1, pipeline_id=0):
+    """Full paths of `shards(split, ...)`."""
+    return [os.path.join(self.path, s['file'])
+            for s in self.shards(split, num_pipelines, pipeline_id)]
+
+  def steps_per_epoch(self, split, batch_size, num_pipelines=1):
+    """Batches of `batch_size` that every input pipeline can serve in one epoch.
+
+    Pipelines read different shards and so hold different counts;
+    synchronous training takes the same number of steps on each, the
+    smallest.
+    """
+    shards = self._split(split)['shards']
+    counts = [sum(s['count'] for s in shards[i::num_pipelines]) for i in range(num_pipelines)]
+    return min(counts) // batch_size
+
+  def all_shards(self):
+    """(split, manifest entry, full path) of every shard of every split."""
+    return [(split, s, os.path.join(self.path, s['file']))
+            for split in self.splits for s in self.manifest['splits'][split]['shards']]
+
+  def first_corrupt_shard(self):
+    """The path of the first shard that is gone or whose SHA-256 differs from the manifest's."""
+    for _, shard, path in self.all_shards():
+      try:
+        if sha256_file(path) != shard['sha256']:
+          return path
+      except OSError:
+        return path
     return None
-  return stats
 
 
 def sha256_file(path):
@@ -147,41 +133,3 @@ def sha256_file(path):
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
-
-
-def write_json_atomic(path, obj):
-  """Writes JSON so that a reader sees the old file or the whole new one."""
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=1)
-    f.write('\n')
-  os.replace(path + '.tmp', path)
-
-
-
-def key_patches(task, progress=None):
-  """`duplicates.patch_key` of each patch file of `task['paths']`.
-
-  Args:
-    task: dict with `start` (index of the first path, passed back), `paths`,
-      `patch_size`, `skip_bad`.
-    progress: optional shared counter of files done.
-
-  Returns:
-    {'start', 'keys'}: NO_KEY for a bad patch when `skip_bad` (the shard
-    writer reports it if the example is kept).
-
-  Raises:
-    tiff.BadImageError: a bad patch, unless `skip_bad`.
-  """
-  keys = []
-  for path in task['paths']:
-    try:
-      keys.append(duplicates.patch_key(tiff.read_patch(path, task['patch_size'])))
-    except (tiff.BadImageError, OSError) as e:
-      if not task['skip_bad']:
-        raise tiff.BadImageError(str(e)) from None
-      keys.append(duplicates.NO_KEY)
-  if progress is not None:
-    with progress.get_lock():
-      progress.value += len(task['paths'])
-  return {'start': task['start'], 'keys': keys}

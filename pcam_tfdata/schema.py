@@ -30,6 +30,11 @@ class ShardCountError(ManifestError):
   """Shards that hold another number of records than the manifest lists."""
 
 
+def split_rank(name):
+  """Sort key of split names: train, val, test, then any other."""
+  return SPLITS.index(name) if name in SPLITS else len(SPLITS)
+
+
 def shard_name(split, index, total):
   """TFDS-style shard file name, e.g. `train-00003-of-00032.tfrecord`."""
   return f'{split}-{index:05d}-of-{total:05d}.tfrecord'
@@ -167,16 +172,3 @@ def load_manifest(records_dir):
       if not os.path.isfile(os.path.join(records_dir, shard['file'])):
         raise ManifestError(f'{path}: split {split!r} names missing shard {shard["file"]}')
   return manifest
-
-
-def shard_paths(records_dir, manifest, split):
-  """Full paths of a split's shards, in manifest order.
-
-  Raises:
-    ManifestError: the manifest has no such split.
-  """
-  if split not in manifest['splits']:
-    raise ManifestError(
-        f'{os.path.join(records_dir, MANIFEST_NAME)}: no split {split!r} '
-        f'(has {", ".join(manifest["splits"])})')
-  return [os.path.join(records_dir, s['file']) for s in manifest['splits'][split]['shards']]

@@ -14,7 +14,7 @@ from absl import flags
 from absl import logging
 
 from pcam_tfdata import cli
-from pcam_tfdata import schema
+from pcam_tfdata import records as records_lib
 
 _MODEL_NAMES = ('baseline', 'batchnorm')  # models.MODELS, without importing Keras here.
 
@@ -79,8 +79,12 @@ _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and w
 
 @dataclasses.dataclass
 class Config:
-  """Everything a run needs; the flags above, as plain values."""
-  records_dir: str
+  """Everything a run needs; the flags above, as plain values.
+
+  `records_dir` is a folder's path or a `records.Records` already open (the
+  CLI opens it once, to fail on a wrong folder before TensorFlow starts).
+  """
+  records_dir: str | records_lib.Records
   model_dir: str
   model: str = 'baseline'
   epochs: int = 10
@@ -157,7 +161,7 @@ def run(config, strategy=None, datasets=None):
   Raises:
     ValueError: a bad setting, naming its flag; schema.ManifestError: no records.
   """
-  from pcam_tfdata import trainer  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import trainer  # pylint: disable=g-import-not-at-top
   check_config(config)
   return trainer.train_and_evaluate(config, strategy, datasets)
 
@@ -197,7 +201,8 @@ def main(argv):
   try:
     config = _config_from_flags()
     check_config(config)
-    schema.load_manifest(config.records_dir)  # A wrong folder fails before TF starts.
+    # A wrong folder fails before TensorFlow starts; the run reads no manifest again.
+    config.records_dir = records_lib.Records.open(config.records_dir)
     cli.import_tensorflow(_VERBOSE.value)
     metrics = run(config)
   except ValueError as e:  # schema.ManifestError is one.

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from pcam_tfdata import convert
-from pcam_tfdata import kaggle
+from pcam_tfdata.convert import from_kaggle
+from pcam_tfdata.convert import kaggle
+from pcam_tfdata.convert import synthetic
+from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
-from pcam_tfdata import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Real PCam patches live beside the project, never inside it; a user's clone
@@ -80,16 +81,16 @@ def run_convert(data_dir, out_dir, **kwargs):
   kwargs.setdefault('eda', False)
   kwargs.setdefault('log', lambda _: None)
   source = kaggle.read_source(str(data_dir), allow_missing=kwargs.get('skip_bad', False))
-  return convert.convert(source, str(out_dir), show_progress=False, **kwargs)
+  return from_kaggle.convert(source, str(out_dir), show_progress=False, **kwargs)
 
 
 def read_records(records_dir):
   """{id: (split, label, image bytes)} of every record of a records folder."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  manifest = schema.load_manifest(str(records_dir))
+  records = records_lib.Records.open(records_dir)
   out = {}
-  for split in manifest['splits']:
-    ds = tf.data.TFRecordDataset(schema.shard_paths(str(records_dir), manifest, split))
+  for split in records.splits:
+    ds = tf.data.TFRecordDataset(records.shard_paths(split))
     for r in ds.map(lambda r: tf.io.parse_single_example(r, schema.feature_spec())):
       out[r['id'].numpy().decode()] = (split, int(r['label']), r['image'].numpy())
   return out

@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pcam_tfdata import loop
-from pcam_tfdata import models
+from pcam_tfdata.training import loop
+from pcam_tfdata.training import models
 
 SHAPE = (16, 16, 3)
 GLOBAL_BATCH = 8
@@ -83,7 +83,7 @@ def _worker_main(out_path, case):
   strategy = tf.distribute.MultiWorkerMirroredStrategy()
   index = strategy.cluster_resolver.task_id
   if case.get('from_chief'):  # Each worker offers its own figures; all must take worker 0's.
-    from pcam_tfdata import distribute  # pylint: disable=g-import-not-at-top
+    from pcam_tfdata.training import distribute  # pylint: disable=g-import-not-at-top
     mine = {'auc': 0.1 + index / 3, 'loss': float('nan') if index else 1e-300}
     with open(out_path, 'w') as f:
       json.dump(distribute.make_from_chief(strategy)(mine), f)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pcam_tfdata import cli
-from pcam_tfdata import progress
+from pcam_tfdata.training import progress
 from conftest import ROOT, error_lines, run_in_terminal, run_tool, user_env
 
 # Start-up lines as TensorFlow 2.21 prints them (oneDNN on an x86 host), the

@@ -12,20 +12,21 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pcam_tfdata import convert
-from pcam_tfdata import kaggle
-from pcam_tfdata import outdir
+from pcam_tfdata.convert import from_kaggle
+from pcam_tfdata.convert import kaggle
+from pcam_tfdata.convert import outdir
+from pcam_tfdata.convert import plan
+from pcam_tfdata.convert import splits
+from pcam_tfdata.convert import synthetic
+from pcam_tfdata.convert import tiff
+from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
-from pcam_tfdata import splits
-from pcam_tfdata import synthetic
-from pcam_tfdata import tiff
 from conftest import ROOT, error_lines, run_convert, run_tool
 
 
 def read_split(out_dir, split):
   """[(id, label, image bytes)] of a split, in shard order."""
-  manifest = schema.load_manifest(str(out_dir))
-  ds = tf.data.TFRecordDataset(schema.shard_paths(str(out_dir), manifest, split))
+  ds = tf.data.TFRecordDataset(records_lib.Records.open(out_dir).shard_paths(split))
   out = []
   for batch in ds.batch(1000).map(lambda x: tf.io.parse_example(x, schema.feature_spec())):
     out.extend(zip([i.decode() for i in batch[schema.ID_KEY].numpy()],
@@ -91,10 +92,10 @@ def test_groups_never_cross_splits(kaggle_dir, tmp_path, column):
   groups_csv = tmp_path / 'groups.csv'
   groups.to_csv(groups_csv, index=False)
   lookup = dict(zip(groups['id'], groups[column]))
-  from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import kaggle  # pylint: disable=g-import-not-at-top
   source = kaggle.read_source(str(kaggle_dir))
   out = tmp_path / 'rec'
-  convert.convert(source, str(out), per_class=0, groups=kaggle.read_groups(str(groups_csv), source.ids),
+  from_kaggle.convert(source, str(out), per_class=0, groups=kaggle.read_groups(str(groups_csv), source.ids),
                   eda=False, show_progress=False, log=lambda _: None)
   train = {lookup[i] for i, _, _ in read_split(out, 'train')}
   val = {lookup[i] for i, _, _ in read_split(out, 'val')}
@@ -103,13 +104,13 @@ def test_groups_never_cross_splits(kaggle_dir, tmp_path, column):
 
 
 def _fold_conversions(kaggle_dir, tmp_path, num_folds, groups_csv=None, **kwargs):
-  from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import kaggle  # pylint: disable=g-import-not-at-top
   source = kaggle.read_source(str(kaggle_dir))
   groups = kaggle.read_groups(str(groups_csv), source.ids) if groups_csv else None
   out = []
   for fold in range(num_folds):
     path = tmp_path / f'fold{fold}'
-    manifest = convert.convert(source, str(path), per_class=0, groups=groups, eda=False,
+    manifest = from_kaggle.convert(source, str(path), per_class=0, groups=groups, eda=False,
                                show_progress=False, log=lambda _: None, num_folds=num_folds,
                                fold=fold, **kwargs)
     assert manifest['settings']['num_folds'] == num_folds
@@ -155,7 +156,7 @@ def test_slide_folds_are_never_empty_and_balance_each_class():
 
 
 def test_group_values_are_stripped_and_never_empty(tmp_path):
-  from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import kaggle  # pylint: disable=g-import-not-at-top
   (tmp_path / 'g.csv').write_text('id,wsi\na,slide1\nb,slide1 \nc, slide2\n')
   assert kaggle.read_groups(str(tmp_path / 'g.csv'), np.array(['a', 'b', 'c'])).tolist() == [
       'slide1', 'slide1', 'slide2']
@@ -177,11 +178,11 @@ def test_k_folds_without_groups_are_stratified(kaggle_dir, tmp_path):
     (5, 5, '--fold=5: must be in 0..4'), (61, 0, '--num_folds=61: must be 2..60'),
     (13, 0, '--num_folds=13: must be 2..12 (the number of groups)')])
 def test_bad_folds_are_refused(kaggle_dir, tmp_path, num_folds, fold, message):
-  from pcam_tfdata import kaggle  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import kaggle  # pylint: disable=g-import-not-at-top
   source = kaggle.read_source(str(kaggle_dir))
   groups = [f'slide{i % 12}' for i in range(len(source.ids))] if 'groups' in message else None
-  with pytest.raises(convert.ConvertError, match=re.escape(message)):
-    convert.convert(source, str(tmp_path / 'out'), per_class=0, groups=groups, eda=False,
+  with pytest.raises(plan.ConvertError, match=re.escape(message)):
+    from_kaggle.convert(source, str(tmp_path / 'out'), per_class=0, groups=groups, eda=False,
                     show_progress=False, log=lambda _: None, num_folds=num_folds, fold=fold)
   assert not (tmp_path / 'out').exists()
 
@@ -211,8 +212,8 @@ def test_complete_output_is_kept_unless_overwrite(kaggle_dir, tmp_path):
 
 _KILLER = '''
 import os, signal, sys
-from pcam_tfdata import records, kaggle, convert
-real = records.write_shard
+from pcam_tfdata.convert import shards, kaggle, from_kaggle
+real = shards.write_shard
 done = []
 def write_then_die(task, progress=None):
   stats = real(task, progress)
@@ -220,9 +221,9 @@ def write_then_die(task, progress=None):
   if len(done) == 3:
     os.kill(os.getpid(), signal.SIGKILL)
   return stats
-records.write_shard = write_then_die
+shards.write_shard = write_then_die
 source = kaggle.read_source(sys.argv[1])
-convert.convert(source, sys.argv[2], per_class=0, workers=1, eda=False, show_progress=False)
+from_kaggle.convert(source, sys.argv[2], per_class=0, workers=1, eda=False, show_progress=False)
 '''
 
 
@@ -366,9 +367,9 @@ def test_leftovers_of_killed_runs_never_reach_an_output(kaggle_dir, tmp_path):
   old = tmp_path / '.rec.old-4242'  # A kill between the two renames of a swap.
   old.mkdir()
   (old / 'manifest.json').write_text('{}')
-  plan = convert.make_plan(kaggle.read_source(str(kaggle_dir)), crop_size=32, per_class=0,
+  planned = plan.make_plan(kaggle.read_source(str(kaggle_dir)), crop_size=32, per_class=0,
                            val_fraction=0.2, seed=2)
-  partial = tmp_path / f'.rec.partial-{plan["fingerprint"][:16]}'
+  partial = tmp_path / f'.rec.partial-{planned["fingerprint"][:16]}'
   partial.mkdir()  # A kill mid-write: a sidecar's temporary and a half shard.
   (partial / 'train-00000-of-00032.tfrecord.done.json.tmp').write_text('{"sha256": "x"')
   (partial / 'train-00001-of-00032.tfrecord.partial').write_bytes(b'half')

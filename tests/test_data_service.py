@@ -8,9 +8,11 @@ import time
 import pytest
 import tensorflow as tf
 
-from pcam_tfdata import pipeline
+from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
 from pcam_tfdata import train
+from pcam_tfdata.training import pipeline
+from pcam_tfdata.training import service as service_lib
 from conftest import ROOT, user_env
 
 
@@ -28,13 +30,13 @@ def service():
 
 
 def test_one_pass_yields_every_training_id_exactly_once(records, service):
-  ds = pipeline.make_service_dataset(str(records), 'train', service, batch_size=1,
+  ds = service_lib.make_service_dataset(str(records), 'train', service, batch_size=1,
                                      with_ids=True, job_name='exactly_once')
   ids = [i.decode() for _, _, batch in ds for i in batch.numpy()]
   manifest = schema.load_manifest(str(records))
   assert len(ids) == len(set(ids)) == manifest['splits']['train']['count']
   expected = set()
-  for r in tf.data.TFRecordDataset(schema.shard_paths(str(records), manifest, 'train')):
+  for r in tf.data.TFRecordDataset(records_lib.Records.open(records).shard_paths('train')):
     expected.add(tf.io.parse_single_example(r, schema.feature_spec())['id'].numpy().decode())
   assert set(ids) == expected
 

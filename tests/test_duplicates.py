@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pcam_tfdata import duplicates
-from pcam_tfdata import kaggle
+from pcam_tfdata.convert import duplicates
+from pcam_tfdata.convert import kaggle
+from pcam_tfdata.convert import synthetic
+from pcam_tfdata.convert import tiff
 from pcam_tfdata import schema
-from pcam_tfdata import synthetic
-from pcam_tfdata import tiff
 from conftest import error_lines, read_records, run_convert, run_tool
 
 
@@ -109,7 +109,7 @@ def test_planted_duplicates_are_counted(kaggle_copy, tmp_path):
   # Each group is counted within its one split or across every pair it spans.
   within, across = collections.Counter(), collections.Counter()
   for group in info['first']:
-    names = sorted(set(group['splits']), key=duplicates.split_rank)
+    names = sorted(set(group['splits']), key=schema.split_rank)
     within.update(names if len(names) == 1 else [])
     across.update(f'{a}/{b}' for i, a in enumerate(names) for b in names[i + 1:])
   assert info['within'] == dict(within) and info['across'] == dict(across)
@@ -222,7 +222,7 @@ def _write_h5(folder, split, x, y):
 @needs_h5py
 @pytest.mark.parametrize('resplit', [False, True])
 def test_h5_duplicates_are_counted_and_dropped(tmp_path, resplit):
-  from pcam_tfdata import pcam_h5  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import from_h5, pcam_h5  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   x = {s: rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
        for s, n in (('train', 40), ('valid', 12), ('test', 10))}
@@ -239,13 +239,13 @@ def test_h5_duplicates_are_counted_and_dropped(tmp_path, resplit):
   kwargs = dict(resplit=resplit, per_class=0, val_fraction=0.25, show_progress=False,
                 log=lambda _: None, eda=False)
   source = pcam_h5.read_source(str(folder))
-  counted = pcam_h5.convert_h5(source, str(tmp_path / 'a'), **kwargs)['duplicates']
+  counted = from_h5.convert(source, str(tmp_path / 'a'), **kwargs)['duplicates']
   assert counted['groups'] == 3 and counted['patches'] == 7 and counted['label_conflicts'] == 1
   assert sorted(sorted(g['ids']) for g in counted['first']) == [
       ['pcam-test-000002', 'pcam-train-000003', 'pcam-valid-000004'],
       ['pcam-train-000010', 'pcam-train-000011'],
       ['pcam-train-000030', 'pcam-valid-000007']]
-  manifest = pcam_h5.convert_h5(source, str(tmp_path / 'b'), drop_duplicates=True, **kwargs)
+  manifest = from_h5.convert(source, str(tmp_path / 'b'), drop_duplicates=True, **kwargs)
   dropped = {d['id']: d['same_as'] for d in manifest['duplicates']['dropped']['ids']}
   assert dropped == {'pcam-train-000003': 'pcam-test-000002',
                      'pcam-valid-000004': 'pcam-test-000002',
@@ -280,22 +280,22 @@ def test_flag_errors_come_before_the_duplicate_scan(kaggle_copy, tmp_path):
 
 
 def test_a_sidecar_without_keys_is_redone(tmp_path, kaggle_dir):
-  from pcam_tfdata import records  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import shards  # pylint: disable=g-import-not-at-top
   source = kaggle.read_source(str(kaggle_dir))
   task = {'path': str(tmp_path / 'train-00000-of-00001.tfrecord'),
           'examples': [(i, int(l), source.train_path(i))
                        for i, l in zip(source.ids[:5], source.labels[:5])],
           'crop_size': 32, 'patch_size': 96, 'skip_bad': False}
-  stats = records.write_shard(task)
-  assert records.load_done(task['path']) == stats and len(stats['keys']) == 5
+  stats = shards.write_shard(task)
+  assert shards.load_done(task['path']) == stats and len(stats['keys']) == 5
   older = {k: v for k, v in stats.items() if k != 'keys'}  # As an earlier version wrote it.
   (tmp_path / 'train-00000-of-00001.tfrecord.done.json').write_text(json.dumps(older))
-  assert records.load_done(task['path']) is None
+  assert shards.load_done(task['path']) is None
 
 
 @needs_h5py
 def test_h5_drop_that_empties_a_split_is_refused(tmp_path):
-  from pcam_tfdata import convert, pcam_h5  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import from_h5, pcam_h5, plan  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(2)
   x = {'train': rng.integers(0, 256, (20, 96, 96, 3), dtype=np.uint8),
        'test': rng.integers(0, 256, (6, 96, 96, 3), dtype=np.uint8)}
@@ -305,8 +305,8 @@ def test_h5_drop_that_empties_a_split_is_refused(tmp_path):
   for s in x:
     _write_h5(folder, s, x[s], np.arange(len(x[s])) % 2)
   source = pcam_h5.read_source(str(folder))
-  with pytest.raises(convert.ConvertError, match=r'split val: no example to write '
+  with pytest.raises(plan.ConvertError, match=r'split val: no example to write '
                      r'\(--drop_duplicates left out every one as a copy\)'):
-    pcam_h5.convert_h5(source, str(tmp_path / 'r'), drop_duplicates=True, show_progress=False,
+    from_h5.convert(source, str(tmp_path / 'r'), drop_duplicates=True, show_progress=False,
                        log=lambda _: None, eda=False)
   assert not (tmp_path / 'r').exists()

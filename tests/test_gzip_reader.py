@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from pcam_tfdata import gzip_reader
+from pcam_tfdata.convert import gzip_reader
 
 
 @pytest.mark.parametrize('members', [1, 2])

@@ -9,7 +9,7 @@ import pandas as pd
 from PIL import Image
 import pytest
 
-from pcam_tfdata import synthetic
+from pcam_tfdata.convert import synthetic
 from conftest import ROOT, error_lines, run_tool
 
 TOOL = 'tools/make_records.py'

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pcam_tfdata import pcam_h5
+from pcam_tfdata.convert import from_h5
+from pcam_tfdata.convert import pcam_h5
+from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
 from conftest import ROOT, error_lines, read_records, run_tool, user_env
 
@@ -63,7 +65,7 @@ def _read_all(out_dir):
 
 def _convert(data_dir, out_dir, **kwargs):
   source = pcam_h5.read_source(str(data_dir))
-  return pcam_h5.convert_h5(source, str(out_dir), show_progress=False, log=lambda _: None,
+  return from_h5.convert(source, str(out_dir), show_progress=False, log=lambda _: None,
                             **kwargs)
 
 
@@ -92,7 +94,7 @@ def test_shards_mix_classes_and_verify(tmp_path):
   _convert(tmp_path / 'pcam', tmp_path / 'rec', num_shards=4)
   manifest = schema.load_manifest(str(tmp_path / 'rec'))
   assert [s['count'] for s in manifest['splits']['train']['shards']] == [75, 75, 75, 75]
-  for shard in schema.shard_paths(str(tmp_path / 'rec'), manifest, 'train'):
+  for shard in records_lib.Records.open(tmp_path / 'rec').shard_paths('train'):
     parsed = [tf.io.parse_single_example(r, schema.feature_spec())
               for r in tf.data.TFRecordDataset(shard)]
     index = [int(p['id'].numpy().decode().rsplit('-', 1)[1]) for p in parsed]

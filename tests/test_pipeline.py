@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pcam_tfdata import augment
-from pcam_tfdata import pipeline
+from pcam_tfdata.convert import tiff
+from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
-from pcam_tfdata import tiff
+from pcam_tfdata.training import augment
+from pcam_tfdata.training import pipeline
+from pcam_tfdata.training import split_cache
 from conftest import run_convert
 
 
@@ -35,8 +37,7 @@ def _crop(kaggle_dir, example_id):
 
 def test_training_epoch_is_the_split_minus_the_remainder(records, truth):
   split = {i for i in truth}  # Labels of every id; the split is a subset.
-  manifest = schema.load_manifest(str(records))
-  count = manifest['splits']['train']['count']
+  count = records_lib.Records.open(records).count('train')
   ds = pipeline.make_dataset(str(records), 'train', batch_size=10, training=True, with_ids=True)
   first, second = _epoch(ds), _epoch(ds)
   for batches in (first, second):
@@ -52,10 +53,9 @@ def test_training_epoch_is_the_split_minus_the_remainder(records, truth):
 
 
 def test_batch_of_one_covers_the_split_exactly(records):
-  manifest = schema.load_manifest(str(records))
   ds = pipeline.make_dataset(str(records), 'train', batch_size=1, training=True, with_ids=True)
   ids = _ids(_epoch(ds))
-  assert len(ids) == manifest['splits']['train']['count'] == len(set(ids))
+  assert len(ids) == records_lib.Records.open(records).count('train') == len(set(ids))
 
 
 def test_seed_makes_order_and_augmentation_reproducible(records):
@@ -109,9 +109,8 @@ def test_two_input_pipelines_are_disjoint_and_cover_the_split(records, training)
     ds = pipeline.make_dataset(str(records), 'train', batch_size=1, training=training,
                                input_context=context, with_ids=True)
     parts.append(set(_ids(_epoch(ds))))
-  manifest = schema.load_manifest(str(records))
   assert parts[0] and parts[1] and not parts[0] & parts[1]
-  assert len(parts[0] | parts[1]) == manifest['splits']['train']['count']
+  assert len(parts[0] | parts[1]) == records_lib.Records.open(records).count('train')
 
 
 def test_more_pipelines_than_shards_is_refused(records):
@@ -127,9 +126,8 @@ def test_evaluation_yields_each_id_once_in_a_fixed_order(records, kaggle_dir, tr
   ids = _ids(first)
   assert ids == _ids(second)
   assert len(ids) == len(set(ids)) == 12
-  manifest = schema.load_manifest(str(records))
   in_shard_order = [i.decode() for i in tf.data.TFRecordDataset(
-      schema.shard_paths(str(records), manifest, 'val')).map(
+      records_lib.Records.open(records).shard_paths('val')).map(
           lambda r: tf.io.parse_single_example(r, schema.feature_spec())[schema.ID_KEY])
                     .as_numpy_iterator()]
   assert ids == in_shard_order
@@ -166,7 +164,7 @@ def test_augmentation_keeps_pixels_and_labels(records, kaggle_dir, truth, cache)
 @pytest.fixture(scope='module')
 def small_records(tmp_path_factory):
   """200 labelled patches at crop 8: enough for batches of 64, cheap to compare."""
-  from pcam_tfdata import synthetic  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import synthetic  # pylint: disable=g-import-not-at-top
   base = tmp_path_factory.mktemp('small')
   synthetic.make_dataset(str(base / 'kaggle'), num_train=200, num_test=0, seed=5,
                          show_progress=False)
@@ -202,9 +200,10 @@ def _chi_square(counts, n):
 # The three ways a batch is augmented: gathered from the cached variants, or
 # transformed after its gather from the cache (no budget for variants) or
 # from the records re-read each epoch.
-_AUGMENT_PATHS = {'variants': dict(cache=True),
-                  'per_batch': dict(cache=True, variant_budget=0),
-                  'uncached': dict(cache=False)}
+_AUGMENT_PATHS = {'variants': dict(cache=True, augment=augment.Augment(dihedral=True)),
+                  'per_batch': dict(cache=True,
+                                    augment=augment.Augment(dihedral=True, variant_budget=0)),
+                  'uncached': dict(cache=False, augment=augment.Augment(dihedral=True))}
 
 
 @pytest.mark.parametrize('path', sorted(_AUGMENT_PATHS))
@@ -215,8 +214,8 @@ def test_augmentation_is_uniform_per_image_at_any_batch_size(small_records, batc
   table = augment.dihedral_permutations(8)
   epochs = {4: 4, 12: 8, 64: 24}[batch_size]
   ds = pipeline.make_dataset(str(small_records), 'train', batch_size=batch_size,
-                             training=True, augment=True, seed=5, with_ids=True,
-                             num_epochs=epochs, **_AUGMENT_PATHS[path])
+                             training=True, seed=5, with_ids=True, num_epochs=epochs,
+                             **_AUGMENT_PATHS[path])
   per_image = collections.defaultdict(list)
   per_batch = []
   for images, labels, ids in ds:
@@ -271,15 +270,15 @@ def test_every_augmentation_path_gives_the_same_batches(small_records, tmp_path,
   records = tmp_path / 'rec'
   run_convert(small_records.parent / 'kaggle', records, crop_size=8, val_fraction=0.1,
               num_shards=2)
-  def batches(**kwargs):
+  def batches(cache=True, **budget):
+    options = augment.Augment(dihedral=True, stain_jitter=0.05, **budget)
     ds = pipeline.make_dataset(str(records), 'train', batch_size=12, training=True,
-                               augment=True, seed=9, with_ids=True, num_epochs=3,
-                               stain_jitter=0.05, **kwargs)
+                               augment=options, seed=9, with_ids=True, num_epochs=3, cache=cache)
     return [tuple(t.numpy() for t in batch) for batch in ds]
   with caplog.at_level(logging.WARNING):
     fitted = batches()
     assert not caplog.records  # 180 examples at 8x8 fit the default budget.
-    count = schema.load_manifest(str(records))['splits']['train']['count']
+    count = records_lib.Records.open(records).count('train')
     exact = batches(variant_budget=8 * count * 8 * 8 * 3)  # Just fits.
     assert not caplog.records
     fallback = batches(variant_budget=8 * count * 8 * 8 * 3 - 1)
@@ -297,13 +296,11 @@ def test_every_augmentation_path_gives_the_same_batches(small_records, tmp_path,
 
 
 def test_load_split_with_variants_holds_transform_t_of_image_i_at_t_count_plus_i(records):
-  manifest = schema.load_manifest(str(records))
-  paths = schema.shard_paths(str(records), manifest, 'train')
-  count = manifest['splits']['train']['count']
-  shape = tuple(manifest['image_shape'])
+  opened = records_lib.Records.open(records)
+  paths, count, shape = opened.shard_paths('train'), opened.count('train'), opened.image_shape
   parse = lambda x: pipeline.parse_batch(x, shape, with_ids=True)
-  images, labels, ids = pipeline.load_split(paths, count, parse)
-  variants, labels8, ids8 = pipeline.load_split(paths, count, parse, variants=True)
+  images, labels, ids = split_cache.load_split(paths, count, parse)
+  variants, labels8, ids8 = split_cache.load_split(paths, count, parse, variants=True)
   assert variants.shape == (8 * count, *shape) and variants.dtype == tf.uint8
   np.testing.assert_array_equal(labels8, labels)
   np.testing.assert_array_equal(ids8, ids)
@@ -328,9 +325,8 @@ def test_dihedral_transform_matches_the_permutation_table_eager_and_in_map(k):
 
 
 def test_parse_batch_eager_and_in_map(records):
-  manifest = schema.load_manifest(str(records))
   serialized = next(iter(tf.data.TFRecordDataset(
-      schema.shard_paths(str(records), manifest, 'val')).batch(3)))
+      records_lib.Records.open(records).shard_paths('val')).batch(3)))
   eager = pipeline.parse_batch(serialized, (32, 32, 3), with_ids=True)
   mapped = next(iter(tf.data.Dataset.from_tensors(serialized).map(
       lambda s: pipeline.parse_batch(s, (32, 32, 3), with_ids=True))))
@@ -351,11 +347,10 @@ def test_bad_arguments_and_folders(records, tmp_path):
 
 
 def test_load_split_holds_every_record_in_shard_order(records):
-  manifest = schema.load_manifest(str(records))
-  paths = schema.shard_paths(str(records), manifest, 'train')
-  count = manifest['splits']['train']['count']
+  opened = records_lib.Records.open(records)
+  paths, count = opened.shard_paths('train'), opened.count('train')
   parse = lambda x: pipeline.parse_batch(x, (32, 32, 3), with_ids=True)
-  images, labels, ids = pipeline.load_split(paths, count, parse)
+  images, labels, ids = split_cache.load_split(paths, count, parse)
   expected = [parse(b) for b in tf.data.TFRecordDataset(paths).batch(count)][0]
   np.testing.assert_array_equal(images.numpy(), expected[0].numpy())
   np.testing.assert_array_equal(labels.numpy(), expected[1].numpy())
@@ -363,7 +358,7 @@ def test_load_split_holds_every_record_in_shard_order(records):
   assert images.dtype == tf.uint8 and images.shape == (count, 32, 32, 3)
   for wrong in (count - 1, count + 1):  # A manifest that lies about the shards.
     with pytest.raises(schema.ManifestError, match='another number of records'):
-      pipeline.load_split(paths, wrong, parse)
+      split_cache.load_split(paths, wrong, parse)
 
 
 # skimage.color.rgb_from_hed, written out here: the reference the pipeline's
@@ -376,10 +371,11 @@ def _hed(image):
   return od @ np.linalg.inv(_RGB_FROM_HED)
 
 
-def _stain_batches(records_dir, strength, augment=False, seed=4, epochs=2):
+def _stain_batches(records_dir, strength, dihedral=False, seed=4, epochs=2):
+  options = augment.Augment(dihedral=dihedral, stain_jitter=strength)
   return list(pipeline.make_dataset(str(records_dir), 'train', batch_size=16, training=True,
-                                    augment=augment, stain_jitter=strength, seed=seed,
-                                    with_ids=True, num_epochs=epochs))
+                                    augment=options, seed=seed, with_ids=True,
+                                    num_epochs=epochs))
 
 
 def _affine_fits(sources, outputs):
@@ -429,14 +425,14 @@ def test_stain_jitter_in_the_pipeline_is_affine_in_hed_per_image(small_records):
 
 
 def test_stain_jitter_zero_changes_nothing_and_keeps_labels(small_records, kaggle_dir):
-  plain = _stain_batches(small_records, 0.0, augment=True)
+  plain = _stain_batches(small_records, 0.0, dihedral=True)
   default = list(pipeline.make_dataset(str(small_records), 'train', batch_size=16,
                                        training=True, augment=True, seed=4, with_ids=True,
                                        num_epochs=2))
   for x, y in zip(plain, default):
     for a, b in zip(x, y):
       np.testing.assert_array_equal(a.numpy(), b.numpy())
-  jittered = _stain_batches(small_records, 0.2, augment=True)
+  jittered = _stain_batches(small_records, 0.2, dihedral=True)
   for x, y in zip(plain, jittered):  # The same examples, labels and ids, other colours.
     np.testing.assert_array_equal(x[1].numpy(), y[1].numpy())
     np.testing.assert_array_equal(x[2].numpy(), y[2].numpy())
@@ -447,7 +443,7 @@ def test_stain_jitter_composes_with_the_dihedral_transform(small_records):
   """Each output is a per-pixel colour map of one of the 8 transforms of its record."""
   originals = _originals(small_records)
   table = augment.dihedral_permutations(8)
-  for images, _, ids in _stain_batches(small_records, 0.05, augment=True, epochs=1):
+  for images, _, ids in _stain_batches(small_records, 0.05, dihedral=True, epochs=1):
     for image, example_id in zip(images.numpy(), ids.numpy()):
       source = originals[example_id.decode()]
       fits = []
@@ -459,11 +455,10 @@ def test_stain_jitter_composes_with_the_dihedral_transform(small_records):
       assert any(fits), example_id
 
 
-def test_stain_jitter_out_of_range_is_refused(records):
+def test_stain_jitter_out_of_range_is_refused():
   for strength in (-0.1, 1.0):
     with pytest.raises(ValueError, match=f'stain_jitter={strength}: must be in'):
-      pipeline.make_dataset(str(records), 'train', batch_size=8, training=True,
-                            stain_jitter=strength)
+      augment.Augment(stain_jitter=strength)
 
 
 def test_hed_conversion_matches_the_reference_and_inverts():
@@ -473,11 +468,12 @@ def test_hed_conversion_matches_the_reference_and_inverts():
   np.testing.assert_array_equal(back.astype(np.uint8), images)
 
 
-def test_stain_params_are_the_draws_the_pipeline_would_apply(small_records):
-  common = dict(batch_size=16, training=True, augment=True, seed=4, num_epochs=2,
-                stain_jitter=0.1)
-  applied = pipeline.make_dataset(str(small_records), 'train', **common)
-  drawn = pipeline.make_dataset(str(small_records), 'train', stain_params=True, **common)
+def test_stain_draws_for_the_device_are_the_draws_the_pipeline_would_apply(small_records):
+  common = dict(batch_size=16, training=True, seed=4, num_epochs=2)
+  applied = pipeline.make_dataset(str(small_records), 'train', **common,
+                                  augment=augment.Augment(dihedral=True, stain_jitter=0.1))
+  drawn = pipeline.make_dataset(str(small_records), 'train', **common, augment=augment.Augment(
+      dihedral=True, stain_jitter=0.1, stain_on_device=True))
   n = 0
   for (images, labels), (raw, raw_labels, params) in zip(applied, drawn):
     assert params.shape == (16, 2, 3) and params.dtype == tf.float32
@@ -488,7 +484,6 @@ def test_stain_params_are_the_draws_the_pipeline_would_apply(small_records):
     np.testing.assert_array_equal(raw_labels, labels)
     assert not np.array_equal(raw, images)
     n += 1
-  assert n == 2 * (schema.load_manifest(str(small_records))['splits']['train']['count'] // 16)
-  with pytest.raises(ValueError, match='stain_params=True needs'):
-    pipeline.make_dataset(str(small_records), 'train', batch_size=16, training=True,
-                          stain_params=True)
+  assert n == 2 * (records_lib.Records.open(small_records).count('train') // 16)
+  with pytest.raises(ValueError, match='stain_on_device=True needs'):
+    augment.Augment(stain_on_device=True)

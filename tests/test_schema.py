@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pcam_tfdata import records
+from pcam_tfdata.convert import shards
 from pcam_tfdata import schema
 
 
@@ -41,7 +41,7 @@ def test_framing_is_byte_identical_to_tf_writer(tmp_path):
   with tf.io.TFRecordWriter(str(reference)) as writer:
     for p in payloads:
       writer.write(p)
-  assert b''.join(records.frame_record(p) for p in payloads) == reference.read_bytes()
+  assert b''.join(shards.frame_record(p) for p in payloads) == reference.read_bytes()
 
 
 def test_shard_names_round_trip():

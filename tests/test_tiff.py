@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from pcam_tfdata import synthetic
-from pcam_tfdata import tiff
+from pcam_tfdata.convert import synthetic
+from pcam_tfdata.convert import tiff
 from conftest import REAL_PATCHES
 
 try:  # Writes layouts Pillow cannot; only the tests of those layouts need it.

@@ -14,16 +14,17 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pcam_tfdata import augment
-from pcam_tfdata import distribute
-from pcam_tfdata import loop
-from pcam_tfdata import models
-from pcam_tfdata import pipeline
+from pcam_tfdata.convert import synthetic
+from pcam_tfdata.convert import tiff
 from pcam_tfdata import report
-from pcam_tfdata import submission
-from pcam_tfdata import synthetic
-from pcam_tfdata import tiff
 from pcam_tfdata import train
+from pcam_tfdata.training import augment
+from pcam_tfdata.training import backup
+from pcam_tfdata.training import distribute
+from pcam_tfdata.training import loop
+from pcam_tfdata.training import models
+from pcam_tfdata.training import pipeline
+from pcam_tfdata.training import submission
 from conftest import ROOT, error_lines, run_convert, run_in_terminal, run_tool, user_env
 
 
@@ -205,7 +206,7 @@ def test_stain_jitter_in_the_step_and_the_per_batch_dihedral_train_as_the_pipeli
   same run, bit for bit. The stain draws applied in the training step or in
   the pipeline: the same run up to float rounding (a pixel may round the other
   way in a compiled step), far from a run without the jitter."""
-  from pcam_tfdata import augment, loop  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import augment, loop  # pylint: disable=g-import-not-at-top
   dist = request.getfixturevalue('mirrored') if strategy == 'mirrored' else None
   runs = {}
   for name, where, gib, stain in (('variants', 'host', 4.0, 0.05), ('per_batch', 'host', 0.0, 0.05),
@@ -235,7 +236,7 @@ def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
   assert metrics['val_auc'] > 0.8, metrics
   assert list((tmp_path / 'run' / 'tensorboard' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import evaluate, pipeline  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import evaluate, pipeline  # pylint: disable=g-import-not-at-top
   model = keras.models.load_model(tmp_path / 'run' / 'model.keras')
   ds = pipeline.make_dataset(str(learnable_records), 'val', batch_size=7, training=False,
                              with_ids=True)
@@ -256,28 +257,30 @@ def dump(path, checkpoint):
 '''
 _KILL_AFTER_SECOND_BACKUP = _STATE + '''
 import os, signal, sys
-from pcam_tfdata import loop, train
-real = loop.Backup.save
+from pcam_tfdata import train
+from pcam_tfdata.training import backup
+real = backup.Backup.save
 def save_then_die(self, epoch, state):
   real(self, epoch, state)
   if epoch == 2:
     dump(sys.argv[3], self._checkpoint)
     os.kill(os.getpid(), signal.SIGKILL)
-loop.Backup.save = save_then_die
+backup.Backup.save = save_then_die
 train.run(train.Config(records_dir=sys.argv[1], model_dir=sys.argv[2], epochs=4, batch_size=8,
                        eval_batch_size=16, mixed_precision='off', strategy='default', seed=1))
 '''
 _RESUME_THROUGH_THE_CLI = _STATE + '''
 import sys
 from absl import app
-from pcam_tfdata import loop, train
-real = loop.Backup.restore
+from pcam_tfdata import train
+from pcam_tfdata.training import backup
+real = backup.Backup.restore
 out = sys.argv[1]
 def restore_and_dump(self):
   result = real(self)
   dump(out, self._checkpoint)
   return result
-loop.Backup.restore = restore_and_dump
+backup.Backup.restore = restore_and_dump
 sys.argv = ['train'] + sys.argv[2:]
 app.run(train.main)
 '''
@@ -542,7 +545,7 @@ def test_an_empty_ensemble_entry_is_refused(records, tmp_path):
 
 
 def test_predict_prints_the_ensembles_metrics_on_a_labelled_test_split(records, tmp_path):
-  from pcam_tfdata import evaluate  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import evaluate  # pylint: disable=g-import-not-at-top
   # A labelled test split (as PCam's HDF5 source writes): the val split, renamed.
   import shutil  # pylint: disable=g-import-not-at-top
   copy = tmp_path / 'rec'
@@ -609,7 +612,7 @@ def test_a_damaged_shard_is_one_line_naming_it_in_train(records, tmp_path, damag
 
 def test_a_damaged_backup_is_named_not_blamed_on_the_records(records, tmp_path, monkeypatch):
   model_dir = tmp_path / 'run'
-  monkeypatch.setattr(loop.Backup, 'remove', lambda self: None)  # Keep it, as a kill would.
+  monkeypatch.setattr(backup.Backup, 'remove', lambda self: None)  # Keep it, as a kill would.
   train.run(_config(records, model_dir, epochs=1))
   monkeypatch.undo()
   data = next((model_dir / 'backup').glob('ckpt-1.data-*'))
@@ -667,7 +670,7 @@ def test_the_best_model_and_the_backup_agree_after_a_kill_between_them(records, 
   metrics = json.loads((model_dir / 'metrics.json').read_text())
   assert metrics['best_epoch'] == 1 and metrics['epochs_run'] == 1
   model = keras.models.load_model(model_dir / 'model.keras')
-  from pcam_tfdata import evaluate  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import evaluate  # pylint: disable=g-import-not-at-top
   ds = pipeline.make_dataset(str(records), 'val', batch_size=16, training=False, with_ids=True)
   probs, labels, _ = evaluate.predict(evaluate.make_predict_fn(model), ds)
   assert evaluate.binary_metrics(labels, probs)['auc'] == pytest.approx(
@@ -677,7 +680,8 @@ def test_the_best_model_and_the_backup_agree_after_a_kill_between_them(records, 
 _KILL_AT_STEP = r'''
 import os, signal, sys
 from absl import app
-from pcam_tfdata import loop, train
+from pcam_tfdata import train
+from pcam_tfdata.training import loop
 kill_at = int(sys.argv[1])
 make_train_fn = loop.make_train_fn
 def killing_train_fn(*args, **kwargs):

@@ -33,9 +33,9 @@ from absl import flags
 import numpy as np
 
 from pcam_tfdata import cli
+from pcam_tfdata.convert import kaggle
+from pcam_tfdata.convert import synthetic
 from pcam_tfdata import hostinfo
-from pcam_tfdata import kaggle
-from pcam_tfdata import synthetic
 
 _NUM_FILES = flags.DEFINE_integer('num_files', 20000, 'Kaggle-format TIFFs to generate.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Runs of each method; the median is reported.')
@@ -49,7 +49,7 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
 # Runs in a fresh interpreter so its peak memory is the converter's alone.
 _CONVERTER = r'''
 import json, resource, sys, time
-from pcam_tfdata import convert, kaggle
+from pcam_tfdata.convert import from_kaggle, kaggle
 def vm_hwm_mib():  # Peak RSS of this process since exec (ru_maxrss keeps the parent's).
   with open('/proc/self/status') as f:
     return next(int(l.split()[1]) for l in f if l.startswith('VmHWM')) / 1024
@@ -57,7 +57,7 @@ data_dir, out_dir, crop, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), i
 drop = sys.argv[5] == 'drop'
 start = time.perf_counter()
 source = kaggle.read_source(data_dir)
-manifest = convert.convert(source, out_dir, crop_size=crop, per_class=0, workers=workers,
+manifest = from_kaggle.convert(source, out_dir, crop_size=crop, per_class=0, workers=workers,
                            eda=False, show_progress=False, log=lambda _: None,
                            drop_duplicates=drop)
 seconds = time.perf_counter() - start
@@ -73,13 +73,13 @@ print(json.dumps({
 # size of x shows whether the split is streamed or loaded.
 _H5_CONVERTER = r'''
 import json, sys, time
-from pcam_tfdata import pcam_h5
+from pcam_tfdata.convert import from_h5, pcam_h5
 def vm_hwm_mib():
   with open('/proc/self/status') as f:
     return next(int(l.split()[1]) for l in f if l.startswith('VmHWM')) / 1024
 start = time.perf_counter()
 source = pcam_h5.read_source(sys.argv[1])
-manifest = pcam_h5.convert_h5(source, sys.argv[2], crop_size=int(sys.argv[3]), eda=False,
+manifest = from_h5.convert(source, sys.argv[2], crop_size=int(sys.argv[3]), eda=False,
                               show_progress=False, log=lambda _: None,
                               drop_duplicates=sys.argv[4] == 'drop')
 print(json.dumps({'seconds': time.perf_counter() - start,

@@ -91,7 +91,7 @@ def _epoch_rate(ds, batch_size):
 def _dihedral_by_position(images):
   """The augmentation before issue 11: eight static slices, transform 8i//B at position i."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import augment  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import augment  # pylint: disable=g-import-not-at-top
   size = images.shape[0]
   bounds = [-(-size * k // 8) for k in range(9)]
   return tf.concat([augment.dihedral_transform(images[bounds[k]:bounds[k + 1]], k)
@@ -101,7 +101,7 @@ def _dihedral_by_position(images):
 def by_position_rate(records_dir, batch_size, epochs):
   """The pipeline with its augmentation swapped for the by-position one."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
   uniform = pipeline._gather_augmented  # pylint: disable=protected-access
   pipeline._gather_augmented = lambda images, index, transforms: _dihedral_by_position(  # pylint: disable=protected-access
       tf.ensure_shape(tf.gather(images, index), [batch_size, *images.shape[1:]]))
@@ -119,7 +119,7 @@ def pipeline_rates(records_dir, batch_size, augment, epochs, stain_jitter=0.0,
   The first epoch includes building the dataset, which reads the split into
   memory.
   """
-  from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   budget = {} if variant_budget is None else {'variant_budget': variant_budget}
   ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
@@ -136,7 +136,7 @@ _CACHE_PROBE = r"""
 import json, sys
 from pcam_tfdata import cli
 cli.import_tensorflow()
-from pcam_tfdata import pipeline
+from pcam_tfdata.training import pipeline
 augment, budget = sys.argv[2] == 'augment', int(sys.argv[3])
 def status_mib(key):
   with open('/proc/self/status') as f:
@@ -197,7 +197,7 @@ def seed_loader_rate(data_dir, images, crop):
 def tfds_style_rate(data_dir, images, crop, work):
   """96x96 PNG records, decoded and cropped one example at a time, uncached."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import tiff  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import tiff  # pylint: disable=g-import-not-at-top
   frame = pd.read_csv(os.path.join(data_dir, 'train_labels.csv'), dtype=str).head(images)
   path = os.path.join(work, 'tfds_style.tfrecord')
   with tf.io.TFRecordWriter(path) as writer:
@@ -274,8 +274,8 @@ def _gather_only(images, labels, count, steps, batch_size, epochs):
 def augment_suite(records_dir, epochs, rounds):
   """The augmentation table of issue 13; returns its rows."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
   from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
   manifest = schema.load_manifest(records_dir)
   count = manifest['splits']['train']['count']
   shape = tuple(manifest['image_shape'])

@@ -65,7 +65,7 @@ def _input_rate(ds, steps, repeats, batch_size):
 
 def input_rates(records_dir, steps, repeats, batch_size):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import pipeline  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
   local = lambda cache: pipeline.make_dataset(records_dir, 'train', batch_size=batch_size,
                                               training=True, cache=cache).repeat()
   rates = {
@@ -102,7 +102,7 @@ records_dir, kind, feed, batch, steps = sys.argv[1:3] + sys.argv[3:4] + [int(a) 
 from pcam_tfdata import cli
 tf = cli.import_tensorflow()
 import keras
-from pcam_tfdata import distribute, loop, models, pipeline
+from pcam_tfdata.training import distribute, loop, models, pipeline
 strategy = distribute.make_strategy(kind)
 make = lambda context: pipeline.make_dataset(records_dir, 'train', batch_size=batch,
                                              training=True, seed=0,

@@ -18,8 +18,8 @@ from absl import flags
 import numpy as np
 
 from pcam_tfdata import cli
+from pcam_tfdata.convert import tiff
 from pcam_tfdata import hostinfo
-from pcam_tfdata import tiff
 
 _PATCHES_DIR = flags.DEFINE_string('patches_dir', '../shared/fixtures/real_patches',
                                    'A folder of 96x96 RGB patches (TIFF or PNG).')
@@ -32,7 +32,7 @@ _DRAWS = flags.DEFINE_integer('draws', 20, 'Draws per patch and strength.')
 def main(argv):
   del argv
   tf = cli.import_tensorflow()
-  from pcam_tfdata import augment  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import augment  # pylint: disable=g-import-not-at-top
   paths = sorted(p for p in glob.glob(os.path.join(_PATCHES_DIR.value, '*'))
                  if p.lower().endswith(('.tif', '.tiff', '.png')))
   if not paths:

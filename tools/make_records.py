@@ -13,13 +13,14 @@ from absl import app
 from absl import flags
 
 from pcam_tfdata import cli
-from pcam_tfdata import convert
-from pcam_tfdata import duplicates
-from pcam_tfdata import kaggle
-from pcam_tfdata import outdir
+from pcam_tfdata.convert import duplicates
+from pcam_tfdata.convert import from_kaggle
+from pcam_tfdata.convert import kaggle
+from pcam_tfdata.convert import outdir
+from pcam_tfdata.convert import plan
+from pcam_tfdata.convert import synthetic
+from pcam_tfdata.convert import tiff
 from pcam_tfdata import schema
-from pcam_tfdata import synthetic
-from pcam_tfdata import tiff
 
 DEMO_SOURCE_DIR = os.path.join('records', 'demo_kaggle')
 DEMO_OUT_DIR = os.path.join('records', 'demo')
@@ -49,7 +50,7 @@ _NUM_FOLDS = flags.DEFINE_integer(
 _FOLD = flags.DEFINE_integer('fold', 0, 'With --num_folds: which fold (0..K-1) is val; the '
                              'others are train. The K conversions partition the examples.')
 _NUM_SHARDS = flags.DEFINE_integer(
-    'num_shards', 0, f'Train shards; 0 picks at least {convert.TRAIN_MIN_SHARDS} '
+    'num_shards', 0, f'Train shards; 0 picks at least {plan.TRAIN_MIN_SHARDS} '
     '(and about 128 MiB each at most). Val and test shards are picked by size.')
 _WORKERS = flags.DEFINE_integer('workers', len(os.sched_getaffinity(0)),
                                 'Processes writing shards.')
@@ -106,7 +107,7 @@ def main(argv):
             f'{kaggle.LABELS_CSV} and are left out (e.g. {source.unlabelled[0]})')
     out_dir = _OUT_DIR.value or (DEMO_OUT_DIR if _DATA_DIR.value is None
                                  else os.path.join('records', 'pcam'))
-    manifest = convert.convert(
+    manifest = from_kaggle.convert(
         source, out_dir, crop_size=_CROP_SIZE.value, per_class=per_class,
         val_fraction=_VAL_FRACTION.value, seed=_SEED.value, groups=groups,
         num_shards=_NUM_SHARDS.value, workers=_WORKERS.value, skip_bad=_SKIP_BAD.value,
@@ -117,7 +118,7 @@ def main(argv):
         replace_stale=_DATA_DIR.value is None and _OUT_DIR.value is None,
         flags={f.name: f.value for f in _CONVERSION_FLAGS} | {
             'data_dir': source.data_dir, 'per_class': per_class, 'out_dir': out_dir})
-  except (kaggle.SourceError, convert.ConvertError, outdir.OutDirError, tiff.BadImageError,
+  except (kaggle.SourceError, plan.ConvertError, outdir.OutDirError, tiff.BadImageError,
           schema.ManifestError) as e:
     _fail(str(e))
   except KeyboardInterrupt:
@@ -127,7 +128,8 @@ def main(argv):
 
 
 def _convert_h5():
-  from pcam_tfdata import pcam_h5  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import from_h5  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.convert import pcam_h5  # pylint: disable=g-import-not-at-top
   if not _DATA_DIR.value:
     _fail('--source=pcam_h5 needs --data_dir (the folder of camelyonpatch_*.h5[.gz] files)')
   # PCam's own splits stand unless the user asks for a re-split.
@@ -136,12 +138,12 @@ def _convert_h5():
   out_dir = _OUT_DIR.value or os.path.join('records', 'pcam_h5')
   try:
     source = pcam_h5.read_source(os.path.expanduser(_DATA_DIR.value))
-    manifest = pcam_h5.convert_h5(
+    manifest = from_h5.convert(
         source, out_dir, crop_size=_CROP_SIZE.value, per_class=per_class,
         val_fraction=_VAL_FRACTION.value, seed=_SEED.value, resplit=resplit,
         num_shards=_NUM_SHARDS.value, overwrite=_OVERWRITE.value,
         drop_duplicates=_DROP_DUPLICATES.value, flags={f.name: f.value for f in _CONVERSION_FLAGS})
-  except (pcam_h5.SourceError, convert.ConvertError, outdir.OutDirError,
+  except (pcam_h5.SourceError, plan.ConvertError, outdir.OutDirError,
           schema.ManifestError) as e:
     _fail(str(e))
   except KeyboardInterrupt:

@@ -10,7 +10,7 @@ import sys
 from absl import app
 from absl import flags
 
-from pcam_tfdata import synthetic
+from pcam_tfdata.convert import synthetic
 
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Folder to create.', required=True)
 _NUM_TRAIN = flags.DEFINE_integer('num_train', 6000, 'Labelled patches in train/.')

@@ -12,8 +12,7 @@ from absl import app
 from absl import flags
 
 from pcam_tfdata import cli
-from pcam_tfdata import schema
-from pcam_tfdata import verify
+from pcam_tfdata import records as records_lib
 
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines.")
 
@@ -23,10 +22,11 @@ def main(argv):
     print('usage: verify_records.py RECORDS_DIR', file=sys.stderr)
     sys.exit(2)
   try:
-    schema.load_manifest(argv[1])  # A wrong folder fails before TF starts.
+    records = records_lib.Records.open(argv[1])  # A wrong folder fails before TF starts.
     cli.import_tensorflow(_VERBOSE.value)
-    total = verify.verify(argv[1])
-  except (schema.ManifestError, verify.VerifyError) as e:
+    from pcam_tfdata.training import verify  # pylint: disable=g-import-not-at-top
+    total = verify.verify(records)
+  except ValueError as e:  # schema.ManifestError and verify.VerifyError are ones.
     cli.fail('verify_records.py', e)
   print(f'{argv[1]}: all {total} records verified')
 

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 
-from pcam_tfdata import records
+from pcam_tfdata.convert import shards
 from pcam_tfdata import schema
 
 
@@ -115,6 +115,47 @@ def clean_leftovers(out_dir, log=print):
     shutil.rmtree(stale, ignore_errors=True)
 
 
+def prepare(out_dir, fingerprint, *, overwrite, replace_stale=False, resume=True, log=print):
+  """Decides what a conversion of `fingerprint` into `out_dir` has to do.
+
+  Args:
+    out_dir: the records folder asked for.
+    fingerprint: the plan's.
+    overwrite, replace_stale: see `check_out_dir`.
+    resume: keep the shards of an unfinished run of the same plan (its
+      shards are committed one by one); False starts it over.
+    log: where one-line notes go.
+
+  Returns:
+    (out_dir, work_dir, existing): the real path of the output (the folder,
+    not a link to it: the swap renames folders, and renaming a link would
+    leave the old records where it pointed), the hidden folder to write in,
+    and the manifest of an output already complete for this plan (then
+    there is nothing to do, and no work folder is made).
+
+  Raises:
+    OutDirError: the output may not be replaced as asked.
+  """
+  out_dir = os.path.realpath(out_dir)
+  parent, name = os.path.split(out_dir)
+  if os.path.isdir(parent):
+    clean_leftovers(out_dir, log)  # Also when there is nothing else to do.
+  existing = check_out_dir(out_dir, fingerprint, overwrite, replace_stale)
+  if existing is not None:
+    log(f'{out_dir}: already complete for these inputs and settings; nothing to do '
+        '(--overwrite rebuilds it)')
+    return out_dir, None, existing
+  os.makedirs(parent, exist_ok=True)
+  work_dir = os.path.join(parent, f'.{name}.partial-{fingerprint[:16]}')
+  for stale in glob.glob(os.path.join(glob.escape(parent), f'.{glob.escape(name)}.partial-*')):
+    if stale != work_dir or not resume:
+      if stale != work_dir:
+        log(f'removing the unfinished run of other settings {stale}')
+      shutil.rmtree(stale)
+  os.makedirs(work_dir, exist_ok=True)
+  return out_dir, work_dir, None
+
+
 def _keep_only(work_dir, names):
   """Deletes every file of `work_dir` but `names` (sidecars, .tmp/.partial leftovers)."""
   for entry in os.listdir(work_dir):
@@ -130,7 +171,7 @@ def finish(work_dir, out_dir, manifest):
   """Keeps only the shards and pictures, writes the manifest last, swaps into place."""
   keep = {s['file'] for info in manifest['splits'].values() for s in info['shards']}
   _keep_only(work_dir, keep | {f for f in os.listdir(work_dir) if f.endswith('.png')})
-  records.write_json_atomic(os.path.join(work_dir, schema.MANIFEST_NAME), manifest)
+  shards.write_json_atomic(os.path.join(work_dir, schema.MANIFEST_NAME), manifest)
   swap_into_place(work_dir, out_dir)
 
 

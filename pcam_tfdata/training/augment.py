@@ -5,10 +5,60 @@ of the 8 symmetries of the square (the dihedral group: 4 rotations, each with
 or without a flip) gives an equally valid training image.
 """
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
 NUM_DIHEDRAL = 8
+# Memory the 8 dihedral variants of a pipeline's cached split may take: the
+# seed's 80,000 train patches at 32x32 take 1.8 GiB (at 96x96: 16.5 GiB).
+DEFAULT_VARIANT_BUDGET = 4 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """What a training pipeline does to each image, and where.
+
+  Attributes:
+    dihedral: one of the 8 flips and 90-degree rotations per image, uniform
+      and independent (`draw_dihedral_ids`).
+    stain_jitter: s in [0, 1): each image's haematoxylin, eosin and DAB
+      concentrations scaled by U(1-s, 1+s) and shifted by U(-s, s)
+      (`stain_jitter`); 0 for none.
+    stain_on_device: with `stain_jitter`, the pipeline yields each batch's
+      draws (float32 [B, 2, 3]) as a last element instead of applying them,
+      and the training step applies them on its device (`apply_stain`).
+    variant_budget: with `dihedral`, bytes the 8 variants of an input
+      pipeline's cached split may take, so that a batch is one gather;
+      over it each batch is transformed after its gather (the same batches).
+  """
+  dihedral: bool = False
+  stain_jitter: float = 0.0
+  stain_on_device: bool = False
+  variant_budget: int = DEFAULT_VARIANT_BUDGET
+
+  def __post_init__(self):
+    if not 0 <= self.stain_jitter < 1:
+      raise ValueError(f'stain_jitter={self.stain_jitter}: must be in [0, 1)')
+    if self.stain_on_device and not self.stain_jitter:
+      raise ValueError('stain_on_device=True needs stain_jitter > 0')
+    if self.variant_budget < 0:
+      raise ValueError(f'variant_budget={self.variant_budget}: must be >= 0')
+
+  @classmethod
+  def of(cls, augment):
+    """An Augment from None/False (none), True or 'dihedral' (dihedral only), or itself."""
+    if isinstance(augment, cls):
+      return augment
+    if augment in (None, False):
+      return cls()
+    if augment is True or augment == 'dihedral':
+      return cls(dihedral=True)
+    raise ValueError(f'augment={augment!r}: use None, False, True, "dihedral" or an Augment')
+
+  def __bool__(self):
+    return self.dihedral or bool(self.stain_jitter)
 
 
 def dihedral_permutations(size):

@@ -15,7 +15,8 @@ import hashlib
 import google_crc32c
 import numpy as np
 
-SPLIT_ORDER = ('train', 'val', 'test')
+from pcam_tfdata import schema
+
 NO_KEY = -1  # An unreadable patch (skipped with --skip_bad): never grouped.
 _SHOWN = 10  # Groups listed by id in the manifest, as examples.
 
@@ -115,7 +116,7 @@ def summarize(groups, ids, split_names, labels, unlabelled=-1):
   within, across = collections.Counter(), collections.Counter()
   conflicts, shown = 0, []
   for group in groups:
-    names = sorted(set(split_names[group].tolist()), key=split_rank)
+    names = sorted(set(split_names[group].tolist()), key=schema.split_rank)
     if len(names) == 1:
       within[names[0]] += 1
     for a in range(len(names)):
@@ -129,14 +130,9 @@ def summarize(groups, ids, split_names, labels, unlabelled=-1):
                     'labels': [int(l) for l in labels[group]], 'labels_agree': agree})
   return {'method': 'CRC32C of each full 96x96x3 patch, confirmed by the SHA-256 of its pixels',
           'groups': len(groups), 'patches': int(sum(len(g) for g in groups)),
-          'within': dict(sorted(within.items(), key=lambda kv: split_rank(kv[0]))),
+          'within': dict(sorted(within.items(), key=lambda kv: schema.split_rank(kv[0]))),
           'across': dict(sorted(across.items())), 'label_conflicts': conflicts,
           'first': shown}
-
-
-def split_rank(name):
-  """Sort key of split names: train, val, test, then any other."""
-  return SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER)
 
 
 def summary_line(info, total):

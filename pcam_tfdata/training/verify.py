@@ -7,8 +7,7 @@ import os
 
 import numpy as np
 
-from pcam_tfdata import duplicates
-from pcam_tfdata import records
+from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
 
 
@@ -38,11 +37,12 @@ def _read_shard(path, image_bytes):
   return ids, np.concatenate(labels) if labels else np.zeros(0, np.int64), digests
 
 
-def verify(records_dir, log=print):
+def verify(records, log=print):
   """Checks every shard: checksum, record count, schema, labels, id uniqueness.
 
   Args:
-    records_dir: a folder written by tools/make_records.py.
+    records: a records.Records, or the path of a folder written by
+      tools/make_records.py.
     log: where a line per split goes.
 
   Returns:
@@ -54,44 +54,52 @@ def verify(records_dir, log=print):
     schema.ManifestError: no or malformed manifest.
     VerifyError: the first mismatch found, naming the shard or id.
   """
-  manifest = schema.load_manifest(records_dir)
-  image_bytes = int(np.prod(manifest['image_shape']))
-  listed = {s['file'] for info in manifest['splits'].values() for s in info['shards']}
-  stray = sorted(f for f in os.listdir(records_dir) if f.endswith('.tfrecord') and f not in listed)
+  records = records_lib.Records.of(records)
+  image_bytes = int(np.prod(records.image_shape))
+  listed = {s['file'] for _, s, _ in records.all_shards()}
+  stray = sorted(f for f in os.listdir(records.path)
+                 if f.endswith('.tfrecord') and f not in listed)
   if stray:
-    raise VerifyError(f'{os.path.join(records_dir, stray[0])}: shard not in the manifest')
+    raise VerifyError(f'{os.path.join(records.path, stray[0])}: shard not in the manifest')
   seen = {}
-  total = 0
   by_digest = collections.defaultdict(list)  # Image digest -> [(split, id)].
-  for split, info in manifest['splits'].items():
+  for split in records.splits:
     counts = {}
-    for shard in info['shards']:
-      path = os.path.join(records_dir, shard['file'])
-      if records.sha256_file(path) != shard['sha256']:
-        raise VerifyError(f'{path}: sha256 differs from the manifest')
-      ids, labels, digests = _read_shard(path, image_bytes)
-      if len(ids) != shard['count']:
-        raise VerifyError(f'{path}: {len(ids)} records, the manifest says {shard["count"]}')
-      # Kaggle's test labels are unknown (-1); PCam's HDF5 test split has them.
-      allowed = (schema.TEST_LABEL, 0, 1) if split == 'test' else (0, 1)
-      if not np.isin(labels, allowed).all():
-        raise VerifyError(f'{path}: label {labels[~np.isin(labels, allowed)][0]} in split '
-                          f'{split} (allowed: {allowed})')
-      for example_id, digest in zip(ids, digests):
-        by_digest[digest].append((split, example_id))
-        if example_id in seen:
-          raise VerifyError(f'{path}: id {example_id} also in {seen[example_id]}')
-        seen[example_id] = shard['file']
+    for shard, path in zip(records.shards(split), records.shard_paths(split)):
+      labels = _check_shard(path, shard, split, image_bytes, seen, by_digest)
       for label, n in zip(*np.unique(labels, return_counts=True)):
         counts[str(label)] = counts.get(str(label), 0) + int(n)
-    written = sum(s['count'] for s in info['shards'])
-    if written != info['count'] or counts != info['label_counts']:
+    written = sum(s['count'] for s in records.shards(split))
+    if written != records.count(split) or counts != records.label_counts(split):
       raise VerifyError(f'split {split}: read {written} records {counts}, the manifest says '
-                        f'{info["count"]} {info["label_counts"]}')
-    total += written
-    log(f'{split}: {written} records in {len(info["shards"])} shards OK {counts}')
-  log(cross_split_line(by_digest.values(), manifest['image_shape']))
-  return total
+                        f'{records.count(split)} {records.label_counts(split)}')
+    log(f'{split}: {written} records in {len(records.shards(split))} shards OK {counts}')
+  log(cross_split_line(by_digest.values(), records.image_shape))
+  return sum(records.count(s) for s in records.splits)
+
+
+def _check_shard(path, shard, split, image_bytes, seen, by_digest):
+  """Checks one shard against its manifest entry; returns its labels.
+
+  Adds each record's id to `seen` ({id: shard file}) and its image digest
+  to `by_digest`.
+  """
+  if records_lib.sha256_file(path) != shard['sha256']:
+    raise VerifyError(f'{path}: sha256 differs from the manifest')
+  ids, labels, digests = _read_shard(path, image_bytes)
+  if len(ids) != shard['count']:
+    raise VerifyError(f'{path}: {len(ids)} records, the manifest says {shard["count"]}')
+  # Kaggle's test labels are unknown (-1); PCam's HDF5 test split has them.
+  allowed = (schema.TEST_LABEL, 0, 1) if split == 'test' else (0, 1)
+  if not np.isin(labels, allowed).all():
+    raise VerifyError(f'{path}: label {labels[~np.isin(labels, allowed)][0]} in split '
+                      f'{split} (allowed: {allowed})')
+  for example_id, digest in zip(ids, digests):
+    by_digest[digest].append((split, example_id))
+    if example_id in seen:
+      raise VerifyError(f'{path}: id {example_id} also in {seen[example_id]}')
+    seen[example_id] = shard['file']
+  return labels
 
 
 def cross_split_line(groups, image_shape):
@@ -107,7 +115,7 @@ def cross_split_line(groups, image_shape):
                    if len({s for s, _ in g}) > 1), key=lambda g: g[0][1])
   if not across:
     return f'cross-split duplicates: none (no identical stored {what} in two splits)'
-  pairs = collections.Counter('/'.join(sorted({s for s, _ in g}, key=duplicates.split_rank))
+  pairs = collections.Counter('/'.join(sorted({s for s, _ in g}, key=schema.split_rank))
                               for g in across)
   example = ', '.join(f'{i} ({s})' for s, i in across[0][:3])
   return (f'cross-split duplicates: {len(across)} groups of identical stored {what} in more '
@@ -119,20 +127,11 @@ class CorruptShardError(ValueError):
   """A shard could not be read while training or predicting."""
 
 
-def first_corrupt_shard(records_dir):
-  """The path of the first shard whose bytes differ from the manifest, or None."""
-  manifest = schema.load_manifest(records_dir)
-  for info in manifest['splits'].values():
-    for shard in info['shards']:
-      path = os.path.join(records_dir, shard['file'])
-      if records.sha256_file(path) != shard['sha256']:
-        return path
-  return None
-
-
 @contextlib.contextmanager
-def reading(records_dir):
-  """Turns a failed read of `records_dir`'s shards into one CorruptShardError line.
+def reading(records):
+  """Turns a failed read of `records`' shards into one CorruptShardError line.
+
+  `records` is a records.Records.
 
   Wraps only code that reads records (not checkpoints, whose errors are
   TensorFlow's too): a corrupt record (DataLossError), a shard shorter than
@@ -144,22 +143,19 @@ def reading(records_dir):
     yield
   except (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
           schema.ShardCountError) as e:
-    raise CorruptShardError(describe_data_loss(records_dir, e)) from None
+    raise CorruptShardError(describe_data_loss(records, e)) from None
 
 
-def describe_data_loss(records_dir, error):
-  """One line for a shard of `records_dir` that could not be read whole.
+def describe_data_loss(records, error):
+  """One line for a shard of `records` (a records.Records) that could not be read whole.
 
   TensorFlow says only "corrupted record at 47670"; the checksums in the
   manifest say which shard.
   """
   detail = (getattr(error, 'message', None) or str(error)).splitlines()[0]
   detail = detail.split(' [[')[0].strip()  # Drop TensorFlow's node names.
-  try:
-    bad = first_corrupt_shard(records_dir)
-  except (schema.ManifestError, OSError):
-    bad = None
-  check = f'check the folder with tools/verify_records.py {records_dir}'
+  bad = records.first_corrupt_shard()
+  check = f'check the folder with tools/verify_records.py {records.path}'
   if bad:
     return f'{bad}: corrupt or truncated shard ({detail}); {check}'
-  return f'{records_dir}: a shard could not be read ({detail}); {check}'
+  return f'{records.path}: a shard could not be read ({detail}); {check}'

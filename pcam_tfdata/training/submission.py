@@ -1,16 +1,48 @@
 """Test-split predictions (optionally with test-time augmentation) and the Kaggle CSV."""
 
 import os
+import zipfile
 
+import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pcam_tfdata import augment
-from pcam_tfdata import kaggle
-from pcam_tfdata import pipeline
-from pcam_tfdata import progress
-from pcam_tfdata import verify
+from pcam_tfdata.convert import kaggle
+from pcam_tfdata import records as records_lib
+from pcam_tfdata import rundir
+from pcam_tfdata.training import augment
+from pcam_tfdata.training import pipeline
+from pcam_tfdata.training import progress
+from pcam_tfdata.training import verify
+
+
+def load_models(model_dirs, image_shape, records_path):
+  """Each run's model.keras, checked against the records' image shape.
+
+  Keras' safe mode (its default, kept explicit): a model file cannot run
+  code on load.
+
+  Raises:
+    ValueError: naming the file: missing, unreadable, or trained on
+      images of another shape than `records_path` holds.
+  """
+  models = []
+  for model_dir in model_dirs:
+    path = os.path.join(model_dir, rundir.MODEL_FILE)
+    if not os.path.isfile(path):
+      raise ValueError(f'{path}: no such model (train first)')
+    try:
+      model = keras.models.load_model(path, safe_mode=True)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+      detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise ValueError(f'{path}: unreadable model ({detail})') from None
+    shape = tuple(model.input_shape[1:])
+    if shape != tuple(image_shape):
+      raise ValueError(f'{path}: trained on images of {list(shape)}, but {records_path} '
+                       f'holds {list(image_shape)}')
+    models.append(model)
+  return models
 
 
 def predict_test(model, records_dir, batch_size=128, tta=False, show_progress=False):
@@ -19,7 +51,7 @@ def predict_test(model, records_dir, batch_size=128, tta=False, show_progress=Fa
   Args:
     model: a Keras model of uint8 images to probabilities [B, 1], or a list
       of them (a fold ensemble: their probabilities are averaged).
-    records_dir: records with a test split.
+    records_dir: records with a test split (a records.Records or a path).
     batch_size: images per forward pass (times 8 with `tta`).
     tta: average each model over the 8 dihedral transforms of each image.
     show_progress: show a progress bar (or log lines) over the batches.
@@ -38,7 +70,8 @@ def predict_split(models, records_dir, split='test', batch_size=128, tta=False,
   Args: as `predict_test`, and `split` to read.
   """
   models = list(models) if isinstance(models, (list, tuple)) else [models]
-  ds = pipeline.make_dataset(records_dir, split, batch_size=batch_size, training=False,
+  records = records_lib.Records.of(records_dir)
+  ds = pipeline.make_dataset(records, split, batch_size=batch_size, training=False,
                              with_ids=True)
   transforms = range(8) if tta else range(1)
   what = ' with TTA x8' if tta else ''
@@ -55,7 +88,7 @@ def predict_split(models, records_dir, split='test', batch_size=128, tta=False,
     return tf.reshape(tf.reduce_mean(tf.stack(outs), 0), [-1])
 
   ids, probs, labels = [], [], []
-  with verify.reading(records_dir), bar:  # TF's messages name no file: find it.
+  with verify.reading(records), bar:  # TF's messages name no file: find it.
     for step, (images, batch_labels, batch_ids) in enumerate(ds, 1):
       probs.append(forward(images).numpy())
       labels.append(batch_labels.numpy())

@@ -22,7 +22,7 @@ import pandas as pd
 import tqdm
 from PIL import Image
 
-from pcam_tfdata import kaggle
+from pcam_tfdata.convert import kaggle
 
 # Class ratio of the Kaggle training set: 89,117 of 220,025 are positive.
 POSITIVE_FRACTION = 89117 / 220025

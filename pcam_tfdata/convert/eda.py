@@ -7,7 +7,7 @@ matplotlib.use('Agg')  # Files only; no display on training hosts.
 import matplotlib.patches  # pylint: disable=g-import-not-at-top
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from pcam_tfdata import tiff
+from pcam_tfdata.convert import tiff
 
 CLASS_BALANCE_PNG = 'eda_class_balance.png'
 SAMPLES_PNG = 'eda_samples.png'

@@ -3,21 +3,19 @@
 Keras 3's `Model.fit` does not run under MultiWorkerMirroredStrategy
 (keras-team/keras#20585), so training is a short custom loop: `strategy.run`
 over Keras layers and optimizer (whose TF backend all-reduces gradients), a
-few steps per compiled call. EarlyStopping, ReduceLROnPlateau, ModelCheckpoint
-and BackupAndRestore become the small state machine below, with Keras'
-semantics (mode max on val AUC, `wait` counters, best weights restored).
+few steps per compiled call. EarlyStopping, ReduceLROnPlateau and
+ModelCheckpoint become the small state machine below, with Keras' semantics
+(mode max on val AUC, `wait` counters, best weights restored);
+BackupAndRestore is `backup.Backup`.
 """
 
 import dataclasses
-import json
 import math
-import os
 
 import keras
 import tensorflow as tf
 
-from pcam_tfdata import augment
-from pcam_tfdata import rundir
+from pcam_tfdata.training import augment
 
 MONITOR = 'val_auc'  # Maximized, as the seed's EarlyStopping and checkpoint.
 
@@ -122,54 +120,3 @@ def _agree_on_finite(grads):
   bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad)
   poison = tf.where(bad > 0, tf.constant(float('nan')), tf.constant(0.0))
   return [grads[0] + tf.cast(poison, grads[0].dtype), *grads[1:]]
-
-
-class Backup:
-  """BackupAndRestore: model, optimizer, random and loop state after every epoch.
-
-  Every worker saves (MultiWorkerMirroredStrategy needs all of them in the
-  save); only the chief's copy is kept in `model_dir/backup`, the others go
-  to scratch folders. A restarted run restores the chief's copy.
-  """
-
-  def __init__(self, model_dir, model, optimizer, is_chief, task_id=0):
-    self._chief_dir = os.path.join(model_dir, rundir.BACKUP_DIR)
-    self._dir = self._chief_dir if is_chief else os.path.join(
-        model_dir, f'.worker{task_id}_backup')
-    self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    self._state = tf.Variable('', dtype=tf.string, trainable=False)
-    # Keras keeps the dropout layers' random state (SeedGenerator) out of the
-    # model's checkpointed weights; without it a resumed run would draw
-    # epoch 1's dropout masks again.
-    weights = {id(w) for w in model.weights}
-    random_state = [v.value for v in model.variables if id(v) not in weights]
-    self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, rng=random_state,
-                                           epoch=self._epoch, state=self._state)
-    self._manager = tf.train.CheckpointManager(self._checkpoint, self._dir, max_to_keep=1)
-
-  def restore(self):
-    """Returns (last finished epoch, loop state dict) or (0, None) to start anew."""
-    latest = tf.train.latest_checkpoint(self._chief_dir)
-    if latest is None:
-      return 0, None
-    try:
-      self._checkpoint.restore(latest).assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-      detail = (getattr(e, 'message', None) or str(e)).splitlines()[0].split(' [[')[0]
-      raise ValueError(f'{latest}: the backup of an interrupted run cannot be restored '
-                       f'({detail}); delete {self._chief_dir} to start the run over') from None
-    return int(self._epoch.numpy()), json.loads(self._state.numpy().decode())
-
-  def save(self, epoch, state):
-    self._epoch.assign(epoch)
-    self._state.assign(json.dumps(state))
-    self._manager.save(checkpoint_number=epoch)
-
-  def remove_scratch(self):
-    if self._dir != self._chief_dir and tf.io.gfile.exists(self._dir):
-      tf.io.gfile.rmtree(self._dir)
-
-  def remove(self):
-    """Deletes the backup once the run has finished, as Keras' BackupAndRestore."""
-    if tf.io.gfile.exists(self._dir):
-      tf.io.gfile.rmtree(self._dir)

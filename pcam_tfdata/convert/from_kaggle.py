@@ -1,0 +1,200 @@
+"""Turns a Kaggle-layout folder into balanced, split, center-cropped TFRecord shards.
+
+The run is atomic and resumable: shards go into a hidden sibling folder named
+after a fingerprint of the plan (settings, every id and label, and the size
+and modification time of every patch file); each shard
+is committed on its own, a rerun after a kill redoes only unfinished shards,
+and the folder is renamed into place after `manifest.json` is written. Same
+inputs and seed give byte-identical shards, whatever the number of workers.
+"""
+
+import os
+import time
+
+import numpy as np
+
+from pcam_tfdata.convert import duplicates
+from pcam_tfdata.convert import outdir
+from pcam_tfdata.convert import plan as plan_lib
+from pcam_tfdata.convert import pool
+from pcam_tfdata.convert import shards
+from pcam_tfdata.convert import tiff
+from pcam_tfdata import schema
+
+_KEY_CHUNK = 1024  # Files per task of the duplicate scan.
+
+
+def find_source_duplicates(source, *, workers=1, skip_bad=False, show_progress=True):
+  """Every labelled and test patch file keyed, and what --drop_duplicates leaves out.
+
+  One patch of each pixel-identical group is kept: a test patch when the
+  group holds any (the submission needs every test id; then all labelled
+  copies go), else the labelled one of smallest id. Labels play no part, so
+  every fold's conversion drops the same ids.
+
+  Returns:
+    (dropped_ids, info): array of labelled ids to leave out, and the
+    manifest's record of them (`count`, `groups`, `label_conflicts`, and
+    every dropped id with the id it duplicates).
+
+  Raises:
+    tiff.BadImageError: an unreadable patch, unless `skip_bad`.
+  """
+  ids = np.concatenate([np.sort(source.ids), source.test_ids]).astype(str)
+  paths = ([source.train_path(i) for i in ids[:len(source.ids)]] +
+           [source.test_path(i) for i in source.test_ids])
+  # Chunks of up to 1,024 files, at least 4 per worker (load balance).
+  chunk = max(1, min(_KEY_CHUNK, -(-len(paths) // (4 * workers))))
+  tasks = [{'start': s, 'paths': paths[s:s + chunk], 'patch_size': schema.PATCH_SIZE,
+            'skip_bad': skip_bad} for s in range(0, len(paths), chunk)]
+  keys = np.zeros(len(paths), np.int64)
+  for result in pool.run_tasks(shards.key_patches, tasks, workers, len(paths), 0, show_progress,
+                           desc='duplicate scan'):
+    keys[result['start']:result['start'] + len(result['keys'])] = result['keys']
+  groups = duplicates.find_groups(keys, lambda idx: _read_files(paths, idx))
+  is_test = np.arange(len(ids)) >= len(source.ids)
+  dropped, same_as = duplicates.drop_plan(groups, np.zeros(len(ids)), fixed=is_test)
+  by_id = dict(zip(source.ids.tolist(), source.labels.tolist()))
+  labels = np.asarray([by_id.get(i, schema.TEST_LABEL) for i in ids.tolist()])
+  summary = duplicates.summarize(groups, ids, np.where(is_test, 'test', 'labelled'), labels,
+                                 schema.TEST_LABEL)
+  info = duplicates.describe_dropped(ids, dropped, same_as, summary)
+  return ids[dropped], info
+
+
+def _read_files(paths, indices):
+  return ((i, tiff.read_patch(paths[i])) for i in indices)
+
+
+def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2, seed=0,
+            groups=None, num_shards=0, workers=1, skip_bad=False, overwrite=False,
+            replace_stale=False, flags=None, eda=True, show_progress=True, log=print,
+            num_folds=0, fold=0, drop_duplicates=False):
+  """Converts a checked source folder into records; see the module docstring.
+
+  Args:
+    source: a kaggle.KaggleSource (its `missing` ids are skipped and listed).
+    out_dir: the records folder to create.
+    crop_size, per_class, val_fraction, seed, groups, num_shards, skip_bad,
+      num_folds, fold: see `plan.make_plan`.
+    drop_duplicates: leave out all but one patch of each pixel-identical
+      group before balancing (see `find_source_duplicates`).
+    workers: processes that write shards.
+    overwrite: rebuild a finished output (only one with this tool's manifest).
+    replace_stale: rebuild a finished output only if it is of other inputs or
+      settings (the demo's default).
+    flags: dict recorded in the manifest as given.
+    eda: also write the EDA pictures.
+    show_progress: show a tqdm bar.
+    log: where one-line progress messages go.
+
+  Returns:
+    The manifest (dict).
+
+  Raises:
+    plan.ConvertError: bad settings; outdir.OutDirError: an output folder
+      it may not use; tiff.BadImageError: a bad patch without `skip_bad`.
+  """
+  start = time.time()
+  plan_lib.check_settings(crop_size, per_class, val_fraction, num_shards, workers)
+  outdir.check_paths(source.data_dir, out_dir)
+  dropped_ids, dropped = None, None
+  if drop_duplicates:
+    # What can fail without the scan fails before it (a full read of the data).
+    plan_lib.check_before_scan(source, per_class, num_folds, fold)
+    dropped_ids, dropped = find_source_duplicates(source, workers=workers, skip_bad=skip_bad,
+                                                  show_progress=show_progress)
+  plan = plan_lib.make_plan(source, crop_size=crop_size, per_class=per_class,
+                            val_fraction=val_fraction, seed=seed, groups=groups,
+                            num_shards=num_shards, skip_bad=skip_bad, num_folds=num_folds,
+                            fold=fold, dropped_ids=dropped_ids)
+  out_dir, work_dir, existing = outdir.prepare(out_dir, plan['fingerprint'], overwrite=overwrite,
+                                               replace_stale=replace_stale, log=log)
+  if existing is not None:
+    return existing
+  tasks = plan_lib.make_tasks(plan, work_dir)
+  done = {t['path']: shards.load_done(t['path']) for t in tasks}
+  todo = [t for t in tasks if done[t['path']] is None]
+  resumed = sum(len(t['examples']) for t in tasks if done[t['path']] is not None)
+  if resumed:
+    log(f'resuming {work_dir}: {len(tasks) - len(todo)} of {len(tasks)} shards already written')
+  total = sum(len(t['examples']) for t in tasks)
+  # Largest shards first keeps the workers busy until the end.
+  largest_first = sorted(todo, key=lambda t: -len(t['examples']))
+  for stats in pool.run_tasks(shards.write_shard, largest_first, workers, total, resumed,
+                          show_progress):
+    done[os.path.join(work_dir, stats['file'])] = stats
+
+  manifest = _make_manifest(plan, tasks, done, source, flags)
+  manifest['duplicates'] = _output_duplicates(tasks, done)
+  if dropped is not None:
+    manifest['duplicates']['dropped'] = dropped
+  if eda:
+    from pcam_tfdata.convert import eda as eda_lib  # pylint: disable=g-import-not-at-top
+    eda_lib.write_pictures(work_dir, manifest, eda_lib.samples_from_files(plan['splits']['train']))
+  manifest['seconds'] = round(time.time() - start, 3)
+  outdir.finish(work_dir, out_dir, manifest)
+  return manifest
+
+
+def _output_duplicates(tasks, done):
+  """The manifest's `duplicates`: pixel-identical groups among the examples written."""
+  ids, names, labels, paths, keys = [], [], [], [], []
+  for t in tasks:
+    for (i, label, path), key in zip(t['examples'], done[t['path']]['keys']):
+      if key != duplicates.NO_KEY:  # Skipped: not written.
+        ids.append(i)
+        names.append(t['split'])
+        labels.append(label)
+        paths.append(path)
+        keys.append(key)
+  groups = duplicates.find_groups(keys, lambda idx: _read_files(paths, idx))
+  # Ordered by id within each group, so the examples shown do not depend on shards.
+  order = np.argsort(ids, kind='stable')
+  rank = np.empty(len(ids), np.int64)
+  rank[order] = np.arange(len(ids))
+  groups = sorted((g[np.argsort(rank[g])] for g in groups), key=lambda g: rank[g[0]])
+  return duplicates.summarize(groups, np.asarray(ids), np.asarray(names), np.asarray(labels),
+                              schema.TEST_LABEL)
+
+
+def _make_manifest(plan, tasks, done, source, flags):
+  split_info, skipped = {}, []
+  skipped.extend({'id': i, 'split': None, 'reason': r} for i, r in source.missing)
+  for name in plan['splits']:
+    shards = [done[t['path']] for t in tasks if t['split'] == name]
+    label_counts = {}
+    for s in shards:
+      for label, n in s['label_counts'].items():
+        label_counts[label] = label_counts.get(label, 0) + n
+      skipped.extend({'id': x['id'], 'split': name, 'reason': x['reason']} for x in s['skipped'])
+    count = sum(s['count'] for s in shards)
+    if not count:  # As TFDS's writer: a split with no example is an error.
+      raise plan_lib.ConvertError(f'split {name}: no example could be written '
+                         f'({sum(len(s["skipped"]) for s in shards)} skipped)')
+    split_info[name] = {
+        'count': count,
+        'skipped': sum(len(s['skipped']) for s in shards),
+        'label_counts': dict(sorted(label_counts.items())),
+        'shards': [{k: s[k] for k in ('file', 'count', 'sha256')} for s in shards],
+    }
+  crop = plan['settings']['crop_size']
+  labels, counts = np.unique(source.labels, return_counts=True)
+  return {
+      **schema.manifest_header(crop),
+      'splits': split_info,
+      'source': {
+          'kind': 'kaggle',
+          'data_dir': source.data_dir,
+          'labelled_with_file': len(source.ids),
+          'label_counts': {str(l): int(c) for l, c in zip(labels, counts)},
+          'missing_files': len(source.missing),
+          'test_files': len(source.test_ids),
+          'unlabelled_files': {'count': len(source.unlabelled),
+                               'first': source.unlabelled[:20]},
+      },
+      'settings': plan['settings'],
+      'flags': flags or {},
+      'fingerprint': plan['fingerprint'],
+      'skipped': skipped,
+  }

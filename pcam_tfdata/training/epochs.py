@@ -1,0 +1,271 @@
+"""The epochs of a run: restore, train, validate, decide, back up; then the exact final evaluation.
+
+What Keras' `fit` does with EarlyStopping, ReduceLROnPlateau,
+ModelCheckpoint(save_best_only) and BackupAndRestore, as one small object
+over the compiled step of `loop.make_train_fn`, under any strategy. Every
+file a later step trusts is written whole or not at all (`rundir`).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import tensorflow as tf
+
+from pcam_tfdata import rundir
+from pcam_tfdata.training import backup as backup_lib
+from pcam_tfdata.training import distribute
+from pcam_tfdata.training import evaluate
+from pcam_tfdata.training import loop
+from pcam_tfdata.training import progress
+from pcam_tfdata.training import verify
+
+HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
+                  'val_auc', 'learning_rate', 'seconds', 'images_per_second')
+
+
+class EpochLoop:
+  """The epochs of one run and what they leave in `config.model_dir`.
+
+  Use in order: `restore()`, `start(datasets)`, `train(datasets)`, then (on
+  the chief) `final_evaluation(...)`.
+  """
+
+  def __init__(self, config, records, setup, model, optimizer, steps):
+    self.config, self.records, self.setup = config, records, setup
+    self.model, self.optimizer, self.steps = model, optimizer, steps
+    self.model_dir = config.model_dir
+    os.makedirs(self.model_dir, exist_ok=True)
+    self.train_steps = loop.make_train_fn(model, optimizer, setup.strategy, config.batch_size,
+                                          jit_compile=setup.jit_compile)
+    self.predict_fn = evaluate.make_predict_fn(model)
+    self.from_chief = distribute.make_from_chief(setup.strategy)
+    self.backup = backup_lib.Backup(self.model_dir, model, optimizer, setup.chief,
+                                    setup.task_id)
+    self.state = loop.CallbackState()
+    self.last_epoch = 0
+    self.learning_rate = config.learning_rate
+    self.best_weights = None  # The best epoch's weights, while this process has them.
+    self._iterator = None
+
+  def _path(self, name):
+    return os.path.join(self.model_dir, name)
+
+  def _reading(self):
+    # Every read of the records goes through this: TensorFlow's errors name
+    # no shard. (Only those: a damaged checkpoint is not the records' fault.)
+    return verify.reading(self.records)
+
+  def restore(self):
+    """BackupAndRestore: the last finished epoch's weights, optimizer and loop state, if any."""
+    self.last_epoch, saved = self.backup.restore()
+    if saved:
+      self.state = loop.CallbackState(**saved['callbacks'])
+      self.learning_rate = saved['learning_rate']
+    self.optimizer.learning_rate.assign(self.learning_rate)
+
+  def start(self, datasets):
+    """Builds the training input of the remaining epochs (reading the cache), then the files."""
+    if self.last_epoch < self.config.epochs and not self.state.stopped_early:
+      with self._reading():  # The cache is read here.
+        # One iterator for the whole run: the local pipeline yields the
+        # remaining epochs one after the other (and prefetches across their
+        # boundaries); the service stream is endless and shared.
+        self._iterator = iter(self._train_input(datasets['train']))
+    self._tidy_files()
+
+  def _train_input(self, train_fn):
+    first_epoch = self.last_epoch + 1
+    # Each pipeline serves its replicas' share of every step, and no more: a
+    # batch left over would open the next epoch, and a resumed run, which
+    # starts that epoch afresh, would not line up.
+    per_epoch = self.steps * (self.setup.replicas // self.setup.pipelines)
+    strategy = self.setup.strategy
+    if self.setup.replicas == self.setup.pipelines:
+      # One replica per input pipeline (the default strategy, or one device
+      # per worker): the worker's own dataset feeds `strategy.run` directly.
+      # A distributed iterator adds nothing here, and on a 2-core host it
+      # kept the main thread busy beside TF's compute threads: every step
+      # 1.8x slower under MultiWorkerMirroredStrategy (BUILD.md, "Several hosts").
+      return train_fn(distribute.input_context(strategy), first_epoch, per_epoch)
+    return strategy.distribute_datasets_from_function(
+        lambda context: train_fn(context, first_epoch, per_epoch))
+
+  def _tidy_files(self):
+    """Leaves the model directory as the restored state: no newer rows, models or metrics."""
+    if self.setup.chief:
+      # Written again at the end; until then the run is unfinished.
+      _remove(self._path(rundir.METRICS_JSON))
+      # model.keras in step with the restored state, whenever the kill came.
+      rundir.settle_best(self.model_dir, self.last_epoch, self.state.best_epoch)
+    if self.last_epoch:
+      print(f'resuming after epoch {self.last_epoch} from {self._path(rundir.BACKUP_DIR)}')
+      if self.setup.chief:  # Drops rows after the restored epoch (a kill in between).
+        rows = rundir.read_history(self._path(rundir.HISTORY_CSV))
+        rundir.write_history(self._path(rundir.HISTORY_CSV),
+                             [r for r in rows if int(r['epoch']) <= self.last_epoch],
+                             HISTORY_FIELDS)
+    elif self.setup.chief:  # A fresh run: no rows or best model of an older one.
+      _remove(self._path(rundir.HISTORY_CSV))
+      _remove(self._path(rundir.MODEL_FILE))
+
+  def train(self, datasets):
+    """Every remaining epoch; then the final weights' digest (and the chief's best weights)."""
+    writer = tf.summary.create_file_writer(self._path(
+        'tensorboard' if self.setup.chief else f'.worker{self.setup.task_id}_tensorboard'))
+    for epoch in range(self.last_epoch + 1, self.config.epochs + 1):
+      if self.state.stopped_early:  # Restored from a run that had stopped.
+        break
+      epoch_start = time.time()
+      loss_sum, correct = self._train_epoch(epoch)
+      row = self._end_epoch(epoch, loss_sum, correct, epoch_start, datasets['val'])
+      self._log(epoch, row, writer)
+      self.backup.save(epoch, {'callbacks': vars(self.state),
+                               'learning_rate': self.learning_rate})
+      if self.setup.chief:  # Only now: a restart restores this epoch, and so this best model.
+        rundir.commit_best(self.model_dir, epoch)
+      self.last_epoch = epoch
+    if self.state.stopped_early:
+      print(f'early stopping: val AUC best at epoch {self.state.best_epoch} '
+            f'({self.state.best:.4f})')
+    self.backup.remove_scratch()
+    # Synchronous training keeps replicas identical; this line lets a user
+    # (and the multi-worker test) check that across hosts.
+    print(f'final weights sha256 {weights_digest(self.model)} (input pipeline '
+          f'{distribute.worker_index(self.setup.strategy)})', flush=True)
+    if not self.setup.chief:
+      shutil.rmtree(self._path(f'.worker{self.setup.task_id}_tensorboard'), ignore_errors=True)
+
+  def _train_epoch(self, epoch):
+    """The epoch's steps, a few per compiled call: (summed loss, correct predictions)."""
+    config, chief = self.config, self.setup.chief
+    loss_sum = correct = 0.0
+    done = 0
+    profile = config.profile_steps and chief and epoch == self.last_epoch + 1
+    bar = progress.Progress(self.steps, f'epoch {epoch}/{config.epochs}',
+                            images_per_step=config.batch_size,
+                            enabled=config.progress and chief)
+    with bar:
+      while done < self.steps:
+        n = min(config.steps_per_execution, self.steps - done)
+        if profile and done <= config.profile_steps[0] < done + n:
+          tf.profiler.experimental.start(self._path('tensorboard'))
+        with self._reading():
+          batch_loss, batch_correct = self.train_steps(self._iterator, tf.constant(n))
+        if profile and done < config.profile_steps[1] <= done + n:
+          tf.profiler.experimental.stop()
+        loss_sum += float(batch_loss)
+        correct += float(batch_correct)
+        done += n
+        bar.update(done, loss=loss_sum / (done * config.batch_size),
+                   accuracy=correct / (done * config.batch_size))
+    return loss_sum, correct
+
+  def _end_epoch(self, epoch, loss_sum, correct, epoch_start, val_dataset):
+    """Validation and the callbacks' decisions; returns the epoch's history row."""
+    train_seconds = time.time() - epoch_start
+    with self._reading():
+      probs, labels, _ = evaluate.predict(self.predict_fn, val_dataset)
+    # Early stopping, LR reduction and the best epoch must be decided alike
+    # on every worker: all take the chief's figures.
+    val = self.from_chief(evaluate.binary_metrics(labels, probs))
+    improved, new_lr = self.state.update(
+        epoch, val['auc'], early_stopping_patience=self.config.early_stopping_patience,
+        reduce_lr_patience=self.config.reduce_lr_patience, lr=self.learning_rate)
+    seen = self.steps * self.config.batch_size
+    row = {'epoch': epoch, 'train_loss': loss_sum / seen, 'train_accuracy': correct / seen,
+           'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'val_auc': val['auc'],
+           'learning_rate': self.learning_rate,
+           'seconds': round(time.time() - epoch_start, 3),
+           'images_per_second': round(seen / train_seconds, 1)}
+    if improved:
+      self.best_weights = self.model.get_weights()
+      if self.setup.chief:  # ModelCheckpoint(save_best_only=True), committed with the backup.
+        self.model.save(rundir.pending_best(self.model_dir, epoch))
+    if new_lr != self.learning_rate:
+      print(f'epoch {epoch}: val AUC did not improve for {self.config.reduce_lr_patience} '
+            f'epochs; learning rate {self.learning_rate:g} -> {new_lr:g}')
+      self.learning_rate = new_lr
+      self.optimizer.learning_rate.assign(new_lr)
+    return row
+
+  def _log(self, epoch, row, writer):
+    """The epoch's row: history.csv (chief), TensorBoard, and one line on stdout."""
+    if self.setup.chief:
+      path = self._path(rundir.HISTORY_CSV)
+      rundir.write_history(path, rundir.read_history(path) + [row], HISTORY_FIELDS)
+    with writer.as_default(step=epoch):
+      for key, value in row.items():
+        if key != 'epoch':
+          tf.summary.scalar(key, value)
+    writer.flush()
+    print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                   for k, v in row.items()), flush=True)
+
+  def final_evaluation(self, datasets, seconds):
+    """The best epoch's weights, evaluated exactly on both splits; plots and metrics.json.
+
+    Returns:
+      The metrics dict written to metrics.json.
+    """
+    # EarlyStopping(restore_best_weights=True): the best epoch's weights, kept
+    # in memory, or (after a resume) from the best checkpoint on disk.
+    if self.best_weights is not None:
+      self.model.set_weights(self.best_weights)
+    elif os.path.exists(self._path(rundir.MODEL_FILE)):
+      self.model.load_weights(self._path(rundir.MODEL_FILE))
+    results = {}
+    with self._reading():
+      for split, dataset in (('train', datasets['train_eval']), ('val', datasets['val'])):
+        bar = progress.Progress(int(dataset.cardinality()), f'evaluating {split}',
+                                images_per_step=self.config.eval_batch_size,
+                                enabled=self.config.progress)
+        with bar:
+          probs, labels, _ = evaluate.predict(self.predict_fn, dataset, bar)
+        results.update({f'{split}_{k}': v
+                        for k, v in evaluate.binary_metrics(labels, probs).items()})
+    title = f'{self.config.model}, val split'
+    evaluate.plot_confusion_matrix(labels, probs, self._path('confusion_matrix.png'), title)
+    evaluate.plot_roc_curve(labels, probs, self._path('roc_curve.png'), title)
+    evaluate.plot_training_curves(self._path(rundir.HISTORY_CSV),
+                                  self._path('training_curves.png'), self.config.model)
+    results.update(self._summary(seconds))
+    rundir.write_atomic(self._path(rundir.METRICS_JSON), json.dumps(results, indent=1) + '\n')
+    return results
+
+  def _summary(self, seconds):
+    """What metrics.json says about the run beside the figures."""
+    config, setup = self.config, self.setup
+    return {
+        'model': config.model,
+        'params': int(self.model.count_params()),
+        'best_epoch': self.state.best_epoch,
+        'epochs_run': self.last_epoch,
+        'stopped_early': self.state.stopped_early,
+        'strategy': distribute.strategy_name(setup.strategy),
+        'num_replicas_in_sync': setup.replicas,
+        'precision_policy': setup.policy,
+        'global_batch_size': config.batch_size,
+        'sync_batch_norm': any(getattr(l, 'synchronized', False) for l in self.model.layers),
+        'augment': bool(config.augment),
+        'stain_jitter': config.stain_jitter,
+        'stain_jitter_on': ('device' if setup.stain_on_device else 'host'
+                            if config.stain_jitter else 'off'),
+        'records_dir': os.path.abspath(self.records.path),
+        'seconds': round(seconds, 1),
+    }
+
+
+def weights_digest(model):
+  """The first 16 hex digits of the SHA-256 of every weight's bytes, in order."""
+  digest = hashlib.sha256()
+  for weights in model.get_weights():
+    digest.update(weights.tobytes())
+  return digest.hexdigest()[:16]
+
+
+def _remove(path):
+  if os.path.exists(path):
+    os.remove(path)

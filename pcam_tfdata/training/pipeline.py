@@ -1,0 +1,287 @@
+"""The tf.data input pipeline over the records written by tools/make_records.py.
+
+Training, in the order of the TF performance guide: list the split's shards ->
+shard them per input pipeline -> read and parse 1024 records at a time into
+one tensor per field holding the whole (per-pipeline) split, once (the cache,
+`split_cache`; with augmentation and within a memory budget, the 8 dihedral
+variants of every image) -> per epoch, from the seed and the epoch number, a
+permutation cut into batches and every random draw of the epoch, made while
+the epoch before is consumed -> each batch gathered from the cache (with the
+variants, its transforms folded into the gather's index; without, applied as
+static flips and transposes to the groups that drew each one) -> optional HED
+stain jitter per image (or its draws passed on, for the training step) ->
+prefetch.
+
+Why the cache holds one tensor: a per-example cache -> shuffle -> batch chain
+pays tf.data's per-element cost on every image and tops out at 140-170k
+images/s on 2 cores; gathering whole batches from a tensor by index costs one
+op per batch, and the permutation shuffles the whole epoch, not a buffer.
+Images stay uint8 (the model scales them), a quarter of float32's bytes through
+the pipeline and the host-to-device copy.
+"""
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from pcam_tfdata import records as records_lib
+from pcam_tfdata import schema
+from pcam_tfdata.training import augment as augment_lib
+from pcam_tfdata.training import split_cache
+
+
+def parse_batch(serialized, image_shape, with_ids=False):
+  """Parses a batch of serialized Examples at once.
+
+  Args:
+    serialized: string tensor [N].
+    image_shape: (H, W, 3) of every image, from the manifest.
+    with_ids: also return the ids.
+
+  Returns:
+    (images uint8 [N, H, W, 3], labels float32 [N]) and ids string [N] if
+    `with_ids`.
+  """
+  features = tf.io.parse_example(serialized, schema.feature_spec())
+  images = tf.io.decode_raw(features[schema.IMAGE_KEY], tf.uint8)
+  images = tf.reshape(images, [-1, *image_shape])
+  labels = tf.cast(features[schema.LABEL_KEY], tf.float32)
+  if with_ids:
+    return images, labels, features[schema.ID_KEY]
+  return images, labels
+
+
+def _options(deterministic, holds_split=False):
+  # Measured on 2 cores (tools/bench_input.py, 80k examples, augmented):
+  # max_intra_op_parallelism=1, a private pool of 2 threads and a 2 GiB
+  # autotune RAM budget each stayed within run-to-run noise of the defaults,
+  # so none is set. Order only matters for evaluation and seeded runs.
+  options = tf.data.Options()
+  if holds_split:
+    # tf.data applies its graph rewrites by serializing the dataset, and with
+    # it the whole split held as an input tensor: a second copy of the split
+    # for a moment (measured: 500 MB more peak for 500 MB of images). This
+    # pipeline sets its parallelism and prefetch itself, so it needs no
+    # default rewrite, and its one parallel map says its determinism itself
+    # (`deterministic=False` in the options is a rewrite too).
+    options.experimental_optimization.apply_default_optimizations = False
+    options.experimental_optimization.inject_prefetch = False
+  else:
+    options.deterministic = deterministic
+  return options
+
+
+def make_dataset(records, split, *, batch_size, training, augment=None, seed=None,
+                 input_context=None, with_ids=False, cache=True, first_epoch=1, num_epochs=1,
+                 batches_per_epoch=None):
+  """Builds the input pipeline of one split.
+
+  Args:
+    records: a records.Records, or the path of a records folder.
+    split: 'train', 'val' or 'test'.
+    batch_size: per input pipeline (per replica batch x replicas per worker).
+    training: shuffle each epoch, drop the last partial batch, augment. Else
+      every example exactly once, in manifest order, last batch kept.
+    augment: training: an augment.Augment (dihedral, stain jitter, where the
+      jitter runs, the variant cache's budget); True or 'dihedral' for the
+      dihedral transform alone; None or False for none.
+    seed: training: epoch e's order and augmentation derive from (seed, e,
+      input pipeline) alone, so a run resumed at epoch e sees what the
+      uninterrupted run saw. None: a fresh base seed each iteration.
+    input_context: tf.distribute.InputContext; each pipeline reads its own
+      subset of the shard files.
+    with_ids: yield (images, labels, ids) instead of (images, labels).
+    cache: training: read the split into memory once, here, at about 1x its
+      bytes (else re-read it every epoch, in the same order); evaluation:
+      keep parsed batches after the first pass.
+    first_epoch: training: the number of the first epoch yielded (1-based).
+    num_epochs: training: epochs yielded per iteration, one after the other
+      (None: endless).
+    batches_per_epoch: training: batches of each epoch (default: every whole
+      batch of the split). A trainer whose steps consume fewer (several
+      replicas per pipeline, or pipelines of unequal size) passes what it
+      takes, so that epoch e+1 starts with its own first batch, not with
+      epoch e's leftovers, and a resumed run lines up with an uninterrupted one.
+
+  Returns:
+    A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches (plus
+    string ids [B], plus the stain draws float32 [B, 2, 3] with
+    `augment.stain_on_device`). Training: `num_epochs` epochs of
+    `batches_per_epoch` batches.
+
+  Raises:
+    schema.ManifestError: no manifest, or no such split.
+    ValueError: bad arguments, or fewer shards than input pipelines.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size}: must be >= 1')
+  augment = augment_lib.Augment.of(augment)
+  if first_epoch < 1 or (num_epochs is not None and num_epochs < 1):
+    raise ValueError(f'first_epoch={first_epoch}, num_epochs={num_epochs}: must be >= 1')
+  records = records_lib.Records.of(records)
+  pipelines, pipeline_id = ((input_context.num_input_pipelines, input_context.input_pipeline_id)
+                            if input_context is not None else (1, 0))
+  shards = records.shards(split, pipelines, pipeline_id)
+  paths = records.shard_paths(split, pipelines, pipeline_id)
+  counts = [s['count'] for s in shards]
+  parse = lambda x: parse_batch(x, records.image_shape, with_ids)
+  if not training:
+    return _eval_dataset(paths, counts, batch_size, parse, cache)
+  count = sum(counts)
+  if count < batch_size:
+    raise ValueError(f'{records.path}: split {split!r} holds {count} examples for this input '
+                     f'pipeline, fewer than one batch of {batch_size}')
+  whole_batches = count // batch_size  # drop_remainder: static shapes.
+  steps = whole_batches if batches_per_epoch is None else batches_per_epoch
+  if not 1 <= steps <= whole_batches:
+    raise ValueError(f'batches_per_epoch={batches_per_epoch}: this input pipeline has '
+                     f'{whole_batches} whole batches of {batch_size} per epoch')
+  variants = augment.dihedral and cache and _variants_fit(records, count, augment.variant_budget)
+  if cache:
+    # The whole split as one element: one tensor per field, [count, ...],
+    # read once, here. An epoch is then a gather by index (with `variants`,
+    # of (transform, index): the augmentation costs no op of its own).
+    whole = tf.data.Dataset.from_tensors(split_cache.load_split(paths, count, parse, variants))
+  else:
+    # Re-read each epoch, shard after shard in manifest order, as the cache
+    # reads them: position i is the same example either way, so the
+    # permutation gives the cached path's batches. (The epoch is shuffled
+    # whole anyway; an interleave would only reorder it.)
+    chunks = tf.data.TFRecordDataset(paths, buffer_size=split_cache.READ_BUFFER).batch(
+        split_cache.PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                     deterministic=True)
+    # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
+    whole = chunks.unbatch().batch(count)
+  epochs = _EpochPlan(count, batch_size, steps, augment, variants, pipeline_id)
+  ds = _train_dataset(whole, epochs, seed, first_epoch, num_epochs)
+  return ds.with_options(_options(seed is not None, holds_split=cache))
+
+
+def _variants_fit(records, count, budget):
+  """Whether the 8 dihedral variants of `count` images fit `budget` bytes (said once if not)."""
+  need = augment_lib.NUM_DIHEDRAL * count * int(np.prod(records.image_shape))
+  if need <= budget:
+    return True
+  if budget:  # (0: the caller asked for no variants.)
+    logging.warning('%s: the 8 dihedral variants of this pipeline\'s %d train examples '
+                    'need %.2f GiB, over the %.2f GiB budget; transforming each batch '
+                    'after its gather instead (the same batches, more host time)',
+                    records.path, count, need / 2**30, budget / 2**30)
+  return False
+
+
+def _eval_dataset(paths, counts, batch_size, parse, cache):
+  # Files in manifest order, read one after the other: a fixed order, and
+  # evaluation reads each split once per epoch, so parallel reads buy little.
+  # Each shard must hold the records its manifest entry lists: a truncated
+  # one fails the read (FailedPreconditionError) rather than leaving
+  # examples out of the metrics or the submission.
+  ds = None
+  for path, n in zip(paths, counts):
+    shard = tf.data.TFRecordDataset(path, buffer_size=split_cache.READ_BUFFER).apply(
+        tf.data.experimental.assert_cardinality(n))
+    ds = shard if ds is None else ds.concatenate(shard)
+  count = sum(counts)
+  ds = ds.batch(batch_size)  # The last partial batch is kept: every example counts.
+  ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if cache:
+    ds = ds.cache()
+  ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic=True))
+
+
+def epoch_keys(base, epoch, pipeline_id):
+  """Stateless seeds (order, augmentation), [2] int64 each, of one epoch of one pipeline.
+
+  A pure function of its arguments: nothing carries over from the epochs
+  before, so a restarted process computes epoch e's keys as the first did.
+  """
+  key = tf.random.experimental.stateless_fold_in(
+      tf.stack([tf.cast(base, tf.int64), tf.cast(epoch, tf.int64)]), pipeline_id)
+  order_key, augment_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  return order_key, augment_key
+
+
+def _gather_augmented(images, batch_index, transforms):
+  """images[batch_index], image j with dihedral transform transforms[j].
+
+  The images are gathered already grouped by transform, so the grouping
+  costs no copy of its own. (tools/bench_input.py swaps this function to
+  compare augmentation methods inside the same pipeline.)
+  """
+  order, bounds = augment_lib.group_dihedral(transforms)
+  grouped = tf.gather(images, tf.gather(batch_index, order))
+  return augment_lib.apply_dihedral(grouped, order, bounds)
+
+
+class _EpochPlan:
+  """Every random draw of an epoch, made at once, and how a batch applies them."""
+
+  def __init__(self, count, batch_size, steps, augment, variants, pipeline_id):
+    self.count, self.batch_size, self.steps = count, batch_size, steps
+    self.augment, self.variants, self.pipeline_id = augment, variants, pipeline_id
+
+  def draws(self, base, number):
+    """Epoch `number`'s batches: indices and every random draw, [steps, batch, ...]."""
+    order_key, augment_key = epoch_keys(base, number, self.pipeline_id)
+    dihedral_key, stain_key = tf.unstack(tf.random.experimental.stateless_split(augment_key, 2))
+    # A new permutation of the whole split each epoch, from that epoch's key.
+    order = tf.random.experimental.stateless_shuffle(tf.range(self.count), seed=order_key)
+    index = tf.reshape(order[:self.steps * self.batch_size], [self.steps, self.batch_size])
+    # The draws of the whole epoch at once, a step ahead: a batch then runs
+    # no random op (nor, with `variants`, any op but its gathers).
+    draws = {'index': index}
+    if self.augment.dihedral:
+      transforms = augment_lib.draw_dihedral_ids([self.steps, self.batch_size], dihedral_key)
+      # With variants, the transform is folded into the image's index.
+      draws['image'] = transforms * self.count + index if self.variants else transforms
+    if self.augment.stain_jitter:
+      draws['stain'] = tf.reshape(
+          augment_lib.draw_stain(self.steps * self.batch_size, self.augment.stain_jitter,
+                                 stain_key), [self.steps, self.batch_size, 2, 3])
+    return draws
+
+  def gather(self, draws, fields):
+    """One batch from the split's fields and its draws."""
+    images, *rest = fields
+    index = draws['index']
+    if self.variants:
+      images = tf.gather(images, draws['image'])
+    elif self.augment.dihedral:
+      images = _gather_augmented(images, index, draws['image'])
+    else:
+      images = tf.gather(images, index)
+    rest = [tf.gather(f, index) for f in rest]
+    if self.augment.stain_on_device:
+      rest.append(draws['stain'])
+    elif self.augment.stain_jitter:
+      images = augment_lib.apply_stain(images, draws['stain'])
+    return (images, *rest)
+
+
+def _train_dataset(whole, epochs, seed, first_epoch, num_epochs):
+  """`num_epochs` epochs from `first_epoch` on of the split `whole` yields, as one dataset."""
+  # One base seed per iteration (the given one, or a fresh draw), then the
+  # epoch numbers: (base, e) decides everything random in epoch e.
+  if seed is None:
+    bases = tf.data.Dataset.random(rerandomize_each_iteration=True).take(1)
+  else:
+    bases = tf.data.Dataset.from_tensors(tf.constant(seed, tf.int64))
+  numbers = (tf.data.Dataset.counter(first_epoch) if num_epochs is None
+             else tf.data.Dataset.range(first_epoch, first_epoch + num_epochs))
+  # Each epoch's permutation is made a step ahead (prefetched), while the
+  # epoch before it is still being consumed: no stall at the boundary.
+  plans = bases.flat_map(lambda base: numbers.map(lambda e: epochs.draws(base, e))).prefetch(1)
+
+  def epoch(draws, fields):
+    # `fields` repeats by reference, not by copy: each batch sees the split.
+    return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(draws),
+                               tf.data.Dataset.from_tensors(fields).repeat())
+
+  ds = tf.data.Dataset.zip(plans, whole.repeat()).flat_map(epoch)
+  # Outside the flat_map, so that batches are gathered on all cores at once.
+  ds = ds.map(epochs.gather, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=seed is not None)
+  ds = ds.apply(tf.data.experimental.assert_cardinality(
+      tf.data.INFINITE_CARDINALITY if num_epochs is None else epochs.steps * num_epochs))
+  return ds.prefetch(tf.data.AUTOTUNE)

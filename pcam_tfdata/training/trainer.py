@@ -1,0 +1,192 @@
+"""A training run in its phases: set up, data, model (and restore), the epochs, the final evaluation.
+
+`train_and_evaluate` reads as that list; each phase is a function or a small
+object with one job, and gets what it needs from the phases before it.
+"""
+
+import dataclasses
+import time
+
+import keras
+import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
+
+from pcam_tfdata import records as records_lib
+from pcam_tfdata.training import augment
+from pcam_tfdata.training import distribute
+from pcam_tfdata.training import epochs as epochs_lib
+from pcam_tfdata.training import models
+from pcam_tfdata.training import pipeline
+from pcam_tfdata.training import service
+
+
+@dataclasses.dataclass
+class Setup:
+  """What the set-up phase decided: precision, strategy, and this worker's place in it."""
+  strategy: tf.distribute.Strategy
+  policy: str  # The Keras precision policy.
+  replicas: int  # Replicas in sync, over all workers.
+  pipelines: int  # Input pipelines: one per worker.
+  chief: bool  # This worker writes the outputs.
+  task_id: int
+  sync_batch_norm: bool
+  jit_compile: bool
+  stain_on_device: bool  # The training step applies the stain jitter (else the pipeline).
+
+
+def train_and_evaluate(config, strategy=None, datasets=None):
+  """See train.run."""
+  start = time.time()
+  records = records_lib.Records.of(config.records_dir)  # The manifest, read once.
+  setup = set_up(config, strategy)
+  steps, datasets = make_data(config, records, setup, datasets)
+  model, optimizer = build_model(config, records, setup)
+  run = epochs_lib.EpochLoop(config, records, setup, model, optimizer, steps)
+  run.restore()
+  run.start(datasets)
+  run.train(datasets)
+  if not setup.chief:
+    return {}
+  # Only now: a run killed during the final evaluation resumes and redoes it.
+  metrics = run.final_evaluation(datasets, time.time() - start)
+  run.backup.remove()
+  return metrics
+
+
+def set_up(config, strategy=None):
+  """Precision, then the strategy, then the seed, then the checks that need them.
+
+  In this order, as the Flax and TF Models examples do:
+  MultiWorkerMirroredStrategy must come before any TF op, and the batch
+  check needs the strategy's replicas.
+
+  Raises:
+    ValueError: a setting the strategy or hardware cannot run, naming its flag.
+  """
+  policy = distribute.set_precision(config.mixed_precision)
+  if strategy is None:
+    distribute.split_cpu(config.num_cpu_devices)
+    strategy = distribute.make_strategy(config.strategy)
+  address = distribute.server_address(strategy)
+  if address:
+    print(f'TensorFlow gRPC server of this worker on {address}: it listens on every interface '
+          'and is unauthenticated; keep the cluster on a private network (README, Security)',
+          flush=True)
+  if config.seed is not None:
+    keras.utils.set_random_seed(config.seed)  # Same initial weights on every worker.
+    if tf.config.list_physical_devices('GPU'):
+      # Bit-exact reruns and resumes need deterministic GPU kernels (cuDNN,
+      # atomics). Not on CPU hosts: their kernels are deterministic already
+      # (the resume tests pass without it), and op determinism also makes
+      # tf.data run the pipeline's maps one at a time, which halved its
+      # throughput here (BUILD.md).
+      tf.config.experimental.enable_op_determinism()
+  replicas = strategy.num_replicas_in_sync
+  if config.batch_size % replicas:
+    raise ValueError(f'--batch_size={config.batch_size} is not divisible by the '
+                     f'{replicas} replicas in sync')
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  setup = Setup(strategy=strategy, policy=policy, replicas=replicas,
+                pipelines=distribute.num_workers(strategy),
+                chief=distribute.is_chief(strategy),
+                task_id=getattr(resolver, 'task_id', 0) or 0,
+                sync_batch_norm=distribute.resolve_sync_batch_norm(config.sync_batch_norm,
+                                                                   replicas),
+                jit_compile=distribute.resolve_jit_compile(config.jit_compile, strategy),
+                stain_on_device=stain_on_device(config))
+  _check_compilation(config, setup)
+  return setup
+
+
+def _check_compilation(config, setup):
+  if not setup.jit_compile:
+    return
+  if config.seed is not None and tf_config.is_op_determinism_enabled():
+    # Measured: XLA has no deterministic MaxPool gradient, so with op
+    # determinism on (what --seed needs on GPUs) the first step fails.
+    raise ValueError(f'--jit_compile={config.jit_compile} with --seed on GPUs: XLA has no '
+                     'deterministic form of these models\' max-pool gradient; drop one of the two')
+  if setup.sync_batch_norm and setup.replicas > 1 and config.model == 'batchnorm':
+    # Its cross-replica sums would sit inside the XLA function, which
+    # tf.distribute cannot synchronize (a merge_call inside a tf.function).
+    raise ValueError(f'--jit_compile={config.jit_compile} cannot compile synchronized '
+                     f'BatchNorm over {setup.replicas} replicas; use --jit_compile=off or '
+                     '--sync_batch_norm=off')
+
+
+def stain_on_device(config):
+  """Whether the training step applies the stain jitter (else the input pipeline).
+
+  On the accelerator when there is one: per-pixel float arithmetic that the
+  host's few cores would otherwise spend on every image. Not with the
+  tf.data service, whose workers build whole batches.
+  """
+  if not config.stain_jitter or config.data_service_address:
+    return False
+  if config.stain_jitter_on == 'auto':
+    return bool(tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('TPU'))
+  return config.stain_jitter_on == 'device'
+
+
+def make_data(config, records, setup, datasets=None):
+  """(training steps per epoch, the datasets): see train.run for `datasets`.
+
+  Raises:
+    ValueError: a global batch larger than an input pipeline's share of the
+      train split, or records without a val split.
+  """
+  batch = config.batch_size // setup.pipelines
+  steps = records.steps_per_epoch('train', batch, setup.pipelines)
+  if steps < 1:
+    raise ValueError(f'--batch_size={config.batch_size}: larger than the train split '
+                     f'({records.count("train")} examples)')
+  if 'val' not in records.splits:
+    raise ValueError(f'{records.path}: no val split to monitor')
+  datasets = datasets or _datasets(config, records, setup)
+  if setup.pipelines > 1:
+    context = distribute.input_context(setup.strategy)
+    print(f'input pipeline {context.input_pipeline_id} of {setup.pipelines}: {steps} steps of '
+          f'{batch} per epoch', flush=True)
+  return steps, datasets
+
+
+def _datasets(config, records, setup):
+  """The training dataset function and the two evaluation datasets."""
+  options = augment.Augment(
+      dihedral=config.augment, stain_jitter=config.stain_jitter,
+      stain_on_device=setup.stain_on_device,
+      variant_budget=int(config.augment_cache_gib * 2**30))
+
+  def train_fn(context, first_epoch, batches_per_epoch):
+    batch_size = context.get_per_replica_batch_size(config.batch_size)
+    if config.data_service_address:
+      # Endless, so that every trainer (sharing the job) can take its steps.
+      return service.make_service_dataset(
+          records, 'train', config.data_service_address, batch_size=batch_size,
+          augment=options, seed=config.seed, repeat=True)
+    # Every remaining epoch, each from (seed, epoch number): a resumed run
+    # sees the batches the uninterrupted one would have.
+    return pipeline.make_dataset(
+        records, 'train', batch_size=batch_size, training=True, augment=options,
+        seed=config.seed, input_context=context, first_epoch=first_epoch,
+        num_epochs=config.epochs - first_epoch + 1, batches_per_epoch=batches_per_epoch)
+
+  evaluation = lambda split, cache: pipeline.make_dataset(
+      records, split, batch_size=config.eval_batch_size, training=False, cache=cache,
+      with_ids=True)
+  # The train split is evaluated once, at the end: streamed, not a second
+  # copy beside the training cache.
+  return {'train': train_fn, 'val': evaluation('val', True),
+          'train_eval': evaluation('train', False)}
+
+
+def build_model(config, records, setup):
+  """The model and its optimizer, built in the strategy's scope."""
+  with setup.strategy.scope():
+    model = models.build_model(config.model, records.image_shape,
+                               sync_batch_norm=setup.sync_batch_norm)
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    if setup.policy == 'mixed_float16':
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+  return model, optimizer
