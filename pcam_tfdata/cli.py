@@ -13,8 +13,10 @@ to the terminal at once. Library modules never call it: they import
 TensorFlow as usual and leave the terminal to their caller.
 """
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -144,3 +146,30 @@ def fail(program, message, status=1):
   """Prints `program: error: message` as the one line on stderr and exits."""
   print(f'{program}: error: {message}', file=sys.stderr, flush=True)
   sys.exit(status)
+
+
+@contextlib.contextmanager
+def stops_on_interrupt(program, message):
+  """Ends the program with one line and status 130 on Ctrl-C (SIGINT), whatever it was doing.
+
+  A SIGINT that lands inside a TensorFlow op surfaces as that op's error, or
+  as a peer's (a multi-worker peer that stopped first closes its sockets):
+  once the user has interrupted, any such failure is the interruption.
+  """
+  interrupted = []
+
+  def on_sigint(signum, frame):
+    interrupted.append(True)
+    signal.default_int_handler(signum, frame)  # Raises KeyboardInterrupt.
+
+  previous = signal.signal(signal.SIGINT, on_sigint)
+  try:
+    yield
+  except KeyboardInterrupt:
+    fail(program, message, status=130)
+  except Exception:  # pylint: disable=broad-except
+    if interrupted:
+      fail(program, message, status=130)
+    raise
+  finally:
+    signal.signal(signal.SIGINT, previous)

@@ -198,15 +198,18 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
   elif not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  try:
-    config = _config_from_flags()
-    check_config(config)
-    # A wrong folder fails before TensorFlow starts; the run reads no manifest again.
-    config.records_dir = records_lib.Records.open(config.records_dir)
-    cli.import_tensorflow(_VERBOSE.value)
-    metrics = run(config)
-  except ValueError as e:  # schema.ManifestError is one.
-    cli.fail('train', e)
+  # Ctrl-C, or SIGINT from tools/launch_local_cluster.py: one line, status 130.
+  with cli.stops_on_interrupt('train', 'interrupted; rerun the same command to resume from '
+                              'the last finished epoch'):
+    try:
+      config = _config_from_flags()
+      check_config(config)
+      # A wrong folder fails before TensorFlow starts; the run reads no manifest again.
+      config.records_dir = records_lib.Records.open(config.records_dir)
+      cli.import_tensorflow(_VERBOSE.value)
+      metrics = run(config)
+    except ValueError as e:  # schema.ManifestError is one.
+      cli.fail('train', e)
   if metrics:
     print(json.dumps(metrics, indent=1))
 

@@ -1,7 +1,12 @@
 """Shared fixtures: tiny Kaggle-layout folders and their conversions."""
 
+import contextlib
+import fcntl
+import json
 import os
 import pathlib
+import shutil
+import struct
 import subprocess
 import sys
 
@@ -69,10 +74,32 @@ def records(kaggle_dir, tmp_path_factory):
 @pytest.fixture
 def kaggle_copy(kaggle_dir, tmp_path):
   """A private copy of `kaggle_dir` that a test may break."""
-  import shutil  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'pcam'
   shutil.copytree(kaggle_dir, path)
   return path
+
+
+@contextlib.contextmanager
+def once_per_run(tmp_path_factory, name):
+  """A folder shared by every test process of this run, and whether to fill it.
+
+  Yields (folder, first): `first` is True in the one process that must
+  build what the folder holds (the others wait for it, under a file lock,
+  and find it built). Without pytest-xdist, a folder of this process's own.
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # This run's folder, shared by its workers (popen-gw0, popen-gw1).
+  folder = base / name
+  with open(base / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, also on failure.
+    first = not (folder / '.done').exists()
+    if first:
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+    yield folder, first
+    if first:
+      (folder / '.done').touch()
 
 
 def run_convert(data_dir, out_dir, **kwargs):
@@ -155,3 +182,27 @@ def run_in_terminal(*args, timeout=300, cwd=ROOT, env=None):
     reader.join(timeout=10)
     os.close(master)
   return proc.returncode, b''.join(chunks).decode(errors='replace')
+
+
+def flip_a_byte(records, tmp_path, split):
+  """A copy of the records with one byte of the split's first shard flipped."""
+  copy = tmp_path / 'rec'
+  shutil.copytree(records, copy)
+  manifest = json.loads((copy / 'manifest.json').read_text())
+  shard = copy / manifest['splits'][split]['shards'][0]['file']
+  data = bytearray(shard.read_bytes())
+  data[100] ^= 1  # Inside the first record's image.
+  shard.write_bytes(bytes(data))
+  return copy, shard
+
+
+def cut_after_first_record(records, tmp_path, split):
+  """A copy of the records whose split's first shard of 2+ records ends after its first."""
+  copy = tmp_path / 'rec'
+  shutil.copytree(records, copy)
+  manifest = json.loads((copy / 'manifest.json').read_text())
+  shard = copy / next(s['file'] for s in manifest['splits'][split]['shards'] if s['count'] > 1)
+  data = shard.read_bytes()
+  length = struct.unpack('<Q', data[:8])[0]
+  shard.write_bytes(data[:8 + 4 + length + 4])  # A whole record: no read error of its own.
+  return copy, shard

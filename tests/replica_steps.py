@@ -78,23 +78,34 @@ def train(name, strategy, images, labels, *, policy='float32', sync=False, jit=F
     keras.mixed_precision.set_global_policy('float32')
 
 
-def _worker_main(out_path, case):
-  """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the test)."""
+def _worker_main(out_dir, cases):
+  """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the test), every case in turn.
+
+  One strategy for all cases, as one pair of processes serves every test:
+  each case writes {name}.{worker}.npz (weights) and .json (loss scales or
+  the chief's figures).
+  """
   strategy = tf.distribute.MultiWorkerMirroredStrategy()
   index = strategy.cluster_resolver.task_id
-  if case.get('from_chief'):  # Each worker offers its own figures; all must take worker 0's.
-    from pcam_tfdata.training import distribute  # pylint: disable=g-import-not-at-top
-    mine = {'auc': 0.1 + index / 3, 'loss': float('nan') if index else 1e-300}
-    with open(out_path, 'w') as f:
-      json.dump(distribute.make_from_chief(strategy)(mine), f)
-    return
-  images, labels = data(nan_in=case.get('nan_in'))
-  weights, scales = train(case['model'], strategy, images, labels, policy=case['policy'],
-                          sync=case['sync'], worker=(index, 2), steps=case['steps'])
-  np.savez(f'{out_path}.tmp.npz', *weights[0])
-  os.replace(f'{out_path}.tmp.npz', f'{out_path}')
-  with open(f'{out_path}.json', 'w') as f:
-    json.dump({'scales': scales}, f)
+  for name, case in cases.items():
+    out = os.path.join(out_dir, f'{name}.{index}')
+    if case.get('from_chief'):  # Each worker offers its own figures; all must take worker 0's.
+      from pcam_tfdata.training import distribute  # pylint: disable=g-import-not-at-top
+      mine = {'auc': 0.1 + index / 3, 'loss': float('nan') if index else 1e-300}
+      _write_json(f'{out}.json', distribute.make_from_chief(strategy)(mine))
+      continue
+    images, labels = data(nan_in=case.get('nan_in'))
+    weights, scales = train(case['model'], strategy, images, labels, policy=case['policy'],
+                            sync=case['sync'], worker=(index, 2), steps=case['steps'])
+    np.savez(f'{out}.tmp.npz', *weights[0])
+    os.replace(f'{out}.tmp.npz', f'{out}.npz')
+    _write_json(f'{out}.json', {'scales': scales})
+
+
+def _write_json(path, obj):
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump(obj, f)
+  os.replace(f'{path}.tmp', path)
 
 
 if __name__ == '__main__':

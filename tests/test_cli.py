@@ -1,6 +1,8 @@
 """What every entry point shares: quiet start-up on any CPU, one error line, progress."""
 
 import io
+import json
+import os
 import re
 import subprocess
 import sys
@@ -126,8 +128,16 @@ def test_quiet_by_default_and_verbose_shows_what_tensorflow_prints():
                          text=True, env=user_env(), timeout=300)
   assert level == '0'
   assert _records(verbose) == _records(plain.stderr.splitlines(keepends=True))
-  level, _ = _startup('quiet', TF_CPP_MIN_LOG_LEVEL='1')
-  assert level == '1'  # The user's own setting stands.
+
+
+def test_the_users_own_log_level_stands(monkeypatch):
+  """import_tensorflow sets the level it filters by, and the user's wins over the default."""
+  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '1')
+  cli.import_tensorflow()  # (Already imported here: only the level is set.)
+  assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == '1'
+  monkeypatch.delenv('TF_CPP_MIN_LOG_LEVEL')
+  cli.import_tensorflow()
+  assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == cli.DEFAULT_TF_LOG_LEVEL
 
 
 @pytest.mark.parametrize('args, path', [
@@ -211,9 +221,12 @@ def _epoch_steps(text, epochs):
 
 
 def test_training_in_a_terminal_shows_steps_of_each_epoch(records, tmp_path):
+  """Also MultiWorkerMirroredStrategy with no cluster described: one local worker."""
+  env = {k: v for k, v in user_env().items() if k not in ('TF_CONFIG', 'SLURM_JOB_ID')}
   status, text = run_in_terminal('-m', 'pcam_tfdata.train', f'--records_dir={records}',
                                  f'--model_dir={tmp_path / "run"}', '--epochs=2',
-                                 '--batch_size=8', '--mixed_precision=off', '--strategy=default')
+                                 '--batch_size=8', '--mixed_precision=off',
+                                 '--strategy=multi_worker', env=env)
   assert status == 0, text[-3000:]
   steps = 48 // 8  # The records fixture holds 48 train examples.
   for epoch, counts in _epoch_steps(text, 2).items():
@@ -221,10 +234,15 @@ def test_training_in_a_terminal_shows_steps_of_each_epoch(records, tmp_path):
     assert {total for _, total in counts} == {steps}
   assert 'loss=' in text and 'accuracy=' in text and 'images/s=' in text
   assert re.search(r'evaluating train: .*\|', text)  # The final exact evaluation too.
+  metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+  assert metrics['strategy'] == 'multi_worker' and metrics['num_replicas_in_sync'] == 1
 
-  status, text = run_in_terminal('-m', 'pcam_tfdata.train', f'--records_dir={records}',
-                                 f'--model_dir={tmp_path / "quiet"}', '--epochs=1',
-                                 '--batch_size=8', '--mixed_precision=off', '--strategy=default',
-                                 '--noprogress')
-  assert status == 0, text[-3000:]
-  assert _epoch_steps(text, 1) == {1: set()} and 'epoch=1 ' in text
+
+def test_noprogress_shows_no_steps_only_each_epochs_line(records, tmp_path, capfd):
+  from pcam_tfdata import train  # pylint: disable=g-import-not-at-top
+  train.run(train.Config(records_dir=str(records), model_dir=str(tmp_path / 'quiet'), epochs=1,
+                         batch_size=8, eval_batch_size=16, mixed_precision='off',
+                         strategy='default', progress=False))
+  out, err = capfd.readouterr()
+  assert _epoch_steps(out + err, 1) == {1: set()} and 'epoch=1 ' in out
+  assert 'evaluating' not in err and 'steps' not in err

@@ -1,5 +1,6 @@
 """The tf.data service path: an in-process dispatcher and two workers."""
 
+import gc
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ def service():
   workers = [tf.data.experimental.service.WorkerServer(
       tf.data.experimental.service.WorkerConfig(dispatcher_address=address)) for _ in range(2)]
   yield dispatcher.target
+  gc.collect()  # The trainers' iterators of the endless job: stopping waits for their tasks.
   for w in workers:
     w.stop()
   dispatcher.stop()

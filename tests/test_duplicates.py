@@ -14,6 +14,7 @@ from pcam_tfdata.convert import duplicates
 from pcam_tfdata.convert import kaggle
 from pcam_tfdata.convert import synthetic
 from pcam_tfdata.convert import tiff
+from pcam_tfdata.training import verify
 from pcam_tfdata import schema
 from conftest import error_lines, read_records, run_convert, run_tool
 
@@ -174,10 +175,10 @@ def test_verify_reports_cross_split_duplicates(kaggle_copy, tmp_path):
   first = min(across, key=lambda g: min(g['ids']))
   assert f'e.g. {min(first["ids"])} (' in line, line
   run_convert(kaggle_copy, tmp_path / 'clean', drop_duplicates=True)
-  proc = run_tool('tools/verify_records.py', str(tmp_path / 'clean'))
-  assert proc.returncode == 0, proc.stderr
-  assert 'cross-split duplicates: none (no identical stored 32x32 crops in two splits)' in (
-      proc.stdout.splitlines()), proc.stdout
+  lines = []
+  verify.verify(str(tmp_path / 'clean'), log=lines.append)
+  assert lines[-1] == 'cross-split duplicates: none (no identical stored 32x32 crops in two splits)'
+
 
 
 def test_make_records_prints_one_duplicates_line(kaggle_copy, tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT
+from conftest import ROOT, once_per_run
 import replica_steps as rs
 
 sys.path.insert(0, str(ROOT / 'tools'))
@@ -91,63 +91,85 @@ def test_jit_compiled_step_matches_the_plain_one():
   _assert_close(compiled[0], plain[0], rtol=1e-4, atol=1e-5)
 
 
-def _run_two_workers(tmp_path, case):
-  """Runs tests/replica_steps.py as 2 local MultiWorkerMirroredStrategy workers."""
+_HALF = rs.GLOBAL_BATCH // 2
+# Every case the two workers run, in one pair of processes for the whole module.
+_WORKER_CASES = {
+    'baseline': {'model': 'baseline', 'policy': 'float32', 'sync': True, 'steps': rs.STEPS},
+    'batchnorm': {'model': 'batchnorm', 'policy': 'float32', 'sync': True, 'steps': rs.STEPS},
+    'nan_on_0': {'model': 'baseline', 'policy': 'mixed_float16', 'sync': False, 'steps': 1,
+                 'nan_in': [0, _HALF]},
+    'nan_on_1': {'model': 'baseline', 'policy': 'mixed_float16', 'sync': False, 'steps': 1,
+                 'nan_in': [_HALF, 2 * _HALF]},
+    'from_chief': {'from_chief': True},
+}
+
+
+def _run_two_workers(out_dir):
   ports = launch_local_cluster.free_ports(2)
-  procs, outs = [], []
+  procs = []
   for index in range(2):
-    out = tmp_path / f'worker{index}.npz'
     # This process's environment (its oneDNN setting too): the same kernels
-    # as the one-device run they are compared with.
+    # as the one-device runs they are compared with.
     env = dict(os.environ, TF_CONFIG=launch_local_cluster.tf_config(ports, index))
-    log = open(tmp_path / f'worker{index}.log', 'w')  # Files: no pipe can fill and block.
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.join('tests', 'replica_steps.py'), str(out), json.dumps(case)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
-    outs.append(out)
+    with open(out_dir / f'worker{index}.log', 'w') as log:  # Files: no pipe can fill and block.
+      procs.append(subprocess.Popen(
+          [sys.executable, os.path.join('tests', 'replica_steps.py'), str(out_dir),
+           json.dumps(_WORKER_CASES)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
   try:
     for index, proc in enumerate(procs):
       # A hang (workers that disagree on a collective) fails here, not forever.
-      assert proc.wait(timeout=240) == 0, (tmp_path / f'worker{index}.log').read_text()[-3000:]
+      assert proc.wait(timeout=600) == 0, (out_dir / f'worker{index}.log').read_text()[-3000:]
   finally:
     for proc in procs:
       if proc.poll() is None:
         proc.kill()
         proc.wait()
-  return outs
 
 
-def _two_workers(tmp_path, case):
-  outs = _run_two_workers(tmp_path, case)
-  weights = [[w[k] for k in w.files] for w in map(np.load, outs)]
-  scales = [json.loads(open(f'{o}.json').read())['scales'] for o in outs]
-  return weights, scales
+@pytest.fixture(scope='session')
+def two_workers(tmp_path_factory):
+  """Runs tests/replica_steps.py as 2 local MultiWorkerMirroredStrategy workers, every case.
+
+  Once per test run, however the tests are spread over test processes.
+  Returns fn(case) -> [worker 0's result, worker 1's]: (weights, loss
+  scales), or the chief's figures for 'from_chief'.
+  """
+  with once_per_run(tmp_path_factory, 'two_workers') as (out_dir, first):
+    if first:
+      _run_two_workers(out_dir)
+
+  def results(case):
+    out = []
+    for index in range(2):
+      figures = json.loads((out_dir / f'{case}.{index}.json').read_text())
+      if case == 'from_chief':
+        out.append(figures)
+      else:
+        saved = np.load(out_dir / f'{case}.{index}.npz')
+        out.append(([saved[k] for k in saved.files], figures['scales']))
+    return out
+
+  return results
 
 
 @pytest.mark.parametrize('name', ['baseline', 'batchnorm'])
-def test_two_workers_compute_what_one_device_does(name, tmp_path):
+def test_two_workers_compute_what_one_device_does(name, two_workers):
   images, labels = rs.data()
   one, _ = rs.train(name, _one(), images, labels, sync=True)
-  workers, _ = _two_workers(tmp_path, {'model': name, 'policy': 'float32', 'sync': True,
-                                       'steps': rs.STEPS})
-  _assert_close(workers[0], one[0])
-  _assert_close(workers[1], workers[0], rtol=0, atol=0)
+  (first, _), (second, _) = two_workers(name)
+  _assert_close(first, one[0])
+  _assert_close(second, first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('bad', [0, 1])
-def test_a_non_finite_gradient_on_one_worker_is_skipped_by_both(bad, tmp_path):
-  half = rs.GLOBAL_BATCH // 2
-  case = {'model': 'baseline', 'policy': 'mixed_float16', 'sync': False, 'steps': 1,
-          'nan_in': [bad * half, (bad + 1) * half]}
-  workers, scales = _two_workers(tmp_path, case)
+def test_a_non_finite_gradient_on_one_worker_is_skipped_by_both(bad, two_workers):
   start = rs.initial_weights('baseline')
-  for weights in workers:
+  results = two_workers(f'nan_on_{bad}')
+  for weights, _ in results:
     _assert_close(weights, start, rtol=0, atol=0)
-  assert scales == [[16384.0], [16384.0]]
+  assert [scales for _, scales in results] == [[16384.0], [16384.0]]
 
 
-def test_every_worker_takes_the_chiefs_figures(tmp_path):
-  outs = _run_two_workers(tmp_path, {'from_chief': True})
-  figures = [json.loads(o.read_text()) for o in outs]
+def test_every_worker_takes_the_chiefs_figures(two_workers):
   # Bit for bit (float64, not rounded to float32), whatever the other offered.
-  assert figures == [{'auc': 0.1, 'loss': 1e-300}] * 2
+  assert two_workers('from_chief') == [{'auc': 0.1, 'loss': 1e-300}] * 2

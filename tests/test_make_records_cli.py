@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ from PIL import Image
 import pytest
 
 from pcam_tfdata.convert import synthetic
+from pcam_tfdata.training import verify as verify_lib
 from conftest import ROOT, error_lines, run_tool
 
 TOOL = 'tools/make_records.py'
@@ -178,15 +180,11 @@ def test_demo_default_is_balanced_and_verifies(kaggle_dir, tmp_path):
       total[label] += n
   assert total == {'0': 24, '1': 24}
 
-  verify = os.path.join(ROOT, 'tools', 'verify_records.py')
-  proc = run_tool(verify, str(out), cwd=tmp_path)
-  assert proc.returncode == 0, proc.stderr
-  assert 'all 58 records verified' in proc.stdout
+  assert verify_lib.verify(str(out), log=lambda _: None) == 58
 
   shard = out / manifest['splits']['val']['shards'][0]['file']
   data = bytearray(shard.read_bytes())
   data[100] ^= 1
   shard.write_bytes(bytes(data))
-  proc = run_tool(verify, str(out), cwd=tmp_path)
-  assert proc.returncode == 1
-  assert proc.stderr.strip().endswith(f'{shard}: sha256 differs from the manifest')
+  with pytest.raises(verify_lib.VerifyError, match=re.escape(f'{shard}: sha256 differs')):
+    verify_lib.verify(str(out), log=lambda _: None)

@@ -1,4 +1,9 @@
-"""MultiWorkerMirroredStrategy across local processes, through tools/launch_local_cluster.py."""
+"""MultiWorkerMirroredStrategy across local processes, through tools/launch_local_cluster.py.
+
+Every run here is one that cannot end by itself (1,000 epochs, no early
+stop) unless the test says how long it lasts, so a test that waits for the
+launcher to react can only pass if the launcher did react.
+"""
 
 import csv
 import os
@@ -11,14 +16,20 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_tool, user_env
+from conftest import ROOT, user_env
+
+sys.path.insert(0, str(ROOT / 'tools'))
+import launch_local_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LAUNCHER = 'tools/launch_local_cluster.py'
+_ENDLESS = 1000  # Epochs no test run reaches.
+_TIMEOUT = 600  # Seconds any one wait may take on a loaded machine before it is a failure.
 
 
-def _train_flags(records, model_dir, epochs, model='baseline'):
+def _train_flags(records, model_dir, epochs=_ENDLESS, model='batchnorm'):
   return [f'--records_dir={records}', f'--model_dir={model_dir}', f'--epochs={epochs}',
-          '--batch_size=8', '--mixed_precision=off', '--seed=3', f'--model={model}']
+          f'--early_stopping_patience={_ENDLESS}', '--batch_size=8', '--mixed_precision=off',
+          '--seed=3', f'--model={model}', '--noprogress']
 
 
 def _workers_left(model_dir):
@@ -39,89 +50,126 @@ def _listening(port):
     return s.connect_ex(('127.0.0.1', port)) == 0
 
 
-@pytest.mark.parametrize('model', ['baseline', 'batchnorm'])
-def test_two_workers_end_with_identical_weights_and_only_the_chief_writes(records, tmp_path,
-                                                                          model):
-  model_dir = tmp_path / 'run'
-  # BatchNorm: --sync_batch_norm=auto reduces its statistics over both workers,
-  # so the moving averages, and every decision taken on val AUC, agree.
-  epochs = 2 if model == 'batchnorm' else 1
-  proc = run_tool(LAUNCHER, '--num_workers=2', '--', *_train_flags(records, model_dir, epochs,
-                                                                   model), timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', proc.stdout))
-  assert set(digests) == {'0', '1'} and digests['0'] == digests['1']
-  # Each worker reads its own share of the shards.
-  pipelines = dict(re.findall(r'\[worker (\d)\] input pipeline (\d) of 2', proc.stdout))
-  assert pipelines == {'0': '0', '1': '1'}, proc.stdout[-3000:]
-  assert '"strategy": "multi_worker"' in proc.stdout
-  assert '"num_replicas_in_sync": 2' in proc.stdout
-  assert f'"sync_batch_norm": {"true" if model == "batchnorm" else "false"}' in proc.stdout
-  # The chief's outputs, and nothing of the other worker's scratch.
-  assert (model_dir / 'model.keras').is_file() and (model_dir / 'metrics.json').is_file()
-  assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith('.')) == []
-  assert not (model_dir / 'backup').exists()  # Removed once the run finished.
-  # Each worker said it serves unauthenticated; none remains, nor does its port.
-  ports = _servers(proc.stdout)
-  assert set(ports) == {'0', '1'}, proc.stdout[-3000:]
-  assert _workers_left(model_dir) == [] and not any(map(_listening, ports.values()))
+@pytest.fixture
+def launch(tmp_path):
+  """Starts the launcher in the background; whatever happens, nothing of it outlives the test.
+
+  Returns fn(records, model_dir, **train flags) -> (launcher, stdout path,
+  stderr path); the output goes to files (a pipe nobody reads would fill).
+  """
+  started = []
+
+  def start(records, model_dir, **flags):
+    out_path, err_path = tmp_path / 'launcher.out', tmp_path / 'launcher.err'
+    with open(out_path, 'w') as out, open(err_path, 'w') as err:
+      launcher = subprocess.Popen([sys.executable, LAUNCHER, '--num_workers=2', '--',
+                                   *_train_flags(records, model_dir, **flags)],
+                                  cwd=ROOT, stdout=out, stderr=err, text=True, env=user_env())
+    started.append((launcher, model_dir))
+    return launcher, out_path, err_path
+
+  yield start
+  for launcher, model_dir in started:  # A failed test must not leave an endless run behind.
+    if launcher.poll() is None:
+      launcher.kill()
+      launcher.wait()
+    for pid in _workers_left(model_dir):
+      os.kill(int(pid), signal.SIGKILL)
 
 
-def test_a_killed_worker_fails_the_launch_and_a_restart_resumes(records, tmp_path):
+def _wait_for(condition, launcher, what, err_path):
+  deadline = time.monotonic() + _TIMEOUT
+  while not condition():
+    assert launcher.poll() is None, f'launcher ended before {what}: {err_path.read_text()[-3000:]}'
+    assert time.monotonic() < deadline, f'no {what} after {_TIMEOUT} s'
+    time.sleep(0.1)
+
+
+def _gone(model_dir, stdout):
+  """No worker process and no port of theirs remains."""
+  ports = _servers(stdout)
+  assert len(ports) == 2, stdout[-3000:]
+  assert _workers_left(model_dir) == []
+  assert not any(map(_listening, ports.values()))
+
+
+def test_a_killed_worker_fails_the_launch_and_a_restart_resumes_to_identical_weights(
+    records, tmp_path, launch):
+  """BatchNorm: --sync_batch_norm=auto reduces its statistics over both workers."""
   model_dir = tmp_path / 'run'
-  args = [sys.executable, LAUNCHER, '--num_workers=2', '--',
-          *_train_flags(records, model_dir, 6)]
-  # Files, not pipes: nobody reads a pipe while the workers run, and once its
-  # buffer filled the launcher (and the workers) would block for good.
-  out_path, err_path = tmp_path / 'launcher.out', tmp_path / 'launcher.err'
-  with open(out_path, 'w') as out, open(err_path, 'w') as err:
-    launcher = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=err, text=True,
-                                env=user_env())
-  deadline = time.time() + 300
-  while not (model_dir / 'backup' / 'checkpoint').exists():  # Epoch 1 is done.
-    assert time.time() < deadline and launcher.poll() is None, err_path.read_text()[-3000:]
-    time.sleep(0.05)
-  worker = subprocess.run(['pgrep', '-f', f'pcam_tfdata.train.*{model_dir}'],
-                          capture_output=True, text=True).stdout.split()
-  assert len(worker) == 2
-  victim = max(worker, key=lambda pid: open(f'/proc/{pid}/environ', 'rb').read()
+  launcher, out_path, err_path = launch(records, model_dir)
+  _wait_for(lambda: (model_dir / 'backup' / 'checkpoint').exists(), launcher,
+            "epoch 1's backup", err_path)
+  workers = _workers_left(model_dir)
+  assert len(workers) == 2
+  victim = max(workers, key=lambda pid: open(f'/proc/{pid}/environ', 'rb').read()
                .count(b'"index": 1'))
   os.kill(int(victim), signal.SIGKILL)
-  launcher.wait(timeout=120)
+  launcher.wait(timeout=_TIMEOUT)
   assert launcher.returncode != 0
-  assert 'exited with status -9; stopped the others' in err_path.read_text()
-  ports = _servers(out_path.read_text())
-  assert len(ports) == 2 and _workers_left(model_dir) == []
-  assert not any(map(_listening, ports.values()))
+  assert 'worker 1 exited with status -9; stopped the others' in err_path.read_text()
+  _gone(model_dir, out_path.read_text())
   assert not (model_dir / 'metrics.json').exists()
 
-  proc = run_tool(LAUNCHER, '--num_workers=2', '--', *_train_flags(records, model_dir, 6),
-                  timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  resumed = re.findall(r'\[worker (\d)\] resuming after epoch (\d)', proc.stdout)
-  assert sorted(resumed) == [('0', resumed[0][1]), ('1', resumed[0][1])], proc.stdout[-3000:]
-  assert 1 <= int(resumed[0][1]) <= 5  # Both restored the same finished epoch.
-  digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', proc.stdout))
+  # Two more epochs after the one restored, whichever that was.
+  restored = int(re.search(r'\d+', (model_dir / 'backup' / 'checkpoint').read_text())[0])
+  launcher, out_path, err_path = launch(records, model_dir, epochs=restored + 2)
+  assert launcher.wait(timeout=_TIMEOUT) == 0, err_path.read_text()[-3000:]
+  stdout = out_path.read_text()
+  resumed = re.findall(r'\[worker (\d)\] resuming after epoch (\d+)', stdout)
+  assert sorted(resumed) == [('0', str(restored)), ('1', str(restored))], stdout[-3000:]
+  digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', stdout))
   assert set(digests) == {'0', '1'} and digests['0'] == digests['1']
+  pipelines = dict(re.findall(r'\[worker (\d)\] input pipeline (\d) of 2', stdout))
+  assert pipelines == {'0': '0', '1': '1'}  # Each worker reads its own share of the shards.
+  assert '"strategy": "multi_worker"' in stdout and '"num_replicas_in_sync": 2' in stdout
+  assert '"sync_batch_norm": true' in stdout
   with open(model_dir / 'history.csv') as f:
     epochs = [r['epoch'] for r in csv.DictReader(f)]
-  assert epochs == [str(e) for e in range(1, len(epochs) + 1)]  # Each epoch once, in order.
+  assert epochs == [str(e) for e in range(1, restored + 3)]  # Each epoch once, in order.
+  # The chief's outputs, nothing of the other worker's scratch, no backup left.
+  assert (model_dir / 'model.keras').is_file() and (model_dir / 'metrics.json').is_file()
+  assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith('.')) == []
+  assert not (model_dir / 'backup').exists()
+  _gone(model_dir, stdout)
 
 
-def test_ctrl_c_on_the_launcher_leaves_no_worker_and_no_open_port(records, tmp_path):
+def test_ctrl_c_on_the_launcher_stops_every_worker_and_closes_their_ports(records, tmp_path,
+                                                                         launch):
   model_dir = tmp_path / 'run'
-  out_path = tmp_path / 'launcher.out'
-  with open(out_path, 'w') as out:
-    launcher = subprocess.Popen([sys.executable, LAUNCHER, '--num_workers=2', '--',
-                                 *_train_flags(records, model_dir, 50)], cwd=ROOT, stdout=out,
-                                stderr=subprocess.PIPE, text=True, env=user_env())
-  deadline = time.time() + 300
-  while len(_servers(out_path.read_text())) < 2:  # Both workers are up.
-    assert time.time() < deadline and launcher.poll() is None
-    time.sleep(0.1)
+  launcher, out_path, err_path = launch(records, model_dir, model='baseline')
+  _wait_for(lambda: re.search(r'\[worker 1\] epoch=1 ', out_path.read_text()), launcher,
+            'a trained epoch', err_path)
   launcher.send_signal(signal.SIGINT)  # What Ctrl-C sends it.
-  _, err = launcher.communicate(timeout=120)
-  assert launcher.returncode == 130
-  assert 'interrupted; stopped every worker' in err
-  assert _workers_left(model_dir) == []
-  assert not any(map(_listening, _servers(out_path.read_text()).values()))
+  # A run of 1,000 epochs: only the launcher's signal ends it within the timeout.
+  assert launcher.wait(timeout=_TIMEOUT) == 130, err_path.read_text()[-3000:]
+  assert 'interrupted; stopped every worker' in err_path.read_text()
+  stdout = out_path.read_text()
+  # Each worker got the interrupt and stopped on its own, as from a terminal.
+  assert sorted(re.findall(r'\[worker (\d)\] train: error: interrupted', stdout)) == ['0', '1']
+  _gone(model_dir, stdout)
+  assert not (model_dir / 'metrics.json').exists()
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_bindable():
+  ports = launch_local_cluster.free_ports(4)
+  assert len(set(ports)) == 4
+  for port in ports:
+    assert 20000 <= port < 32768  # Not a port the kernel hands to a connection meanwhile.
+    with socket.socket() as s:
+      s.bind(('', port))
+  with socket.socket() as taken:  # A port in use is never offered.
+    taken.bind(('', ports[0]))
+    taken.listen()
+    assert launch_local_cluster.free_ports(1, _Draws([ports[0], ports[1]])) == [ports[1]]
+
+
+class _Draws:
+  """An RNG whose randint returns the given values in turn."""
+
+  def __init__(self, values):
+    self._values = iter(values)
+
+  def randint(self, low, high):
+    del low, high
+    return next(self._values)

@@ -65,7 +65,7 @@ def _input_rate(ds, steps, repeats, batch_size):
 
 def input_rates(records_dir, steps, repeats, batch_size):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import pipeline, service  # pylint: disable=g-import-not-at-top
   local = lambda cache: pipeline.make_dataset(records_dir, 'train', batch_size=batch_size,
                                               training=True, cache=cache).repeat()
   rates = {
@@ -74,8 +74,8 @@ def input_rates(records_dir, steps, repeats, batch_size):
       'local pipeline, uncached (reads the split each epoch)': _input_rate(
           local(False), steps, repeats, batch_size),
       'local streaming pipeline (what service workers run)': _input_rate(
-          pipeline.make_streaming_dataset(records_dir, 'train', batch_size=batch_size,
-                                          repeat=True), steps, repeats, batch_size),
+          service.make_streaming_dataset(records_dir, 'train', batch_size=batch_size,
+                                         repeat=True), steps, repeats, batch_size),
   }
   for workers in (1, 2):
     dispatcher = tf.data.experimental.service.DispatchServer()
@@ -83,9 +83,9 @@ def input_rates(records_dir, steps, repeats, batch_size):
     servers = [tf.data.experimental.service.WorkerServer(
         tf.data.experimental.service.WorkerConfig(dispatcher_address=address))
                for _ in range(workers)]
-    ds = pipeline.make_service_dataset(records_dir, 'train', dispatcher.target,
-                                       batch_size=batch_size, repeat=True,
-                                       job_name=f'bench{workers}')
+    ds = service.make_service_dataset(records_dir, 'train', dispatcher.target,
+                                      batch_size=batch_size, repeat=True,
+                                      job_name=f'bench{workers}')
     rates[f'tf.data service, {workers} worker{"s" if workers > 1 else ""} (in-process, '
           'loopback gRPC)'] = _input_rate(ds, steps, repeats, batch_size)
     for s in servers:

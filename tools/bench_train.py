@@ -57,11 +57,11 @@ def measure(model_name, mode, records_dir, batch_size, steps, repeats, per_call,
   """(pipeline images/s, in-memory images/s, precision policy) for one model."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import records  # pylint: disable=g-import-not-at-top
   from pcam_tfdata.training import distribute, loop, models, pipeline  # pylint: disable=g-import-not-at-top
   policy = distribute.set_precision(mode)
   strategy = tf.distribute.get_strategy()
-  shape = tuple(schema.load_manifest(records_dir)['image_shape'])
+  shape = records.Records.open(records_dir).image_shape
   model = models.build_model(model_name, shape)
   optimizer = keras.optimizers.Adam(1e-3)
   if policy == 'mixed_float16':

@@ -10,14 +10,19 @@ stopped and this exits non-zero; rerunning the same command resumes from the
 chief's backup. On real clusters the same train command runs on each host
 (see BUILD.md for Slurm and Kubernetes).
 
-The workers' TensorFlow servers listen on every interface, unauthenticated,
-for the length of the run (TensorFlow offers no loopback-only transport for
-them): on a laptop on a shared network, firewall the ports or do not use it
-there. When this launcher ends, however it ends, no worker remains.
+Ctrl-C reaches every worker as it would from a terminal (SIGINT, each stops
+between two steps), SIGTERM to this launcher is passed on as SIGTERM, as a
+cluster manager sends it; a worker still running after the grace period is
+killed. The workers' TensorFlow servers listen on every interface,
+unauthenticated, for the length of the run (TensorFlow offers no
+loopback-only transport for them): on a laptop on a shared network,
+firewall the ports or do not use it there. When this launcher ends, however
+it ends, no worker remains.
 """
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,16 +35,34 @@ from absl import flags
 
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', 2, 'Local worker processes.')
 
+GRACE_SECONDS = 30.0  # A signalled worker's time to stop before it is killed, all workers at once.
+# Ports are drawn below Linux's default ephemeral range (32768-60999): the
+# kernel hands ports from that range to every outgoing connection and every
+# bind to port 0, and it could hand one out between our check and the
+# worker's own bind, seconds later.
+_PORT_RANGE = (20000, 32767)
 
-def free_ports(n):
-  """n distinct free TCP ports on the loopback interface."""
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
+
+def _bindable(port):
+  """Whether `port` is free on every interface, as the workers' servers bind it."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind(('', port))
+    except OSError:
+      return False
+  return True
+
+
+def free_ports(n, rng=random):
+  """n distinct TCP ports free now on every interface, outside the ephemeral range."""
+  ports = []
+  for _ in range(1000):
+    port = rng.randint(*_PORT_RANGE)
+    if port not in ports and _bindable(port):
+      ports.append(port)
+      if len(ports) == n:
+        return ports
+  raise RuntimeError(f'no {n} free ports in {_PORT_RANGE[0]}..{_PORT_RANGE[1]}')
 
 
 def tf_config(ports, index):
@@ -53,17 +76,42 @@ def _stream(proc, index):
     sys.stdout.flush()
 
 
-def _stop(procs):
-  """Stops every worker's process group: SIGTERM, then SIGKILL after 30 s."""
+def stop(procs, sig=signal.SIGTERM, grace=GRACE_SECONDS):
+  """Sends `sig` to every running worker's process group; kills what still runs after `grace`."""
   for p in procs:
     if p.poll() is None:
-      os.killpg(p.pid, signal.SIGTERM)
-  for p in procs:
+      try:
+        os.killpg(p.pid, sig)
+      except ProcessLookupError:  # Ended between the poll and the signal.
+        pass
+  deadline = time.monotonic() + grace  # One grace period for all, not one each.
+  try:
+    for p in procs:
+      try:
+        p.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        _kill(p)
+  except BaseException:  # A second Ctrl-C or SIGTERM while waiting: no more grace.
+    for p in procs:
+      _kill(p)
+    raise
+
+
+def _kill(proc):
+  if proc.poll() is None:
     try:
-      p.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      os.killpg(p.pid, signal.SIGKILL)
-      p.wait()
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # Ended between the poll and the kill.
+      pass
+  proc.wait()
+
+
+class _Terminated(Exception):
+  """This launcher got SIGTERM."""
+
+
+def _on_sigterm(*_):
+  raise _Terminated()
 
 
 def launch(num_workers, train_args):
@@ -71,45 +119,55 @@ def launch(num_workers, train_args):
 
   However it ends (success, a failed worker, Ctrl-C or SIGTERM to this
   launcher), no worker outlives it, and so none of their ports stays open.
+  Ctrl-C (KeyboardInterrupt) is passed on as SIGINT and raised again.
   """
   ports = free_ports(num_workers)
-  procs = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # Runs `finally`.
+  procs, streams = [], []
+  previous = signal.signal(signal.SIGTERM, _on_sigterm)
+  sig = signal.SIGTERM  # For a failed worker's peers, and for SIGTERM.
   try:
     for i in range(num_workers):
       env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
       # A session of its own: a worker's own children go with it, and Ctrl-C
-      # reaches the launcher, which stops them in order.
+      # reaches the launcher, which passes it on and waits for them.
       procs.append(subprocess.Popen(
           [sys.executable, '-m', 'pcam_tfdata.train', *train_args, '--strategy=multi_worker'],
           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
           start_new_session=True))
-    streams = [threading.Thread(target=_stream, args=(p, i), daemon=True)
-               for i, p in enumerate(procs)]
-    for t in streams:
-      t.start()
-    failed = None
-    while failed is None and any(p.poll() is None for p in procs):
-      for i, p in enumerate(procs):
-        if p.poll() not in (None, 0):
-          failed = (i, p.returncode)
-          break
-      time.sleep(0.2)
-    if failed is None:
-      failed = next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
-    if failed is not None:
-      _stop(procs)  # A collective would wait forever for the lost worker.
-    for t in streams:
-      t.join(timeout=5)
+      streams.append(threading.Thread(target=_stream, args=(procs[-1], i), daemon=True))
+      streams[-1].start()
+    failed = _wait(procs)
+  except KeyboardInterrupt:
+    sig = signal.SIGINT
+    raise
+  except _Terminated:
+    failed = (None, 143)
   finally:
-    _stop(procs)
+    stop(procs, sig)
     signal.signal(signal.SIGTERM, previous)
-  if failed is not None:
-    index, code = failed
+    for t in streams:  # Every worker's last lines before ours (their pipes are closed).
+      t.join(timeout=10)
+  if failed is None:
+    return 0
+  index, code = failed
+  if index is None:
+    print('launch_local_cluster.py: error: terminated; stopped every worker (rerun the '
+          'same command to resume)', file=sys.stderr)
+  else:
     print(f'launch_local_cluster.py: error: worker {index} exited with status {code}; '
           'stopped the others (rerun the same command to resume)', file=sys.stderr)
-    return code if code > 0 else 1
-  return 0
+  return code if code > 0 else 1
+
+
+def _wait(procs):
+  """Waits until every worker has ended, or one failed: None, or (index, status)."""
+  while True:
+    for i, p in enumerate(procs):
+      if p.poll() not in (None, 0):
+        return i, p.returncode
+    if all(p.poll() == 0 for p in procs):
+      return None
+    time.sleep(0.2)
 
 
 def main(argv):

@@ -137,24 +137,27 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
     raise ValueError(f'batches_per_epoch={batches_per_epoch}: this input pipeline has '
                      f'{whole_batches} whole batches of {batch_size} per epoch')
   variants = augment.dihedral and cache and _variants_fit(records, count, augment.variant_budget)
-  if cache:
-    # The whole split as one element: one tensor per field, [count, ...],
-    # read once, here. An epoch is then a gather by index (with `variants`,
-    # of (transform, index): the augmentation costs no op of its own).
-    whole = tf.data.Dataset.from_tensors(split_cache.load_split(paths, count, parse, variants))
-  else:
-    # Re-read each epoch, shard after shard in manifest order, as the cache
-    # reads them: position i is the same example either way, so the
-    # permutation gives the cached path's batches. (The epoch is shuffled
-    # whole anyway; an interleave would only reorder it.)
-    chunks = tf.data.TFRecordDataset(paths, buffer_size=split_cache.READ_BUFFER).batch(
-        split_cache.PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
-                                     deterministic=True)
-    # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
-    whole = chunks.unbatch().batch(count)
+  whole = _whole_split(paths, count, parse, cache, variants)
   epochs = _EpochPlan(count, batch_size, steps, augment, variants, pipeline_id)
   ds = _train_dataset(whole, epochs, seed, first_epoch, num_epochs)
   return ds.with_options(_options(seed is not None, holds_split=cache))
+
+
+def _whole_split(paths, count, parse, cache, variants):
+  """A dataset of one element: the split's fields, [count, ...] each, in shard order."""
+  if cache:
+    # Read once, here. An epoch is then a gather by index (with `variants`,
+    # of (transform, index): the augmentation costs no op of its own).
+    return tf.data.Dataset.from_tensors(split_cache.load_split(paths, count, parse, variants))
+  # Re-read each epoch, shard after shard in manifest order, as the cache
+  # reads them: position i is the same example either way, so the
+  # permutation gives the cached path's batches. (The epoch is shuffled
+  # whole anyway; an interleave would only reorder it.)
+  chunks = tf.data.TFRecordDataset(paths, buffer_size=split_cache.READ_BUFFER).batch(
+      split_cache.PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                   deterministic=True)
+  # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
+  return chunks.unbatch().batch(count)
 
 
 def _variants_fit(records, count, budget):

@@ -41,7 +41,10 @@ def make_streaming_dataset(records, split, *, batch_size, augment=None, seed=Non
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   parse = lambda x: pipeline.parse_batch(x, records.image_shape, with_ids)
   ds = ds.batch(split_cache.PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.unbatch().shuffle(_SHUFFLE_BUFFER, seed=seed).batch(batch_size, drop_remainder=True)
+  # No larger than the split: a buffer of several passes (endless input)
+  # would first read them all, and mix copies of one example into one batch.
+  buffer = min(_SHUFFLE_BUFFER, records.count(split))
+  ds = ds.unbatch().shuffle(buffer, seed=seed).batch(batch_size, drop_remainder=True)
   if augment:
     # A stateless seed per batch: (seed, batch number), or random pairs.
     keys = (tf.data.Dataset.random().batch(2) if seed is None else
