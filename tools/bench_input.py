@@ -1,51 +1,41 @@
-r"""Input throughput: the training pipeline against the loaders it replaces, in one run.
+r"""Input throughput: the training pipeline against its ceilings and the loaders it replaces.
 
-    python tools/bench_input.py --records_dir=records/demo --data_dir=records/demo_kaggle
+    python tools/bench_input.py --records_dir=/tmp/bench_rec --data_dir=/tmp/bench_src
 
-Every figure is images/s, the median over --epochs timed epochs after one
-untimed warm-up epoch (the cached pipeline's first epoch is reported apart, as
-"first epoch from disk"). All methods iterate the same way, a Python `for`
-over the dataset, on the same examples:
+Every rate is images/s on the same train split, in one run. Batches are
+consumed two ways:
+  * in graph, as training consumes them: a compiled function pulls
+    --per_call batches from the iterator in a `tf.range` loop (what
+    `--steps_per_execution` does), touching each batch;
+  * from Python: a `for` over the dataset, one batch per turn (how a
+    notebook or Keras' per-step loop sees it).
+The ceiling of each is the same consumer on `Dataset.from_tensors(batch)
+.repeat().prefetch()`: one batch made once and handed out again and again.
+No pipeline consumed the same way can pass it; "% of ceiling" reads each
+pipeline row against the ceiling of its own consumer and batch size.
 
-  * pipeline: `pcam_tfdata.pipeline.make_dataset` on the train split, cached
-    steady state and first epoch, batch 64 and 256, with and without
-    augmentation; and, in the same pipeline, the by-position augmentation it
-    replaced (position i of B got transform 8i/B: uniform only when B/8 is a
-    whole number, never a 90-degree rotation at B = 4), with HED stain
-    jitter on top (`--stain_jitter=0.05`), and, timed last, the batch-64
-    pipeline under TF op determinism;
+  * pipeline: `pcam_tfdata.training.pipeline.make_dataset` on the train
+    split, cached, batch 64 and 256, without augmentation and with the
+    dihedral transform (from the cached variants), median of --epochs
+    epochs after a warm-up epoch; and its first epoch, which includes
+    building it (reading the split into memory);
   * seed-style loader: Keras' legacy ImageDataGenerator.flow_from_dataframe
-    over the train TIFFs, then the center crop (as the seed fed its models);
+    over the train TIFFs, then the center crop, as the seed fed its models
+    (one thread: it decodes on the calling thread);
   * TFDS-style reader: 96x96 PNG-encoded records decoded and cropped per
     example, uncached (how tensorflow_datasets stores patch_camelyon);
-  * tf.data ceiling: `Dataset.from_tensors(one_batch).repeat()`, one batch
-    made once and handed out again and again. It does no work at all: what
-    it measures is the fixed cost of one element through tf.data's iterator
-    (a C++ GetNext, the prefetch-free hand-off of a tensor that is not
-    copied) plus one turn of the Python `for` loop that receives it, the
-    same loop every method here is timed with. No pipeline that iterates
-    from Python can beat it at the same batch size;
-  * memory-copy floor: a NumPy copy of the same uint8 bytes into a
-    preallocated array (one thread).
-The seed-style loader reads as many images as the pipeline's split holds
-(--seed_images=0), in one process: Keras' generator decodes on the calling
-thread. The tf.data methods use every core. The `processes` column says
-which, so a ratio can be read per core where it matters.
-It also reports what the training cache costs in memory against the raw bytes
-it holds, kept and at its peak (for --records_dir and each --memory_records).
+  * memory-copy floor: a NumPy copy of the same uint8 bytes (one thread);
+  * the training cache's memory against the raw bytes it holds, kept and at
+    its peak (for --records_dir and each --memory_records).
 
     python tools/bench_input.py --records_dir=/tmp/bench_rec --suite=augment
 
---suite=augment runs only the augmentation table (issue 13), in one process,
-every method iterated the same way through one iterator over --epochs + 1
-epochs (the first a warm-up), in --rounds interleaved rounds, median of all:
-the tf.data ceiling, a bare gather by index from the whole-split tensor, the
-pipeline unaugmented, with the dihedral transform from the cached variants
-and per batch after the gather (no variant budget), and with stain jitter
-applied in the pipeline or only drawn there (applied in the training step);
-batch 64 and 256. Also the first batch of each epoch against the median
-batch (one iterator for the run, and a new iterator per epoch), and the
-memory of the plain and the variant cache.
+--suite=augment: every way the pipeline augments, in graph, against the
+unaugmented pipeline measured right beside it: in each of --rounds rounds,
+each method and the unaugmented pipeline run back to back, each for at
+least --min_seconds, and the ratio is taken within the round; the table
+gives the median ratio and its range over the rounds, so a shared machine's
+drift shows as a range, not as a method faster than doing nothing.
 """
 
 import json
@@ -68,76 +58,94 @@ _RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records folde
 _DATA_DIR = flags.DEFINE_string('data_dir', 'records/demo_kaggle',
                                 'Kaggle-layout folder holding the same train TIFFs.')
 _EPOCHS = flags.DEFINE_integer('epochs', 5, 'Timed epochs per pipeline figure (median).')
-_SEED_IMAGES = flags.DEFINE_integer(
-    'seed_images', 0, 'Images read by the seed-style loader; 0: as many as the train split.')
-_TFDS_IMAGES = flags.DEFINE_integer('tfds_images', 20000, 'Images in the TFDS-style PNG records.')
+_PER_CALL = flags.DEFINE_integer('per_call', 50, 'Batches pulled per compiled call (in graph).')
+_SEED_IMAGES = flags.DEFINE_integer('seed_images', 12800, 'Images read by the seed-style loader.')
+_TFDS_IMAGES = flags.DEFINE_integer('tfds_images', 10000, 'Images in the TFDS-style PNG records.')
 _MEMORY_RECORDS = flags.DEFINE_list(
     'memory_records', [], 'More records folders (e.g. the same split at crop 96) whose '
     'training cache memory is measured too.')
-_JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
 _SUITE = flags.DEFINE_enum('suite', 'all', ['all', 'augment'],
-                           'all: every table; augment: only the augmentation table.')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, '--suite=augment: interleaved rounds.')
+                           'all: the main table; augment: only the augmentation table.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, '--suite=augment: rounds (ratios taken within each).')
+_MIN_SECONDS = flags.DEFINE_float('min_seconds', 3.0,
+                                  '--suite=augment: the shortest timed sample of a method.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
 
 
-def _epoch_rate(ds, batch_size):
+def python_rate(iterator, batch, steps):
+  """images/s of `steps` batches taken by a Python loop."""
   start = time.perf_counter()
-  steps = 0
+  for _ in range(steps):
+    next(iterator)
+  return steps * batch / (time.perf_counter() - start)
+
+
+def make_graph_consumer(iterator, per_call):
+  """fn(steps) -> seconds to pull `steps` batches in compiled calls of `per_call`, as training."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  @tf.function
+  def pull(n):
+    touched = tf.constant(0.0)
+    for _ in tf.range(n):
+      images, labels = next(iterator)[:2]
+      # Each batch used (a pixel and the labels), so none is dropped unread.
+      touched += tf.reduce_sum(labels) + tf.cast(images[0, 0, 0, 0], tf.float32)
+    return touched
+
+  def consume(steps):
+    start = time.perf_counter()
+    done = 0
+    while done < steps:
+      n = min(per_call, steps - done)
+      float(pull(tf.constant(n)))  # Waits for the call.
+      done += n
+    return time.perf_counter() - start
+
+  pull(tf.constant(1))  # Traced before any timing.
+  return consume
+
+
+def ceiling(batch, image_shape):
+  """One batch made once and handed out again and again, prefetched."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  one = (tf.zeros([batch, *image_shape], tf.uint8), tf.zeros([batch]))
+  return tf.data.Dataset.from_tensors(one).repeat().prefetch(tf.data.AUTOTUNE)
+
+
+def endless_pipeline(records_dir, batch, augment=None):
+  """The training pipeline over endless epochs (seeded)."""
+  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_dataset(records_dir, 'train', batch_size=batch, training=True,
+                               augment=augment, seed=0, num_epochs=None)
+
+
+def rates_both_ways(ds, batch, steps, epochs, per_call):
+  """(in-graph, Python) images/s: medians of `epochs` epochs after a warm-up, each way."""
+  iterator = iter(ds)
+  consume = make_graph_consumer(iterator, per_call)
+  consume(steps)  # Warm-up: tracing, the first epoch's plan.
+  graph = statistics.median(steps * batch / consume(steps) for _ in range(epochs))
+  python = statistics.median(python_rate(iterator, batch, steps) for _ in range(epochs))
+  return graph, python
+
+
+def first_epoch_rate(records_dir, batch, steps):
+  """images/s of building the cached pipeline (reading the split) plus its first epoch."""
+  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch, training=True, seed=0)
   for _ in ds:
-    steps += 1
-  return steps * batch_size / (time.perf_counter() - start)
-
-
-def _dihedral_by_position(images):
-  """The augmentation before issue 11: eight static slices, transform 8i//B at position i."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata.training import augment  # pylint: disable=g-import-not-at-top
-  size = images.shape[0]
-  bounds = [-(-size * k // 8) for k in range(9)]
-  return tf.concat([augment.dihedral_transform(images[bounds[k]:bounds[k + 1]], k)
-                    for k in range(8)], 0)
-
-
-def by_position_rate(records_dir, batch_size, epochs):
-  """The pipeline with its augmentation swapped for the by-position one."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
-  uniform = pipeline._gather_augmented  # pylint: disable=protected-access
-  pipeline._gather_augmented = lambda images, index, transforms: _dihedral_by_position(  # pylint: disable=protected-access
-      tf.ensure_shape(tf.gather(images, index), [batch_size, *images.shape[1:]]))
-  try:
-    # The swapped function runs only where the variants are not cached.
-    return pipeline_rates(records_dir, batch_size, True, epochs, variant_budget=0)[1]
-  finally:
-    pipeline._gather_augmented = uniform  # pylint: disable=protected-access
-
-
-def pipeline_rates(records_dir, batch_size, augment, epochs, stain_jitter=0.0,
-                   variant_budget=None):
-  """(first epoch, median cached epoch) images/s of the training pipeline.
-
-  The first epoch includes building the dataset, which reads the split into
-  memory.
-  """
-  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
-  start = time.perf_counter()
-  budget = {} if variant_budget is None else {'variant_budget': variant_budget}
-  ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
-                             augment=augment, stain_jitter=stain_jitter, **budget)
-  build = time.perf_counter() - start
-  rate = _epoch_rate(ds, batch_size)
-  steps = len(ds)
-  first = steps * batch_size / (build + steps * batch_size / rate)
-  _epoch_rate(ds, batch_size)  # Warm-up of the cached path.
-  return first, statistics.median(_epoch_rate(ds, batch_size) for _ in range(epochs))
+    pass
+  return steps * batch / (time.perf_counter() - start)
 
 
 _CACHE_PROBE = r"""
 import json, sys
 from pcam_tfdata import cli
 cli.import_tensorflow()
-from pcam_tfdata.training import pipeline
-augment, budget = sys.argv[2] == 'augment', int(sys.argv[3])
+from pcam_tfdata.training import augment, pipeline
+options = augment.Augment(dihedral=sys.argv[2] == 'augment')
 def status_mib(key):
   with open('/proc/self/status') as f:
     return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
@@ -147,8 +155,7 @@ for _ in tf.data.Dataset.range(10).map(lambda x: x + 1).batch(2):  # tf.data's r
 with open('/proc/self/clear_refs', 'w') as f:
   f.write('5')  # Linux: VmHWM starts again from VmRSS.
 before = status_mib('VmRSS')
-ds = pipeline.make_dataset(sys.argv[1], 'train', batch_size=256, training=True,
-                           augment=augment, variant_budget=budget)
+ds = pipeline.make_dataset(sys.argv[1], 'train', batch_size=256, training=True, augment=options)
 for _ in ds:
   pass
 print(json.dumps({'retained': status_mib('VmRSS') - before,
@@ -156,24 +163,30 @@ print(json.dumps({'retained': status_mib('VmRSS') - before,
 """
 
 
-def cache_cost(records_dir, augment=False, budget=0):
-  """Memory of the training cache, per raw image byte of the split it holds.
+def cache_cost(records_dir, augment=False):
+  """Memory of the training cache per raw image byte, in a fresh process.
 
-  In a fresh process with TensorFlow and tf.data started: `retained` is the
-  resident memory that building the pipeline and one epoch add and keep,
-  `peak` the most they added at any moment (VmHWM, reset before), the part
-  that decides whether the split fits. Both include tracing and prefetch
-  buffers, a few MiB.
+  `retained`: what building the pipeline and one epoch add and keep;
+  `peak`: the most they added at any moment (VmHWM, reset before).
   """
-  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
-  manifest = schema.load_manifest(records_dir)
-  raw = manifest['splits']['train']['count'] * int(np.prod(manifest['image_shape']))
+  from pcam_tfdata import records  # pylint: disable=g-import-not-at-top
+  opened = records.Records.open(records_dir)
+  raw = opened.count('train') * int(np.prod(opened.image_shape))
   proc = subprocess.run([sys.executable, '-c', _CACHE_PROBE, records_dir,
-                         'augment' if augment else 'plain', str(budget)],
+                         'augment' if augment else 'plain'],
                         capture_output=True, text=True, check=True)
   growth = json.loads(proc.stdout.strip().splitlines()[-1])
-  return {'crop': manifest['image_shape'][0], 'raw_mib': raw / 2**20,
+  return {'crop': opened.image_shape[0], 'augment': augment, 'raw_mib': raw / 2**20,
           'retained': growth['retained'] * 2**20 / raw, 'peak': growth['peak'] * 2**20 / raw}
+
+
+def _variants_fit(records_dir):
+  """Whether the 8 dihedral variants of the train split fit the default budget."""
+  from pcam_tfdata import records  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import augment  # pylint: disable=g-import-not-at-top
+  opened = records.Records.open(records_dir)
+  need = augment.NUM_DIHEDRAL * opened.count('train') * int(np.prod(opened.image_shape))
+  return need <= augment.DEFAULT_VARIANT_BUDGET
 
 
 def seed_loader_rate(data_dir, images, crop):
@@ -219,18 +232,11 @@ def tfds_style_rate(data_dir, images, crop, work):
     return image, tf.cast(example['label'], tf.float32)
 
   ds = (tf.data.TFRecordDataset(path).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(64).prefetch(tf.data.AUTOTUNE))
-  _epoch_rate(ds, 64)  # Warm-up: the page cache, as for every other method.
-  return statistics.median(_epoch_rate(ds, 64) for _ in range(3))
-
-
-def ceiling_rate(batch_size, image_shape, steps, epochs):
-  """Iterating a dataset that does no work at all."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  batch = (tf.zeros([batch_size, *image_shape], tf.uint8), tf.zeros([batch_size]))
-  ds = tf.data.Dataset.from_tensors(batch).repeat(steps)
-  _epoch_rate(ds, batch_size)
-  return statistics.median(_epoch_rate(ds, batch_size) for _ in range(epochs))
+        .batch(64).prefetch(tf.data.AUTOTUNE).repeat())
+  iterator = iter(ds)
+  steps = len(frame) // 64
+  python_rate(iterator, 64, steps)  # Warm-up: the page cache, as for every other method.
+  return statistics.median(python_rate(iterator, 64, steps) for _ in range(3))
 
 
 def memcpy_rate(count, image_shape, epochs):
@@ -244,193 +250,134 @@ def memcpy_rate(count, image_shape, epochs):
   return count / statistics.median(times[1:])
 
 
-def _timed_epochs(ds, steps, batch_size):
-  """Per epoch of one iterator: (images/s, seconds to its first batch); per-batch median."""
-  rates, firsts, gaps = [], [], []
-  last = time.perf_counter()
-  start = last
-  for i, _ in enumerate(ds):
-    now = time.perf_counter()
-    gaps.append(now - last)
-    if i % steps == 0:
-      firsts.append(now - last)
-      start = last
-    if i % steps == steps - 1:
-      rates.append(steps * batch_size / (now - start))
-    last = now
-  return rates, firsts, statistics.median(gaps)
-
-
-def _gather_only(images, labels, count, steps, batch_size, epochs):
-  """The bare gather: a permutation's batches gathered from the split's tensors."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  index = tf.reshape(tf.random.shuffle(tf.range(count))[:steps * batch_size], [steps, batch_size])
-  ds = tf.data.Dataset.from_tensor_slices(index).repeat(epochs)
-  ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def augment_suite(records_dir, epochs, rounds):
-  """The augmentation table of issue 13; returns its rows."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
-  from pcam_tfdata.training import pipeline  # pylint: disable=g-import-not-at-top
-  manifest = schema.load_manifest(records_dir)
-  count = manifest['splits']['train']['count']
-  shape = tuple(manifest['image_shape'])
-  paths = schema.shard_paths(records_dir, manifest, 'train')
-  images, labels = pipeline.load_split(paths, count, lambda x: pipeline.parse_batch(x, shape))
-  n = epochs + 1  # The first is a warm-up.
-  make = lambda batch, **kw: pipeline.make_dataset(
-      records_dir, 'train', batch_size=batch, training=True, num_epochs=n, seed=0, **kw)
-  methods = {
-      'tf.data ceiling: one batch repeated': lambda b, steps: tf.data.Dataset.from_tensors(
-          (images[:b], labels[:b])).repeat(steps * n),
-      'bare gather by index from the split tensor': lambda b, steps: _gather_only(
-          images, labels, count, steps, b, n),
-      'pipeline, no augmentation': lambda b, _: make(b),
-      'pipeline, dihedral from the cached variants': lambda b, _: make(b, augment=True),
-      'pipeline, dihedral per batch after the gather (no variant budget)':
-          lambda b, _: make(b, augment=True, variant_budget=0),
-      'pipeline, dihedral (variants) + stain jitter 0.05 applied in the pipeline':
-          lambda b, _: make(b, augment=True, stain_jitter=0.05),
-      'pipeline, dihedral (variants) + stain jitter 0.05 drawn (applied in the step)':
-          lambda b, _: make(b, augment=True, stain_jitter=0.05, stain_params=True),
-  }
-  found = {}
-  for _ in range(rounds):
-    for batch in (64, 256):
-      steps = count // batch
-      for name, build in methods.items():
-        ds = build(batch, steps)
-        rates, firsts, median_gap = _timed_epochs(ds, steps, batch)
-        entry = found.setdefault((batch, name), {'rates': [], 'firsts': [], 'gaps': []})
-        entry['rates'].extend(rates[1:])
-        entry['firsts'].extend(firsts[1:])  # Epochs 2.. of one iterator.
-        entry['gaps'].append(median_gap)
-  # A new iterator per epoch (as before issue 11): the first batch of each.
-  fresh = {}
-  for batch in (64, 256):
-    ds = pipeline.make_dataset(records_dir, 'train', batch_size=batch, training=True,
-                               augment=True, seed=0)
-    times = []
-    for _ in range(epochs + 1):  # The first also traces: left out.
-      start = time.perf_counter()
-      next(iter(ds))
-      times.append(time.perf_counter() - start)
-    fresh[batch] = statistics.median(times[1:])
+def main_table(records_dir, data_dir, epochs, per_call):
+  """Rows of the main table: (method, processes, in-graph images/s, Python images/s)."""
+  from pcam_tfdata import records  # pylint: disable=g-import-not-at-top
+  opened = records.Records.open(records_dir)
+  count, shape = opened.count('train'), opened.image_shape
   rows = []
-  for (batch, name), entry in found.items():
-    rows.append({'batch': batch, 'method': name,
-                 'images_per_second': statistics.median(entry['rates']),
-                 'first_batch_ms': 1e3 * statistics.median(entry['firsts']),
-                 'median_batch_ms': 1e3 * statistics.median(entry['gaps'])})
-  memory = {'plain cache': cache_cost(records_dir),
-            'variant cache': cache_cost(records_dir, augment=True,
-                                        budget=pipeline.DEFAULT_VARIANT_BUDGET)}
-  return rows, fresh, memory, count, shape
+  with tempfile.TemporaryDirectory() as work:
+    rows.append(('seed-style loader (ImageDataGenerator + crop, batch 64)', '1 thread', None,
+                 seed_loader_rate(data_dir, _SEED_IMAGES.value, shape[0])))
+    rows.append(('TFDS-style PNG records, decoded and cropped per example, uncached (batch 64)',
+                 'all cores', None, tfds_style_rate(data_dir, _TFDS_IMAGES.value, shape[0],
+                                                    work)))
+  for batch in (64, 256):
+    steps = count // batch
+    rows.append((f'ceiling: one batch repeated (batch {batch})', 'all cores',
+                 *rates_both_ways(ceiling(batch, shape), batch, steps, epochs, per_call)))
+    for name, augment in (('no augmentation', None), ('dihedral augmentation', True)):
+      rows.append((f'pipeline, batch {batch}, {name}: cached', 'all cores',
+                   *rates_both_ways(endless_pipeline(records_dir, batch, augment), batch, steps,
+                                    epochs, per_call)))
+    rows.append((f'pipeline, batch {batch}: first epoch, from disk (building included)',
+                 'all cores', None, first_epoch_rate(records_dir, batch, steps)))
+  rows.append(('memory-copy floor (NumPy copy of the same bytes)', '1 thread', None,
+               memcpy_rate(count, shape, epochs)))
+  return rows, count, shape
 
 
-def print_augment_suite(rows, fresh, memory, count, shape, epochs, rounds):
-  print(f'\n{count} train examples of {list(shape)}; one iterator over {epochs} timed epochs '
-        f'after a warm-up, {rounds} interleaved rounds, median; {hostinfo.describe()}\n')
-  print('| batch | method | images/s | x unaugmented pipeline | % of ceiling | '
-        'first batch of an epoch ms | median batch ms | cores for 8 x 60k images/s |')
-  print('|---:|---|---:|---:|---:|---:|---:|---:|')
-  cores = len(os.sched_getaffinity(0))
-  for row in rows:
-    same = {r['method']: r['images_per_second'] for r in rows if r['batch'] == row['batch']}
-    rate = row['images_per_second']
-    plain = same['pipeline, no augmentation']
-    ceiling = same['tf.data ceiling: one batch repeated']
-    need = 8 * 60000 / (rate / cores)  # Cores at this run's rate per core.
-    print(f'| {row["batch"]} | {row["method"]} | {rate:,.0f} | {rate / plain:.2f} | '
-          f'{100 * rate / ceiling:.0f}% | {row["first_batch_ms"]:.2f} | '
-          f'{row["median_batch_ms"]:.2f} | {need:.1f} |')
-  print('\nFirst batch of a new iterator per epoch (dihedral, variants): ' + ', '.join(
-      f'batch {b}: {1e3 * t:.1f} ms' for b, t in fresh.items()))
-  print('\n| training cache | raw image bytes MiB | retained x raw | peak x raw |')
-  print('|---|---:|---:|---:|')
-  for name, m in memory.items():
-    print(f'| {name}, crop {m["crop"]} | {m["raw_mib"]:,.0f} | {m["retained"]:.2f} | '
-          f'{m["peak"]:.2f} |')
+def print_main_table(rows, count, shape, epochs, per_call):
+  print(f'\n{count} train examples of {list(shape)}; median of {epochs} epochs after a '
+        f'warm-up; in graph: {per_call} batches per compiled call; {hostinfo.describe()}\n')
+  print('| method | processes | in graph images/s | % of in-graph ceiling | '
+        'Python loop images/s | % of Python ceiling | x seed-style loader (Python) |')
+  print('|---|---|---:|---:|---:|---:|---:|')
+  seed = rows[0][3]
+  ceilings = {}
+  for name, processes, graph, python in rows:
+    batch = '256' if 'batch 256' in name else '64'
+    if name.startswith('ceiling'):
+      ceilings[batch] = (graph, python)
+    share = lambda rate, i: (f'{100 * rate / ceilings[batch][i]:.0f}%'
+                             if rate and batch in ceilings and 'pipeline' in name else '')
+    print(f'| {name} | {processes} | {f"{graph:,.0f}" if graph else ""} | {share(graph, 0)} | '
+          f'{python:,.0f} | {share(python, 1)} | {python / seed:,.1f} |')
+
+
+def augment_table(records_dir, rounds, min_seconds, per_call):
+  """{(batch, method): [ratio to the unaugmented pipeline, per round]}, and the rates."""
+  from pcam_tfdata.training import augment  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata import records  # pylint: disable=g-import-not-at-top
+  opened = records.Records.open(records_dir)
+  count, shape = opened.count('train'), opened.image_shape
+  methods = {
+      'dihedral from the cached variants': augment.Augment(dihedral=True),
+      'dihedral per batch after the gather (no variant budget)':
+          augment.Augment(dihedral=True, variant_budget=0),
+      'dihedral (variants) + stain jitter 0.05 in the pipeline':
+          augment.Augment(dihedral=True, stain_jitter=0.05),
+      'dihedral (variants) + stain jitter 0.05 drawn (applied in the step)':
+          augment.Augment(dihedral=True, stain_jitter=0.05, stain_on_device=True),
+  }
+  ratios, rates = {}, {}
+  for batch in (64, 256):
+    consumers = {name: make_graph_consumer(iter(endless_pipeline(records_dir, batch, options)),
+                                           per_call)
+                 for name, options in {'unaugmented': None, **methods}.items()}
+    consumers['ceiling'] = make_graph_consumer(iter(ceiling(batch, shape)), per_call)
+    steps = count // batch
+    for consume in consumers.values():
+      consume(steps)  # Warm-up: an epoch each.
+    for _ in range(rounds):
+      for name in ['ceiling', *methods]:
+        plain = _sample(consumers['unaugmented'], batch, steps, min_seconds)
+        rate = _sample(consumers[name], batch, steps, min_seconds)
+        ratios.setdefault((batch, name), []).append(rate / plain)
+        rates.setdefault((batch, name), []).append(rate)
+        rates.setdefault((batch, 'unaugmented'), []).append(plain)
+  return ratios, rates, count, shape
+
+
+def _sample(consume, batch, steps, min_seconds):
+  """images/s over whole epochs, at least `min_seconds` of them."""
+  seconds, epochs = 0.0, 0
+  while seconds < min_seconds:
+    seconds += consume(steps)
+    epochs += 1
+  return epochs * steps * batch / seconds
+
+
+def print_augment_table(ratios, rates, count, shape, rounds, min_seconds, per_call):
+  print(f'\n{count} train examples of {list(shape)}; in graph, {per_call} batches per call; '
+        f'{rounds} rounds, each sample at least {min_seconds:g} s; {hostinfo.describe()}\n')
+  print('| batch | method | images/s (median) | x unaugmented, same round: median | range |')
+  print('|---:|---|---:|---:|---|')
+  for batch in (64, 256):
+    print(f'| {batch} | pipeline, no augmentation | '
+          f'{statistics.median(rates[(batch, "unaugmented")]):,.0f} | 1.00 | |')
+    for (b, name), values in ratios.items():
+      if b == batch:
+        label = 'ceiling: one batch repeated' if name == 'ceiling' else f'pipeline, {name}'
+        print(f'| {batch} | {label} | {statistics.median(rates[(b, name)]):,.0f} | '
+              f'{statistics.median(values):.2f} | {min(values):.2f}-{max(values):.2f} |')
 
 
 def main(argv):
   del argv
   cli.import_tensorflow()  # Before anything imports it: no start-up chatter in the tables.
   if _SUITE.value == 'augment':
-    found = augment_suite(_RECORDS_DIR.value, _EPOCHS.value, _ROUNDS.value)
-    print_augment_suite(*found, _EPOCHS.value, _ROUNDS.value)
-    if _JSON.value:
-      rows, fresh, memory, count, shape = found
-      with open(_JSON.value, 'w') as f:
-        json.dump({'host': hostinfo.describe(), 'examples': count, 'image_shape': shape,
-                   'rows': rows, 'fresh_iterator_first_batch_s': fresh,
-                   'cache_memory': memory}, f, indent=1)
-    return
-  from pcam_tfdata import schema  # pylint: disable=g-import-not-at-top
-  manifest = schema.load_manifest(_RECORDS_DIR.value)
-  count = manifest['splits']['train']['count']
-  shape = tuple(manifest['image_shape'])
-  crop = shape[0]
-  epochs = _EPOCHS.value
-  rows, results = [], {}
-  with tempfile.TemporaryDirectory() as work:
-    results['seed-style loader (ImageDataGenerator, batch 64)'] = seed_loader_rate(
-        _DATA_DIR.value, _SEED_IMAGES.value or count, crop)
-    results['TFDS-style PNG records, uncached (batch 64)'] = tfds_style_rate(
-        _DATA_DIR.value, _TFDS_IMAGES.value, crop, work)
-  for batch_size in (64, 256):
-    for augment in (False, True):
-      first, steady = pipeline_rates(_RECORDS_DIR.value, batch_size, augment, epochs)
-      name = f'pipeline, batch {batch_size}, {"dihedral" if augment else "no"} augmentation'
-      results[f'{name}: cached'] = steady
-      if not augment:
-        results[f'{name}: first epoch from disk'] = first
-      else:
-        results[f'pipeline, batch {batch_size}, by-position augmentation (before): cached'] = (
-            by_position_rate(_RECORDS_DIR.value, batch_size, epochs))
-        results[f'pipeline, batch {batch_size}, dihedral + stain jitter 0.05: cached'] = (
-            pipeline_rates(_RECORDS_DIR.value, batch_size, True, epochs, stain_jitter=0.05)[1])
-    results[f'tf.data ceiling (batch {batch_size})'] = ceiling_rate(
-        batch_size, shape, count // batch_size, epochs)
-  results['memory-copy floor (NumPy)'] = memcpy_rate(count, shape, epochs)
-  # Last: op determinism cannot be turned off again in this process.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.experimental.enable_op_determinism()
-  tf.random.set_seed(0)  # Unseeded random ops are refused under op determinism.
-  for augment in (False, True):
-    name = f'pipeline, batch 64, {"dihedral" if augment else "no"} augmentation'
-    results[f'{name}: cached, under op determinism'] = pipeline_rates(
-        _RECORDS_DIR.value, 64, augment, epochs)[1]
-  memory = [cache_cost(d) for d in [_RECORDS_DIR.value, *_MEMORY_RECORDS.value]]
-
-  seed = results['seed-style loader (ImageDataGenerator, batch 64)']
-  host = hostinfo.describe()
-  print(f'\n{count} train examples of {list(shape)} from {_RECORDS_DIR.value}; median of '
-        f'{epochs} epochs after a warm-up; seed-style loader over '
-        f'{_SEED_IMAGES.value or count} images; {host}\n')
-  print('| method | processes | images/s | x seed-style loader | '
-        '% of tf.data ceiling (same batch) |')
-  print('|---|---|---:|---:|---:|')
-  for name, rate in results.items():
-    ceiling = results['tf.data ceiling (batch 256)' if 'batch 256' in name
-                      else 'tf.data ceiling (batch 64)']
-    share = f'{100 * rate / ceiling:.0f}%' if 'pipeline' in name or 'ceiling' in name else ''
-    processes = '1 (one thread)' if name.startswith(('seed', 'memory')) else 'all cores'
-    print(f'| {name} | {processes} | {rate:,.0f} | {rate / seed:,.1f} | {share} |')
-    rows.append({'method': name, 'processes': processes, 'images_per_second': rate,
-                 'x_seed': rate / seed})
-  print('\n| training cache | raw image bytes MiB | retained x raw | peak x raw |')
-  print('|---|---:|---:|---:|')
-  for m in memory:
-    print(f'| crop {m["crop"]} | {m["raw_mib"]:,.0f} | {m["retained"]:.2f} | {m["peak"]:.2f} |')
+    found = augment_table(_RECORDS_DIR.value, _ROUNDS.value, _MIN_SECONDS.value, _PER_CALL.value)
+    print_augment_table(*found, _ROUNDS.value, _MIN_SECONDS.value, _PER_CALL.value)
+    ratios, rates = found[:2]
+    result = {'ratios': {f'{b} {n}': v for (b, n), v in ratios.items()},
+              'rates': {f'{b} {n}': v for (b, n), v in rates.items()}}
+  else:
+    rows, count, shape = main_table(_RECORDS_DIR.value, _DATA_DIR.value, _EPOCHS.value,
+                                    _PER_CALL.value)
+    print_main_table(rows, count, shape, _EPOCHS.value, _PER_CALL.value)
+    memory = [cache_cost(d, augment) for d in [_RECORDS_DIR.value, *_MEMORY_RECORDS.value]
+              for augment in (False, True) if not augment or _variants_fit(d)]
+    print('\n| training cache | raw image bytes MiB | retained x raw | peak x raw |')
+    print('|---|---:|---:|---:|')
+    for m in memory:
+      kind = 'dihedral variants' if m['augment'] else 'plain'
+      print(f'| {kind}, crop {m["crop"]} | {m["raw_mib"]:,.0f} | {m["retained"]:.2f} | '
+            f'{m["peak"]:.2f} |')
+    result = {'rows': rows, 'cache_memory': memory}
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
-      json.dump({'host': host, 'examples': count, 'image_shape': shape, 'rows': rows,
-                 'cache_memory': memory}, f, indent=1)
+      json.dump({'host': hostinfo.describe(), **result}, f, indent=1)
 
 
 if __name__ == '__main__':
