@@ -45,6 +45,9 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Runs of each method; the median i
 _CROP_SIZE = flags.DEFINE_integer('crop_size', 32, 'Center crop side.')
 _WORKERS = flags.DEFINE_integer('workers', len(os.sched_getaffinity(0)), 'Converter processes.')
 _WORK_DIR = flags.DEFINE_string('work_dir', None, 'Scratch folder (default: a temp folder).')
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir', None, 'An existing Kaggle-layout folder to convert instead of generating '
+    '--num_files TIFFs (its train/ is read; a larger set weighs start-up less).')
 _H5_PATCHES = flags.DEFINE_integer(
     'h5_patches', 30000, 'Patches in the generated PCam HDF5 train split (0 skips that part).')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
@@ -237,10 +240,13 @@ def main(argv):
   del argv
   cli.import_tensorflow()  # Before anything imports it: no start-up chatter in the tables.
   work = _WORK_DIR.value or tempfile.mkdtemp(prefix='bench_convert_')
-  data_dir = os.path.join(work, 'kaggle')
-  shutil.rmtree(data_dir, ignore_errors=True)
-  print(f'generating {_NUM_FILES.value} Kaggle-format TIFFs in {data_dir} ...')
-  synthetic.make_dataset(data_dir, num_train=_NUM_FILES.value, num_test=0, show_progress=False)
+  data_dir = _DATA_DIR.value
+  if data_dir is None:
+    data_dir = os.path.join(work, 'kaggle')
+    shutil.rmtree(data_dir, ignore_errors=True)
+    print(f'generating {_NUM_FILES.value} Kaggle-format TIFFs in {data_dir} ...')
+    synthetic.make_dataset(data_dir, num_train=_NUM_FILES.value, num_test=0,
+                           show_progress=False)
   paths = _paths(data_dir)
   source = kaggle.read_source(data_dir)
   labels = dict(zip(source.ids, source.labels.tolist()))

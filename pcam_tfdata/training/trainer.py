@@ -47,9 +47,8 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   run.train(datasets)
   if not setup.chief:
     return {}
-  # Only now: a run killed during the final evaluation resumes and redoes it.
   metrics = run.final_evaluation(datasets, time.time() - start)
-  run.backup.remove()
+  run.backup.remove()  # Only now: a run killed during the final evaluation redoes it.
   return metrics
 
 
@@ -133,15 +132,13 @@ def make_data(config, records, setup, datasets=None):
 
   Raises:
     ValueError: a global batch larger than an input pipeline's share of the
-      train split, or records without a val split.
+      train split, or (building the datasets) records without a val split.
   """
   batch = config.batch_size // setup.pipelines
   steps = records.steps_per_epoch('train', batch, setup.pipelines)
   if steps < 1:
     raise ValueError(f'--batch_size={config.batch_size}: larger than the train split '
                      f'({records.count("train")} examples)')
-  if 'val' not in records.splits:
-    raise ValueError(f'{records.path}: no val split to monitor')
   datasets = datasets or _datasets(config, records, setup)
   if setup.pipelines > 1:
     context = distribute.input_context(setup.strategy)
@@ -152,6 +149,8 @@ def make_data(config, records, setup, datasets=None):
 
 def _datasets(config, records, setup):
   """The training dataset function and the two evaluation datasets."""
+  if 'val' not in records.splits:
+    raise ValueError(f'{records.path}: no val split to monitor')
   options = augment.Augment(
       dihedral=config.augment, stain_jitter=config.stain_jitter,
       stain_on_device=setup.stain_on_device,
