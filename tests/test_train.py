@@ -247,11 +247,20 @@ def test_the_run_records_where_the_stain_jitter_ran(records, tmp_path, where, ex
   assert trainer.stain_on_device(dataclasses.replace(config, stain_jitter=0.0)) is False
 
 
-def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
-  """The demo model learns, and metrics.json holds the exact whole-split figures."""
+def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path, monkeypatch):
+  """The demo model learns, and metrics.json holds the exact whole-split figures.
+
+  (And --profile_steps traces those steps of the first epoch, once.)
+  """
+  traces = []
+  for name in ('start', 'stop'):
+    real = getattr(tf.profiler.experimental, name)
+    monkeypatch.setattr(tf.profiler.experimental, name,
+                        lambda *a, name=name, real=real: traces.append(name) or real(*a))
   metrics = train.run(_config(learnable_records, tmp_path / 'run', epochs=4, batch_size=16,
                               model='baseline', profile_steps=(1, 3)))
   assert metrics['val_auc'] > 0.8, metrics
+  assert traces == ['start', 'stop']
   assert list((tmp_path / 'run' / 'tensorboard' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   from pcam_tfdata.training import evaluate, pipeline  # pylint: disable=g-import-not-at-top

@@ -1,9 +1,11 @@
 r"""Times the converter against the naive loop and the read floor, on the same files.
 
     python tools/bench_convert.py --num_files=20000 --repeats=3 --json=bench_convert.json
+    python tools/bench_convert.py --data_dir=/tmp/bench_src --h5_patches=0
 
-All three read the same freshly generated Kaggle-format TIFFs, warm in the
-page cache, in one run:
+Every method reads the same Kaggle-format TIFFs, freshly generated (or the
+train/ of --data_dir: a larger set weighs the converter's start-up less),
+warm in the page cache, in one run:
   * read floor: read each file's bytes once, nothing else, in one process
     and in as many processes as the converter runs (--workers): each
     converter row is read against the floor of its own process count;

@@ -115,11 +115,13 @@ class EpochLoop:
     """Every remaining epoch; then the final weights' digest (and the chief's best weights)."""
     writer = tf.summary.create_file_writer(self._path(
         'tensorboard' if self.setup.chief else f'.worker{self.setup.task_id}_tensorboard'))
-    for epoch in range(self.last_epoch + 1, self.config.epochs + 1):
+    first = self.last_epoch + 1
+    for epoch in range(first, self.config.epochs + 1):
       if self.state.stopped_early:  # Restored from a run that had stopped.
         break
       epoch_start = time.time()
-      loss_sum, correct = self._train_epoch(epoch)
+      # --profile_steps traces steps of this process's first epoch only.
+      loss_sum, correct = self._train_epoch(epoch, profile=epoch == first)
       row = self._end_epoch(epoch, loss_sum, correct, epoch_start, datasets['val'])
       self._log(epoch, row, writer)
       self.backup.save(epoch, {'callbacks': vars(self.state),
@@ -138,12 +140,12 @@ class EpochLoop:
     if not self.setup.chief:
       shutil.rmtree(self._path(f'.worker{self.setup.task_id}_tensorboard'), ignore_errors=True)
 
-  def _train_epoch(self, epoch):
+  def _train_epoch(self, epoch, profile=False):
     """The epoch's steps, a few per compiled call: (summed loss, correct predictions)."""
     config, chief = self.config, self.setup.chief
     loss_sum = correct = 0.0
     done = 0
-    profile = config.profile_steps and chief and epoch == self.last_epoch + 1
+    profile = profile and config.profile_steps and chief
     bar = progress.Progress(self.steps, f'epoch {epoch}/{config.epochs}',
                             images_per_step=config.batch_size,
                             enabled=config.progress and chief)
