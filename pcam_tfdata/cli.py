@@ -173,3 +173,33 @@ def stops_on_interrupt(program, message):
     raise
   finally:
     signal.signal(signal.SIGINT, previous)
+
+
+_HELP_FLAGS = ('-h', '-?', '-help', '--help', '-helpshort', '--helpshort', '-helpfull',
+               '--helpfull', '-helpxml', '--helpxml')
+
+
+def run_program(module):
+  """Runs `module.main` under absl: `python -m`, a tools/ file or a console script.
+
+  absl's --help lists the flags of the module run as __main__; here that is
+  the small file that called us (pip's console-script wrapper, or a tools/
+  file), not `module`, where the flags are defined. The module's flags are
+  made the main module's key flags, and its docstring the usage text, so
+  --help reads as `python -m module --help` does, and ends with status 0.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  main = sys.modules['__main__']
+  if main is not module:
+    for flag in flags.FLAGS.get_key_flags_for_module(module.__name__):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    main.__doc__ = module.__doc__
+  own_args = sys.argv[1:sys.argv.index('--')] if '--' in sys.argv else sys.argv[1:]
+  try:
+    app.run(module.main)
+  except SystemExit as e:
+    # absl ends --help with status 1; help that was asked for is no failure.
+    if e.code == 1 and any(a.split('=')[0] in _HELP_FLAGS for a in own_args):
+      sys.exit(0)
+    raise

@@ -8,7 +8,8 @@ Service workers run the streaming form of the training pipeline; see
 pipeline.make_service_dataset.
 """
 
-from absl import app
+import sys
+
 from absl import flags
 
 from pcam_tfdata import cli
@@ -57,4 +58,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_program(sys.modules[__name__])

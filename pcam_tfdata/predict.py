@@ -10,10 +10,10 @@ HDF5 source) the metrics of that mean are printed too.
 """
 
 import os
+import sys
 
 import numpy as np
 
-from absl import app
 from absl import flags
 
 from pcam_tfdata import cli
@@ -54,22 +54,24 @@ def main(argv):
   except schema.ManifestError as e:
     cli.fail('predict', e)
   cli.import_tensorflow(_VERBOSE.value)
+  from pcam_tfdata.training import api  # pylint: disable=g-import-not-at-top
   from pcam_tfdata.training import evaluate  # pylint: disable=g-import-not-at-top
   from pcam_tfdata.training import submission  # pylint: disable=g-import-not-at-top
   try:
-    models = submission.load_models(_MODEL_DIR.value, records.image_shape, records.path)
-    ids, probs, labels = submission.predict_split(models, records, 'test', _BATCH_SIZE.value,
-                                                  _TTA.value, show_progress=_PROGRESS.value)
+    ids, probs, labels = api.predict(_MODEL_DIR.value, records, 'test', tta=_TTA.value,
+                                     batch_size=_BATCH_SIZE.value, with_labels=True,
+                                     progress=_PROGRESS.value)
     frame = submission.write_submission(ids, probs, _OUTPUT.value, _SAMPLE_SUBMISSION.value)
   except ValueError as e:  # schema.ManifestError and verify.CorruptShardError are ones.
     cli.fail('predict', e)
   if len(labels) and np.isin(labels, (0, 1)).all():  # Labelled (PCam's test split).
     metrics = evaluate.binary_metrics(labels, probs)
-    print(f'test split ({len(models)} model{"s" if len(models) > 1 else ""}'
+    count = len(_MODEL_DIR.value)
+    print(f'test split ({count} model{"s" if count > 1 else ""}'
           f'{", TTA" if _TTA.value else ""}): ' +
           ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
   print(f'wrote {len(frame)} predictions to {_OUTPUT.value}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_program(sys.modules[__name__])

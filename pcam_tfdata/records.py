@@ -21,6 +21,13 @@ from pcam_tfdata import schema
 class Records:
   """A records folder written by tools/make_records.py; see the module docstring.
 
+  Example:
+
+    import pcam_tfdata as pt
+    records = pt.Records.open('records/demo')   # Reads manifest.json, once.
+    records.image_shape, records.count('val')  # ((32, 32, 3), 972)
+    ds = pt.make_dataset(records, 'val', batch_size=256, training=False)
+
   Attributes:
     path: the folder, as given.
     manifest: its manifest.json, as a dict (read once, at `open`).

@@ -7,8 +7,6 @@ import json
 import os
 import sys
 
-from absl import app
-
 from pcam_tfdata import cli
 from pcam_tfdata import rundir
 
@@ -49,4 +47,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_program(sys.modules[__name__])

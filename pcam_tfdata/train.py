@@ -6,21 +6,23 @@ This file is kept short: flags become a `Config`, and `run(config)` does the
 work, so tests and notebooks call `run` directly.
 """
 
-import dataclasses
 import json
+import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
 from pcam_tfdata import cli
 from pcam_tfdata import records as records_lib
+from pcam_tfdata.training import config as config_lib
 
-_MODEL_NAMES = ('baseline', 'batchnorm')  # models.MODELS, without importing Keras here.
+# The settings and their checks, as this module has always offered them.
+Config = config_lib.Config
+check_config = config_lib.check_config
 
 _RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records folder.')
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'Where checkpoints, logs and results go.')
-_MODEL = flags.DEFINE_enum('model', 'baseline', _MODEL_NAMES, 'Architecture.')
+_MODEL = flags.DEFINE_enum('model', 'baseline', config_lib.MODEL_NAMES, 'Architecture.')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Maximum epochs (early stopping may end sooner).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Global batch, over all replicas.')
 _LEARNING_RATE = flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
@@ -75,72 +77,6 @@ _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress within each epoch
                               '--noprogress for none.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines "
                              '(hidden unless TF_CPP_MIN_LOG_LEVEL says otherwise).')
-
-
-@dataclasses.dataclass
-class Config:
-  """Everything a run needs; the flags above, as plain values.
-
-  `records_dir` is a folder's path or a `records.Records` already open (the
-  CLI opens it once, to fail on a wrong folder before TensorFlow starts).
-  """
-  records_dir: str | records_lib.Records
-  model_dir: str
-  model: str = 'baseline'
-  epochs: int = 10
-  batch_size: int = 64
-  learning_rate: float = 1e-3
-  mixed_precision: str = 'auto'
-  strategy: str = 'auto'
-  num_cpu_devices: int = 1
-  sync_batch_norm: str = 'auto'
-  jit_compile: str = 'auto'
-  augment: bool = False
-  stain_jitter: float = 0.0
-  stain_jitter_on: str = 'auto'
-  augment_cache_gib: float = 4.0  # As pipeline.DEFAULT_VARIANT_BUDGET (TF-free here).
-  seed: int | None = None
-  steps_per_execution: int = 1
-  early_stopping_patience: int = 3
-  reduce_lr_patience: int = 2
-  profile_steps: tuple | None = None
-  eval_batch_size: int = 512
-  data_service_address: str | None = None
-  progress: bool = True  # On the chief only.
-
-
-def check_config(config):
-  """Raises ValueError naming the flag for a bad value."""
-  checks = [
-      (config.model in _MODEL_NAMES, f'--model={config.model}: choose one of {_MODEL_NAMES}'),
-      (config.epochs >= 1, f'--epochs={config.epochs}: must be >= 1'),
-      (config.batch_size >= 1, f'--batch_size={config.batch_size}: must be >= 1'),
-      (config.learning_rate > 0, f'--learning_rate={config.learning_rate}: must be > 0'),
-      (config.num_cpu_devices >= 1, f'--num_cpu_devices={config.num_cpu_devices}: must be >= 1'),
-      (config.steps_per_execution >= 1,
-       f'--steps_per_execution={config.steps_per_execution}: must be >= 1'),
-      (config.early_stopping_patience >= 1,
-       f'--early_stopping_patience={config.early_stopping_patience}: must be >= 1'),
-      (config.reduce_lr_patience >= 1,
-       f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
-      (0 <= config.stain_jitter < 1,
-       f'--stain_jitter={config.stain_jitter}: must be in [0, 1)'),
-      (config.stain_jitter_on in ('auto', 'host', 'device'),
-       f'--stain_jitter_on={config.stain_jitter_on}: choose one of auto, host, device'),
-      (0 <= config.augment_cache_gib < 2**20,  # (Also refuses inf and nan.)
-       f'--augment_cache_gib={config.augment_cache_gib}: must be a number of GiB, >= 0'),
-      (config.seed is None or 0 <= config.seed < 2**32,
-       f'--seed={config.seed}: must be in 0..{2**32 - 1} (NumPy and Keras seeds)'),
-      (config.sync_batch_norm in ('auto', 'on', 'off'),
-       f'--sync_batch_norm={config.sync_batch_norm}: choose one of auto, on, off'),
-      (config.jit_compile in ('auto', 'on', 'off'),
-       f'--jit_compile={config.jit_compile}: choose one of auto, on, off'),
-      (not config.data_service_address or config.data_service_address.startswith('grpc://'),
-       f'--data_service_address={config.data_service_address}: expected grpc://host:port'),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(message)
 
 
 def run(config, strategy=None, datasets=None):
@@ -215,4 +151,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_program(sys.modules[__name__])

@@ -1,16 +1,18 @@
 """What every entry point shares: quiet start-up on any CPU, one error line, progress."""
 
+import importlib
 import io
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
 from pcam_tfdata import cli
-from pcam_tfdata.training import progress
+from pcam_tfdata import progress
 from conftest import ROOT, error_lines, run_in_terminal, run_tool, user_env
 
 # Start-up lines as TensorFlow 2.21 prints them (oneDNN on an x86 host), the
@@ -204,6 +206,51 @@ def test_progress_on_a_terminal_is_a_bar_with_every_step_and_the_metrics():
   assert '0/4' in text and '4/4' in text and 'loss=0.5000' in text and 'images/s=' in text
 
 
+class _Kernel:
+  """What IPython.get_ipython() returns inside a Jupyter kernel, as far as tqdm looks."""
+  config = {'IPKernelApp': {}}
+
+
+def test_progress_in_a_notebook_is_tqdms_auto_bar_not_lines(monkeypatch):
+  """A kernel's stderr is no terminal, yet the bar must render (tqdm.auto's front end)."""
+  import tqdm.auto  # pylint: disable=g-import-not-at-top
+  out = io.StringIO()
+  with progress.Progress(4, 'x', images_per_step=8, stream=out, interval=0) as bar:
+    bar.update(2)
+    assert bar._bar is None  # pylint: disable=protected-access  # A log: lines.
+  assert out.getvalue() == 'x: 2/4 steps images/s=' + out.getvalue().split('=')[1]
+  monkeypatch.setitem(sys.modules, 'IPython', types.SimpleNamespace(get_ipython=_Kernel))
+  assert progress.in_notebook()
+  out = io.StringIO()
+  with progress.Progress(4, 'x', images_per_step=8, stream=out, interval=0) as bar:
+    assert type(bar._bar) is tqdm.auto.tqdm  # pylint: disable=protected-access
+    bar.update(2)
+  assert 'x: 2/4 steps' not in out.getvalue()  # No log line.
+  # A plain IPython shell (no kernel), or none at all: not a notebook.
+  monkeypatch.setitem(sys.modules, 'IPython',
+                      types.SimpleNamespace(get_ipython=lambda: types.SimpleNamespace(config={})))
+  assert not progress.in_notebook()
+  monkeypatch.setitem(sys.modules, 'IPython', types.SimpleNamespace(get_ipython=lambda: None))
+  assert not progress.in_notebook()
+
+
+def test_conversion_progress_in_a_log_is_not_a_bar(monkeypatch):
+  """The converter reports through the same display: in a log, no carriage-return bar,
+  and no line before 30 s have passed (the clock here never moves)."""
+  from pcam_tfdata.convert import pool  # pylint: disable=g-import-not-at-top
+  lines = io.StringIO()
+  monkeypatch.setattr(sys, 'stderr', lines)  # Not a terminal.
+  monkeypatch.setitem(progress.Progress.__init__.__kwdefaults__, 'clock', lambda: 0.0)
+
+  def task(n, counter):
+    with counter.get_lock():
+      counter.value += n
+    return n
+
+  assert list(pool.run_tasks(task, [10] * 6, 1, 60, 0, True)) == [10] * 6
+  assert lines.getvalue() == ''
+
+
 def test_disabled_progress_writes_nothing():
   out = io.StringIO()
   with progress.Progress(4, 'x', images_per_step=8, stream=out, live=True,
@@ -239,10 +286,42 @@ def test_training_in_a_terminal_shows_steps_of_each_epoch(records, tmp_path):
 
 
 def test_noprogress_shows_no_steps_only_each_epochs_line(records, tmp_path, capfd):
-  from pcam_tfdata import train  # pylint: disable=g-import-not-at-top
+  train = importlib.import_module('pcam_tfdata.train')  # The command's module.
   train.run(train.Config(records_dir=str(records), model_dir=str(tmp_path / 'quiet'), epochs=1,
                          batch_size=8, eval_batch_size=16, mixed_precision='off',
                          strategy='default', progress=False))
   out, err = capfd.readouterr()
   assert _epoch_steps(out + err, 1) == {1: set()} and 'epoch=1 ' in out
   assert 'evaluating' not in err and 'steps' not in err
+
+
+# Each console script, its other form (README), and a line its --help must show.
+_CONSOLE_SCRIPTS = {
+    'pcam-make-records': (['tools/make_records.py'], '--per_class'),
+    'pcam-verify-records': (['tools/verify_records.py'], '--[no]verbose'),
+    'pcam-train': (['-m', 'pcam_tfdata.train'], '--records_dir'),
+    'pcam-predict': (['-m', 'pcam_tfdata.predict'], '--[no]tta'),
+    'pcam-report': (['-m', 'pcam_tfdata.report'], 'pcam_tfdata.report runs/demo/baseline'),
+    'pcam-data-service': (['-m', 'pcam_tfdata.data_service'], '--dispatcher_address'),
+    'pcam-launch-local-cluster': (['tools/launch_local_cluster.py'], '--num_workers'),
+}
+
+
+def _flag_lines(text):
+  return re.findall(r'^  (--\S+):', text, re.M)
+
+
+@pytest.mark.parametrize('script', sorted(_CONSOLE_SCRIPTS))
+def test_each_console_script_is_its_command_and_its_help_lists_its_flags(script):
+  other_form, shown = _CONSOLE_SCRIPTS[script]
+  path = os.path.join(os.path.dirname(sys.executable), script)
+  assert os.path.isfile(path), f'{path}: missing (pip install -e . puts it there)'
+  proc = subprocess.run([path, '--help'], capture_output=True, text=True, env=user_env(),
+                        timeout=120, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert shown in proc.stdout, proc.stdout
+  same = run_tool(*other_form, '--help')
+  assert same.returncode == 0, same.stderr[-2000:]
+  assert _flag_lines(proc.stdout) == _flag_lines(same.stdout)
+  assert (len(_flag_lines(proc.stdout)) > 0) == (script != 'pcam-report')
+

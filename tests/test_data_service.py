@@ -1,6 +1,7 @@
 """The tf.data service path: an in-process dispatcher and two workers."""
 
 import gc
+import importlib
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import tensorflow as tf
 
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
-from pcam_tfdata import train
+train = importlib.import_module('pcam_tfdata.train')  # The command's module.
 from pcam_tfdata.training import pipeline
 from pcam_tfdata.training import service as service_lib
 from conftest import ROOT, user_env

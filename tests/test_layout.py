@@ -12,8 +12,10 @@ from conftest import ROOT, user_env
 PACKAGE = ROOT / 'pcam_tfdata'
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
-# What the converter's half may import of the package: itself and the shared schema and handle.
-_CONVERTER_MAY_IMPORT = ('pcam_tfdata.convert', 'pcam_tfdata.schema', 'pcam_tfdata.records')
+# What the converter's half may import of the package: itself, the shared schema and
+# handle, and the progress display.
+_CONVERTER_MAY_IMPORT = ('pcam_tfdata.convert', 'pcam_tfdata.schema', 'pcam_tfdata.records',
+                         'pcam_tfdata.progress')
 _TENSORFLOW = ('tensorflow', 'keras')
 
 
@@ -44,7 +46,8 @@ def test_modules_and_functions_stay_small(path):
 
 
 @pytest.mark.parametrize('path', sorted((PACKAGE / 'convert').glob('*.py')) + [
-    PACKAGE / 'schema.py', PACKAGE / 'records.py'], ids=lambda p: p.name)
+    PACKAGE / 'schema.py', PACKAGE / 'records.py', PACKAGE / 'progress.py'],
+                         ids=lambda p: p.name)
 def test_the_converters_half_imports_neither_tensorflow_nor_the_training_half(path):
   # The shared modules may import TensorFlow inside a function the converter
   # never calls (schema.feature_spec, the readers' parse spec).

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from pcam_tfdata.commands import launch_local_cluster
 from conftest import ROOT, once_per_run
 import replica_steps as rs
 
-sys.path.insert(0, str(ROOT / 'tools'))
-import launch_local_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # float32 sums in another order differ by a few ulps of the largest value.
 _TOLERANCE = dict(rtol=1e-5, atol=1e-6)

@@ -16,10 +16,9 @@ import time
 
 import pytest
 
+from pcam_tfdata.commands import launch_local_cluster
 from conftest import ROOT, user_env
 
-sys.path.insert(0, str(ROOT / 'tools'))
-import launch_local_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LAUNCHER = 'tools/launch_local_cluster.py'
 _ENDLESS = 1000  # Epochs no test run reaches.

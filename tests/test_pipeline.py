@@ -80,6 +80,39 @@ def test_seed_makes_order_and_augmentation_reproducible(records):
   assert _ids(_epoch(other)) != _ids(first)
 
 
+def test_each_iteration_of_a_seeded_dataset_is_the_next_epoch(records):
+  """As tf.data's seeded shuffle: a reproducible sequence of different epochs (Keras `fit`)."""
+  make = lambda **kw: pipeline.make_dataset(str(records), 'train', batch_size=8, training=True,
+                                            augment=True, seed=5, with_ids=True, **kw)
+  ds = make()
+  iterations = [_epoch(ds) for _ in range(3)]
+  orders = [_ids(it) for it in iterations]
+  assert len({tuple(o) for o in orders}) == 3  # Three different orders,
+  images = [{i: img for b in it for i, img in zip(_ids([b]), b[0].numpy())} for it in iterations]
+  common = set(images[0]) & set(images[1]) & set(images[2])
+  redrawn = [i for i in common if not (np.array_equal(images[0][i], images[1][i]) and
+                                       np.array_equal(images[1][i], images[2][i]))]
+  assert len(redrawn) > len(common) / 2  # and new transforms for the same image.
+  # A second dataset with the same arguments gives the same three,
+  again = make()
+  for k in range(3):
+    assert _ids(_epoch(again)) == orders[k]
+  # and iteration k is epoch 1 + k, as a pipeline that starts there yields it.
+  for k in range(3):
+    started = _epoch(make(first_epoch=1 + k))
+    assert _ids(started) == orders[k]
+    for x, y in zip(started, iterations[k]):
+      np.testing.assert_array_equal(x[0].numpy(), y[0].numpy())
+  # Several epochs an iteration: the next iteration goes on from the last one.
+  two = make(num_epochs=2)
+  assert _ids(_epoch(two)) == orders[0] + orders[1]
+  assert _ids(_epoch(two)) == orders[2] + _ids(_epoch(make(first_epoch=4)))
+  # Unseeded: a new order each iteration too.
+  unseeded = pipeline.make_dataset(str(records), 'train', batch_size=8, training=True,
+                                   with_ids=True)
+  assert _ids(_epoch(unseeded)) != _ids(_epoch(unseeded))
+
+
 def test_batches_per_epoch_ends_each_epoch_where_a_resumed_one_starts(records):
   make = lambda **kw: pipeline.make_dataset(str(records), 'train', batch_size=8, training=True,
                                             seed=2, with_ids=True, batches_per_epoch=4, **kw)

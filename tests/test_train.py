@@ -3,6 +3,7 @@
 import builtins
 import csv
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import tensorflow as tf
 
 from pcam_tfdata.convert import synthetic
 from pcam_tfdata import report
-from pcam_tfdata import train
+train = importlib.import_module('pcam_tfdata.train')  # The command's module.
 from pcam_tfdata.training import augment
 from pcam_tfdata.training import backup
 from pcam_tfdata.training import distribute
@@ -398,7 +399,9 @@ def test_a_damaged_backup_is_named_not_blamed_on_the_records(records, tmp_path, 
 
 _KILL_BEFORE_THE_BEST_MODEL_IS_COMMITTED = '''
 import os, signal, sys
-from pcam_tfdata import rundir, train
+import importlib
+from pcam_tfdata import rundir
+train = importlib.import_module('pcam_tfdata.train')
 real = rundir.commit_best
 def die_at_epoch_1(model_dir, epoch):
   if epoch == 1:  # The first epoch always improves: its best model is pending.
@@ -434,9 +437,9 @@ def test_the_best_model_and_the_backup_agree_after_a_kill_between_them(records, 
 
 
 _KILL_AT_STEP = r'''
-import os, signal, sys
+import importlib, os, signal, sys
 from absl import app
-from pcam_tfdata import train
+train = importlib.import_module('pcam_tfdata.train')  # The command's module.
 from pcam_tfdata.training import loop
 kill_at = int(sys.argv[1])
 make_train_fn = loop.make_train_fn

@@ -13,8 +13,8 @@ import os
 import time
 
 import numpy as np
-import tqdm
 
+from pcam_tfdata import progress
 from pcam_tfdata.convert import duplicates
 from pcam_tfdata.convert import outdir
 from pcam_tfdata.convert import pcam_h5
@@ -95,8 +95,8 @@ class _ShardSet:
 
 
 def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, seed=0,
-            resplit=False, num_shards=0, overwrite=False, flags=None, eda=True,
-            show_progress=True, log=print, drop_duplicates=False):
+            resplit=False, num_shards=0, overwrite=False, replace_stale=False, flags=None,
+            eda=True, show_progress=True, log=print, drop_duplicates=False):
   """Converts a PCam HDF5 folder (see `pcam_h5.read_source`) into records.
 
   PCam's own splits are kept (train, valid -> val, test with its labels)
@@ -135,13 +135,15 @@ def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, see
   fingerprint = _fingerprint(source, settings, shard_counts)
   # Shards are written side by side, all open at once: nothing to resume.
   out_dir, work_dir, existing = outdir.prepare(out_dir, fingerprint, overwrite=overwrite,
-                                               resume=False, log=log)
+                                               replace_stale=replace_stale, resume=False,
+                                               log=log)
   if existing is not None:
     return existing
   rng = np.random.default_rng([seed, 1])
   total = sum(len(i) for parts in targets.values() for _, i in parts)
   split_stats, samples, written = {}, {0: [], 1: []}, []
-  with tqdm.tqdm(total=total, unit='img', desc='converting', disable=not show_progress) as bar:
+  with progress.Progress(total, 'converting', images_per_step=None, unit='img', leave=True,
+                         enabled=show_progress) as bar:
     for ours, parts in targets.items():
       shard_set = _ShardSet(work_dir, ours, shard_counts[ours])
       for pcam, indices in parts:
@@ -174,21 +176,21 @@ def _stream_split(split, indices, crop_size, rng, shard_set, samples, bar):
       yield int(i), duplicates.patch_key(block[i - lo])
       if len(samples[label]) < 8:
         samples[label].append((ident, block[i - lo].copy()))
-    bar.update(len(wanted))
+    bar.advance(len(wanted))
 
 
 def _find_duplicates(source, show_progress):
   """What --drop_duplicates leaves out: {'indices': {PCam split: indices}, 'info'}."""
   refs, keys = [], []
   total = sum(s.count for s in source.values())
-  with tqdm.tqdm(total=total, unit='img', desc='duplicate scan',
-                 disable=not show_progress) as bar:
+  with progress.Progress(total, 'duplicate scan', images_per_step=None, unit='img',
+                         leave=True, enabled=show_progress) as bar:
     for name in ('test', 'valid', 'train'):  # Also the order of preference for the kept one.
       if name in source:
         for lo, block, wanted in pcam_h5.blocks(source[name], np.arange(source[name].count)):
           refs.extend((name, int(i)) for i in wanted)
           keys.extend(duplicates.patch_key(p) for p in block)
-          bar.update(len(wanted))
+          bar.advance(len(wanted))
   groups = duplicates.find_groups(keys, lambda idx: pcam_h5.read_patches(source, refs, idx))
   dropped, same_as = duplicates.drop_plan(groups, np.zeros(len(refs)))
   ids = np.asarray([pcam_h5.example_id(s, i) for s, i in refs])

@@ -85,7 +85,7 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
       settings (the demo's default).
     flags: dict recorded in the manifest as given.
     eda: also write the EDA pictures.
-    show_progress: show a tqdm bar.
+    show_progress: show a progress bar (a line every 30 s in a log file).
     log: where one-line progress messages go.
 
   Returns:

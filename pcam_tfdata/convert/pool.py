@@ -5,12 +5,15 @@ crosses a process boundary; workers report progress through one shared
 counter that a bar in the main process follows.
 """
 
+import contextlib
 import functools
 import multiprocessing
 import sys
 import threading
+import types
 
-import tqdm
+from pcam_tfdata import progress
+
 
 _progress = None  # Per worker process: the shared count of records done.
 
@@ -39,6 +42,31 @@ def _start_method():
   return 'spawn'
 
 
+@contextlib.contextmanager
+def _no_main_to_reimport():
+  """While workers start: a __main__ with no file, so `spawn` does not re-run the caller's script.
+
+  A spawned worker re-imports the parent's main script (to unpickle what it
+  defines) and so runs its top-level code. A user's script that calls
+  `pcam_tfdata.make_records` unguarded by `if __name__ == '__main__':` would
+  start its own workers inside each worker, which Python refuses, and the
+  pool would replace the dead worker forever: a silent hang. The tasks here
+  are functions of this package, so the workers need nothing from __main__.
+  """
+  main = sys.modules['__main__']
+  sys.modules['__main__'] = types.ModuleType('__main__')
+  try:
+    yield
+  finally:
+    sys.modules['__main__'] = main
+
+
+def start_pool(ctx, processes, initializer=None, initargs=()):
+  """`ctx.Pool(...)` whose workers never run the caller's script (see `_no_main_to_reimport`)."""
+  with _no_main_to_reimport():
+    return ctx.Pool(processes, initializer=initializer, initargs=initargs)
+
+
 def run_tasks(fn, tasks, workers, total, initial, show_progress, desc='converting'):
   """Runs `fn(task, counter)` on each task, in worker processes when workers > 1.
 
@@ -50,13 +78,14 @@ def run_tasks(fn, tasks, workers, total, initial, show_progress, desc='convertin
   counter = ctx.Value('q', 0)
   pool = None
   if workers > 1 and len(tasks) > 1:
-    pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,))
-  bar = tqdm.tqdm(total=total, initial=initial, unit='img', desc=desc,
-                  disable=not show_progress, smoothing=0.1)
+    pool = start_pool(ctx, min(workers, len(tasks)), initializer=_init_worker,
+                      initargs=(counter,))
+  bar = progress.Progress(total, desc, images_per_step=None, unit='img', initial=initial,
+                          leave=True, enabled=show_progress)
   stop = threading.Event()
   def poll():  # Workers add to `counter`; the bar follows it.
     while not stop.wait(0.2):
-      bar.update(initial + counter.value - bar.n)
+      bar.update(initial + counter.value)
   poller = threading.Thread(target=poll, daemon=True)
   poller.start()
   try:
@@ -72,6 +101,6 @@ def run_tasks(fn, tasks, workers, total, initial, show_progress, desc='convertin
       pool.join()
     stop.set()
     poller.join()
-    bar.update(initial + counter.value - bar.n)
+    bar.update(initial + counter.value)
     bar.close()
 

@@ -19,10 +19,11 @@ import shutil
 
 import numpy as np
 import pandas as pd
-import tqdm
 from PIL import Image
 
+from pcam_tfdata import progress
 from pcam_tfdata.convert import kaggle
+from pcam_tfdata.convert import pool as pool_lib
 
 # Class ratio of the Kaggle training set: 89,117 of 220,025 are positive.
 POSITIVE_FRACTION = 89117 / 220025
@@ -138,7 +139,16 @@ def _write_patches(job):
 
 def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False,
                  show_progress=True, workers=None):
-  """Writes train/, train_labels.csv, test/ and sample_submission.csv.
+  """Writes a synthetic PCam set in Kaggle's layout: train/, train_labels.csv, test/, sample_submission.csv.
+
+  The patches are 96x96 RGB TIFFs named <40-hex id>.tif, as Kaggle's, with
+  a label that depends only on the center 32x32 (see the module docstring).
+
+  Example:
+
+    import pcam_tfdata as pt
+    pt.make_synthetic('demo_kaggle', num_train=2000, num_test=200)
+    pt.make_records('demo_kaggle', 'demo_records', per_class=800)
 
   The folder appears only when complete: it is written under a temporary
   name and renamed at the end.
@@ -148,7 +158,7 @@ def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False
     num_train, num_test: patches per folder.
     seed: the set is a function of (num_train, num_test, seed).
     overwrite: replace an existing folder.
-    show_progress: show a tqdm bar.
+    show_progress: show a progress bar (a line every 30 s in a log file).
     workers: processes drawing patches (default: all cores).
 
   Returns:
@@ -174,16 +184,16 @@ def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False
     jobs += [(os.path.join(tmp, folder), seed, items[k:k + 256])
              for k in range(0, len(items), 256)]
   workers = workers or len(os.sched_getaffinity(0))
-  with tqdm.tqdm(total=num_train + num_test, unit='img', desc='synthesizing',
-                 disable=not show_progress) as bar:
+  with progress.Progress(num_train + num_test, 'synthesizing', images_per_step=None,
+                         unit='img', leave=True, enabled=show_progress) as bar:
     if workers == 1 or len(jobs) == 1:
       for job in jobs:
-        bar.update(_write_patches(job))
+        bar.advance(_write_patches(job))
     else:
       # `spawn`: the caller may run TensorFlow threads that a fork would copy.
-      with multiprocessing.get_context('spawn').Pool(workers) as pool:
+      with pool_lib.start_pool(multiprocessing.get_context('spawn'), workers) as pool:
         for n in pool.imap_unordered(_write_patches, jobs):
-          bar.update(n)
+          bar.advance(n)
   frames[0].to_csv(os.path.join(tmp, kaggle.LABELS_CSV), index=False)
   frames[1].assign(label=0).to_csv(os.path.join(tmp, 'sample_submission.csv'), index=False)
   if os.path.lexists(out_dir):

@@ -20,6 +20,12 @@ DEFAULT_VARIANT_BUDGET = 4 << 30
 class Augment:
   """What a training pipeline does to each image, and where.
 
+  Example (`augment=True` means the dihedral transform alone):
+
+    import pcam_tfdata as pt
+    ds = pt.make_dataset('records/demo', 'train', batch_size=64, training=True, seed=0,
+                         augment=pt.Augment(dihedral=True, stain_jitter=0.02))
+
   Attributes:
     dihedral: one of the 8 flips and 90-degree rotations per image, uniform
       and independent (`draw_dihedral_ids`).

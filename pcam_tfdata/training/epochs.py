@@ -19,7 +19,7 @@ from pcam_tfdata.training import backup as backup_lib
 from pcam_tfdata.training import distribute
 from pcam_tfdata.training import evaluate
 from pcam_tfdata.training import loop
-from pcam_tfdata.training import progress
+from pcam_tfdata import progress
 from pcam_tfdata.training import verify
 
 HISTORY_FIELDS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',

@@ -19,8 +19,16 @@ def _block(x, filters, batch_norm, sync, name):
   return keras.layers.MaxPooling2D(2, name=f'{name}_pool')(x)
 
 
-def build_model(name, input_shape=(32, 32, 3), sync_batch_norm=False):
+def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False):
   """Builds an uncompiled model.
+
+  Example, compiled as the seed trains it:
+
+    import keras
+    import pcam_tfdata as pt
+    model = pt.build_model('batchnorm', pt.Records.open('records/demo').image_shape)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss='binary_crossentropy',
+                  metrics=['accuracy', keras.metrics.AUC(name='auc')])
 
   Baseline: conv 32/64/128 (3x3 same, ReLU, 2x2 max pool), flatten, dense 128
   + ReLU, dropout 0.2, dense 1 sigmoid. BatchNorm: conv 64/128/256 each with
@@ -29,7 +37,7 @@ def build_model(name, input_shape=(32, 32, 3), sync_batch_norm=False):
 
   Args:
     name: 'baseline' or 'batchnorm'.
-    input_shape: (H, W, 3) of the uint8 images.
+    image_shape: (H, W, 3) of the uint8 images: the records' `image_shape`.
     sync_batch_norm: BatchNorm statistics over the global batch (all
       replicas, Keras' `synchronized=True`) rather than each replica's part.
       The same weights; a saved model loads and predicts on one device.
@@ -44,7 +52,7 @@ def build_model(name, input_shape=(32, 32, 3), sync_batch_norm=False):
     raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
   batch_norm = name == 'batchnorm'
   filters, dense, dropout = ((64, 128, 256), 256, 0.5) if batch_norm else ((32, 64, 128), 128, 0.2)
-  inputs = keras.Input(input_shape, dtype='uint8', name='image')
+  inputs = keras.Input(tuple(image_shape), dtype='uint8', name='image')
   x = keras.layers.Rescaling(1.0 / 255, name='scale')(inputs)
   for i, f in enumerate(filters):
     x = _block(x, f, batch_norm, sync_batch_norm, f'block{i + 1}')

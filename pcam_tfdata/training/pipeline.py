@@ -76,6 +76,14 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
                  batches_per_epoch=None):
   """Builds the input pipeline of one split.
 
+  Example, with Keras' `fit` (3 different epochs, the same in every run):
+
+    import pcam_tfdata as pt
+    train = pt.make_dataset('records/demo', 'train', batch_size=64, training=True,
+                            augment=True, seed=0)
+    val = pt.make_dataset('records/demo', 'val', batch_size=256, training=False)
+    model.fit(train, validation_data=val, epochs=3)
+
   Args:
     records: a records.Records, or the path of a records folder.
     split: 'train', 'val' or 'test'.
@@ -87,7 +95,9 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
       dihedral transform alone; None or False for none.
     seed: training: epoch e's order and augmentation derive from (seed, e,
       input pipeline) alone, so a run resumed at epoch e sees what the
-      uninterrupted run saw. None: a fresh base seed each iteration.
+      uninterrupted run saw. Iteration k yields the epochs from
+      first_epoch + k * num_epochs on, as a seeded `shuffle` reshuffles
+      each iteration. None: a fresh base seed each iteration.
     input_context: tf.distribute.InputContext; each pipeline reads its own
       subset of the shard files.
     with_ids: yield (images, labels, ids) instead of (images, labels).
@@ -96,7 +106,7 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
       keep parsed batches after the first pass.
     first_epoch: training: the number of the first epoch yielded (1-based).
     num_epochs: training: epochs yielded per iteration, one after the other
-      (None: endless).
+      (None: endless, from `first_epoch` on each iteration).
     batches_per_epoch: training: batches of each epoch (default: every whole
       batch of the split). A trainer whose steps consume fewer (several
       replicas per pipeline, or pipelines of unequal size) passes what it
@@ -262,19 +272,55 @@ class _EpochPlan:
     return (images, *rest)
 
 
+def _iteration_numbers():
+  """A dataset of one element: k, the number of iterations of it begun before this one.
+
+  tf.data restarts a dataset from scratch on each iteration (Keras `fit`
+  starts one per epoch); this count is what survives from one to the next.
+  It lives in a lookup table rather than a tf.Variable: a variable made
+  inside `strategy.scope()` becomes a distributed one (mirrored per replica;
+  under MultiWorkerMirroredStrategy initialised by a collective), and a
+  dataset is often made there. (Two iterators begun at the same instant may
+  draw the same k; iterations begun one after the other, as `fit` does,
+  never do.)
+  """
+  table = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
+  key = tf.constant(0, tf.int64)
+
+  def take_number(_):
+    k = table.lookup(key)
+    with tf.control_dependencies([table.insert(key, k + 1)]):
+      return tf.identity(k)
+
+  return tf.data.Dataset.from_tensors(key).map(take_number)
+
+
 def _train_dataset(whole, epochs, seed, first_epoch, num_epochs):
-  """`num_epochs` epochs from `first_epoch` on of the split `whole` yields, as one dataset."""
+  """Epochs of the split `whole` yields: `num_epochs` per iteration, from `first_epoch` on.
+
+  Iteration k (k = 0, 1, ...) yields epochs first_epoch + k * num_epochs
+  onwards, as tf.data's seeded shuffle reshuffles on each iteration: Keras
+  `fit(ds, epochs=N)`, which iterates `ds` once per epoch, sees N different
+  epochs, the same N in every run with the same seed. (An endless dataset,
+  num_epochs=None, starts again at `first_epoch` on each iteration.)
+  """
   # One base seed per iteration (the given one, or a fresh draw), then the
   # epoch numbers: (base, e) decides everything random in epoch e.
   if seed is None:
     bases = tf.data.Dataset.random(rerandomize_each_iteration=True).take(1)
   else:
     bases = tf.data.Dataset.from_tensors(tf.constant(seed, tf.int64))
-  numbers = (tf.data.Dataset.counter(first_epoch) if num_epochs is None
-             else tf.data.Dataset.range(first_epoch, first_epoch + num_epochs))
+
+  def numbers(k):
+    if num_epochs is None:
+      return tf.data.Dataset.counter(first_epoch)
+    start = first_epoch + k * num_epochs
+    return tf.data.Dataset.range(start, start + num_epochs)
+
   # Each epoch's permutation is made a step ahead (prefetched), while the
   # epoch before it is still being consumed: no stall at the boundary.
-  plans = bases.flat_map(lambda base: numbers.map(lambda e: epochs.draws(base, e))).prefetch(1)
+  plans = tf.data.Dataset.zip(bases, _iteration_numbers()).flat_map(
+      lambda base, k: numbers(k).map(lambda e: epochs.draws(base, e))).prefetch(1)
 
   def epoch(draws, fields):
     # `fields` repeats by reference, not by copy: each batch sees the split.

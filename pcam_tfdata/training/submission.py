@@ -13,7 +13,7 @@ from pcam_tfdata import records as records_lib
 from pcam_tfdata import rundir
 from pcam_tfdata.training import augment
 from pcam_tfdata.training import pipeline
-from pcam_tfdata.training import progress
+from pcam_tfdata import progress
 from pcam_tfdata.training import verify
 
 
@@ -98,7 +98,17 @@ def predict_split(models, records_dir, split='test', batch_size=128, tta=False,
 
 
 def write_submission(ids, probs, output, sample_submission=None):
-  """Writes id,label; in sample_submission's order when given.
+  """Writes id,label (label: the probability of class 1); in sample_submission's order when given.
+
+  Example:
+
+    import pcam_tfdata as pt
+    ids, probs = pt.predict('runs/demo/batchnorm', 'records/demo', tta=True)
+    pt.write_submission(ids, probs, 'submission.csv',
+                        'records/demo_kaggle/sample_submission.csv')
+
+  Returns:
+    The frame written (a pandas.DataFrame of id, label).
 
   Raises:
     ValueError: an id of the sample submission is not among the predictions,

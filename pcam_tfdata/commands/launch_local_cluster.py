@@ -1,0 +1,190 @@
+r"""Runs N training workers on this machine, as MultiWorkerMirroredStrategy needs them.
+
+    python tools/launch_local_cluster.py --num_workers=2 -- \
+        --flagfile=configs/demo.flags --model_dir=runs/demo_2workers
+
+Each worker is `python -m pcam_tfdata.train <train flags> --strategy=multi_worker`
+with a TF_CONFIG naming free loopback ports; worker 0 is the chief. Their logs
+are streamed with a `[worker i]` prefix. If any worker fails, the others are
+stopped and this exits non-zero; rerunning the same command resumes from the
+chief's backup. On real clusters the same train command runs on each host
+(see BUILD.md for Slurm and Kubernetes).
+
+Ctrl-C reaches every worker as it would from a terminal (SIGINT, each stops
+between two steps), SIGTERM to this launcher is passed on as SIGTERM, as a
+cluster manager sends it; a worker still running after the grace period is
+killed. The workers' TensorFlow servers listen on every interface,
+unauthenticated, for the length of the run (TensorFlow offers no
+loopback-only transport for them): on a laptop on a shared network,
+firewall the ports or do not use it there. When this launcher ends, however
+it ends, no worker remains.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from absl import flags
+
+from pcam_tfdata import cli
+
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', 2, 'Local worker processes.')
+
+GRACE_SECONDS = 30.0  # A signalled worker's time to stop before it is killed, all workers at once.
+# Ports are drawn below Linux's default ephemeral range (32768-60999): the
+# kernel hands ports from that range to every outgoing connection and every
+# bind to port 0, and it could hand one out between our check and the
+# worker's own bind, seconds later.
+_PORT_RANGE = (20000, 32767)
+
+
+def _bindable(port):
+  """Whether `port` is free on every interface, as the workers' servers bind it."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind(('', port))
+    except OSError:
+      return False
+  return True
+
+
+def free_ports(n, rng=random):
+  """n distinct TCP ports free now on every interface, outside the ephemeral range."""
+  ports = []
+  for _ in range(1000):
+    port = rng.randint(*_PORT_RANGE)
+    if port not in ports and _bindable(port):
+      ports.append(port)
+      if len(ports) == n:
+        return ports
+  raise RuntimeError(f'no {n} free ports in {_PORT_RANGE[0]}..{_PORT_RANGE[1]}')
+
+
+def tf_config(ports, index):
+  return json.dumps({'cluster': {'worker': [f'127.0.0.1:{p}' for p in ports]},
+                     'task': {'type': 'worker', 'index': index}})
+
+
+def _stream(proc, index):
+  for line in proc.stdout:
+    sys.stdout.write(f'[worker {index}] {line}')
+    sys.stdout.flush()
+
+
+def stop(procs, sig=signal.SIGTERM, grace=GRACE_SECONDS):
+  """Sends `sig` to every running worker's process group; kills what still runs after `grace`."""
+  for p in procs:
+    if p.poll() is None:
+      try:
+        os.killpg(p.pid, sig)
+      except ProcessLookupError:  # Ended between the poll and the signal.
+        pass
+  deadline = time.monotonic() + grace  # One grace period for all, not one each.
+  try:
+    for p in procs:
+      try:
+        p.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        _kill(p)
+  except BaseException:  # A second Ctrl-C or SIGTERM while waiting: no more grace.
+    for p in procs:
+      _kill(p)
+    raise
+
+
+def _kill(proc):
+  if proc.poll() is None:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # Ended between the poll and the kill.
+      pass
+  proc.wait()
+
+
+class _Terminated(Exception):
+  """This launcher got SIGTERM."""
+
+
+def _on_sigterm(*_):
+  raise _Terminated()
+
+
+def launch(num_workers, train_args):
+  """Runs the workers; returns 0 when all succeed, else the first failure's code.
+
+  However it ends (success, a failed worker, Ctrl-C or SIGTERM to this
+  launcher), no worker outlives it, and so none of their ports stays open.
+  Ctrl-C (KeyboardInterrupt) is passed on as SIGINT and raised again.
+  """
+  ports = free_ports(num_workers)
+  procs, streams = [], []
+  previous = signal.signal(signal.SIGTERM, _on_sigterm)
+  sig = signal.SIGTERM  # For a failed worker's peers, and for SIGTERM.
+  try:
+    for i in range(num_workers):
+      env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
+      # A session of its own: a worker's own children go with it, and Ctrl-C
+      # reaches the launcher, which passes it on and waits for them.
+      procs.append(subprocess.Popen(
+          [sys.executable, '-m', 'pcam_tfdata.train', *train_args, '--strategy=multi_worker'],
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+          start_new_session=True))
+      streams.append(threading.Thread(target=_stream, args=(procs[-1], i), daemon=True))
+      streams[-1].start()
+    failed = _wait(procs)
+  except KeyboardInterrupt:
+    sig = signal.SIGINT
+    raise
+  except _Terminated:
+    failed = (None, 143)
+  finally:
+    stop(procs, sig)
+    signal.signal(signal.SIGTERM, previous)
+    for t in streams:  # Every worker's last lines before ours (their pipes are closed).
+      t.join(timeout=10)
+  if failed is None:
+    return 0
+  index, code = failed
+  if index is None:
+    print('launch_local_cluster.py: error: terminated; stopped every worker (rerun the '
+          'same command to resume)', file=sys.stderr)
+  else:
+    print(f'launch_local_cluster.py: error: worker {index} exited with status {code}; '
+          'stopped the others (rerun the same command to resume)', file=sys.stderr)
+  return code if code > 0 else 1
+
+
+def _wait(procs):
+  """Waits until every worker has ended, or one failed: None, or (index, status)."""
+  while True:
+    for i, p in enumerate(procs):
+      if p.poll() not in (None, 0):
+        return i, p.returncode
+    if all(p.poll() == 0 for p in procs):
+      return None
+    time.sleep(0.2)
+
+
+def main(argv):
+  train_args = argv[1:]
+  if _NUM_WORKERS.value < 1:
+    print(f'launch_local_cluster.py: error: --num_workers={_NUM_WORKERS.value}: must be >= 1',
+          file=sys.stderr)
+    sys.exit(1)
+  try:
+    status = launch(_NUM_WORKERS.value, train_args)
+  except KeyboardInterrupt:
+    print('launch_local_cluster.py: error: interrupted; stopped every worker (rerun the '
+          'same command to resume)', file=sys.stderr)
+    sys.exit(130)
+  sys.exit(status)
+
+
+if __name__ == '__main__':
+  cli.run_program(sys.modules[__name__])
