@@ -166,7 +166,7 @@ def test_fit_in_mirrored_strategy_scope_with_the_datasets_made_there(records, mi
   assert model.predict(next(iter(train))[0], verbose=0).shape == (8, 1)
 
 
-def test_train_and_predict_are_their_commands(records, tmp_path):
+def test_train_is_the_command_and_predict_reads_any_split(records, tmp_path):
   settings = dict(epochs=2, batch_size=8, mixed_precision='off',
                   strategy='default', seed=1, progress=False)
   metrics = pt.train(records, tmp_path / 'api', **settings)
@@ -180,16 +180,8 @@ def test_train_and_predict_are_their_commands(records, tmp_path):
   models = [keras.models.load_model(tmp_path / run / 'model.keras') for run in ('api', 'cli')]
   for a, b in zip(*(m.get_weights() for m in models)):
     np.testing.assert_array_equal(a, b)
-  # Its predictions are the command's submission, row for row.
-  ids, probs = pt.predict(str(tmp_path / 'api'), records, tta=True, progress=False)
-  proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={tmp_path / "cli"}',
-                  f'--records_dir={records}', f'--output={tmp_path / "s.csv"}', '--tta',
-                  '--noprogress')
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  submission = pd.read_csv(tmp_path / 's.csv', dtype={'id': str})
-  assert list(ids) == list(submission['id']) and len(ids) == 10
-  np.testing.assert_allclose(probs, submission['label'], atol=1e-6)
-  # Any split, with its labels; a list of runs is an ensemble (here of one, twice).
+  # pt.predict against the command: tests/test_predict.py. Any split, with its
+  # labels; a list of runs is an ensemble (here of one, twice).
   ids, probs, labels = pt.predict([tmp_path / 'api', tmp_path / 'cli'], records, 'val',
                                   with_labels=True, progress=False)
   assert len(ids) == len(probs) == len(labels) == 12 and set(labels) <= {0.0, 1.0}

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import types
@@ -324,4 +325,22 @@ def test_each_console_script_is_its_command_and_its_help_lists_its_flags(script)
   assert same.returncode == 0, same.stderr[-2000:]
   assert _flag_lines(proc.stdout) == _flag_lines(same.stdout)
   assert (len(_flag_lines(proc.stdout)) > 0) == (script != 'pcam-report')
+
+
+def test_an_error_after_ctrl_c_is_the_interrupt_one_line_status_130(capsys):
+  """A SIGINT inside a TensorFlow op surfaces as that op's (or a peer's) error, not as
+  KeyboardInterrupt; once the user has interrupted, it is the interruption."""
+  with pytest.raises(SystemExit) as stopped:
+    with cli.stops_on_interrupt('train', 'interrupted; rerun to resume'):
+      try:
+        signal.raise_signal(signal.SIGINT)
+      except KeyboardInterrupt:
+        raise RuntimeError('Socket closed (a peer stopped first)') from None
+  assert stopped.value.code == 130
+  assert capsys.readouterr().err == 'train: error: interrupted; rerun to resume\n'
+  # Without an interrupt, an error stays itself (with its traceback).
+  with pytest.raises(RuntimeError, match='Socket closed'):
+    with cli.stops_on_interrupt('train', 'interrupted'):
+      raise RuntimeError('Socket closed')
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -42,6 +43,23 @@ def test_one_pass_yields_every_training_id_exactly_once(records, service):
   for r in tf.data.TFRecordDataset(records_lib.Records.open(records).shard_paths('train')):
     expected.add(tf.io.parse_single_example(r, schema.feature_spec())['id'].numpy().decode())
   assert set(ids) == expected
+
+
+def _one_pass(records, **kwargs):
+  """{id: image} of one pass of the streaming pipeline the service workers run."""
+  ds = service_lib.make_streaming_dataset(str(records), 'train', batch_size=8, seed=1,
+                                          with_ids=True, **kwargs)
+  return {i.decode(): img for images, _, ids in ds
+          for i, img in zip(ids.numpy(), images.numpy())}
+
+
+def test_the_service_workers_pipeline_augments_when_asked(records):
+  plain, flipped = _one_pass(records), _one_pass(records, augment=True)
+  assert plain.keys() == flipped.keys() and len(plain) == 48
+  for example_id, image in plain.items():  # A flip or rotation of its own image.
+    views = [np.rot90(v, k) for v in (image, image[:, ::-1]) for k in range(4)]
+    assert any(np.array_equal(flipped[example_id], v) for v in views), example_id
+  assert sum(not np.array_equal(plain[i], flipped[i]) for i in plain) > len(plain) / 2
 
 
 def test_training_reads_through_the_service(records, service, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """MultiWorkerMirroredStrategy across local processes, through tools/launch_local_cluster.py.
 
-Every run here is one that cannot end by itself (1,000 epochs, no early
+Every run here is one that cannot end by itself (a million epochs, no early
 stop) unless the test says how long it lasts, so a test that waits for the
 launcher to react can only pass if the launcher did react.
 """
@@ -21,7 +21,7 @@ from conftest import ROOT, user_env
 
 
 LAUNCHER = 'tools/launch_local_cluster.py'
-_ENDLESS = 1000  # Epochs no test run reaches.
+_ENDLESS = 10**6  # Epochs no test run reaches.
 _TIMEOUT = 600  # Seconds any one wait may take on a loaded machine before it is a failure.
 
 
@@ -61,9 +61,13 @@ def launch(tmp_path):
   def start(records, model_dir, **flags):
     out_path, err_path = tmp_path / 'launcher.out', tmp_path / 'launcher.err'
     with open(out_path, 'w') as out, open(err_path, 'w') as err:
+      # Started with SIGINT ignored, as a shell starts a script's background
+      # job (and as pytest itself may have been): the launcher must still
+      # act on it. The same verdict however pytest was started.
       launcher = subprocess.Popen([sys.executable, LAUNCHER, '--num_workers=2', '--',
                                    *_train_flags(records, model_dir, **flags)],
-                                  cwd=ROOT, stdout=out, stderr=err, text=True, env=user_env())
+                                  cwd=ROOT, stdout=out, stderr=err, text=True, env=user_env(),
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     started.append((launcher, model_dir))
     return launcher, out_path, err_path
 
@@ -119,8 +123,10 @@ def test_a_killed_worker_fails_the_launch_and_a_restart_resumes_to_identical_wei
   assert sorted(resumed) == [('0', str(restored)), ('1', str(restored))], stdout[-3000:]
   digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', stdout))
   assert set(digests) == {'0', '1'} and digests['0'] == digests['1']
-  pipelines = dict(re.findall(r'\[worker (\d)\] input pipeline (\d) of 2', stdout))
-  assert pipelines == {'0': '0', '1': '1'}  # Each worker reads its own share of the shards.
+  # Each worker reads its own share of the shards, in batches of its share of the global 8.
+  pipelines = dict(re.findall(r'\[worker (\d)\] input pipeline (\d) of 2: \d+ steps of 4 per '
+                              r'epoch', stdout))
+  assert pipelines == {'0': '0', '1': '1'}, stdout[-3000:]
   assert '"strategy": "multi_worker"' in stdout and '"num_replicas_in_sync": 2' in stdout
   assert '"sync_batch_norm": true' in stdout
   with open(model_dir / 'history.csv') as f:
@@ -133,21 +139,44 @@ def test_a_killed_worker_fails_the_launch_and_a_restart_resumes_to_identical_wei
   _gone(model_dir, stdout)
 
 
-def test_ctrl_c_on_the_launcher_stops_every_worker_and_closes_their_ports(records, tmp_path,
-                                                                         launch):
+@pytest.mark.parametrize('sig, status, said', [
+    (signal.SIGINT, 130, 'interrupted'),  # What Ctrl-C sends it.
+    (signal.SIGTERM, 143, 'terminated'),  # What a cluster manager sends it.
+])
+def test_ctrl_c_or_sigterm_on_the_launcher_stops_every_worker_and_closes_their_ports(
+    records, tmp_path, launch, sig, status, said):
   model_dir = tmp_path / 'run'
   launcher, out_path, err_path = launch(records, model_dir, model='baseline')
   _wait_for(lambda: re.search(r'\[worker 1\] epoch=1 ', out_path.read_text()), launcher,
             'a trained epoch', err_path)
-  launcher.send_signal(signal.SIGINT)  # What Ctrl-C sends it.
-  # A run of 1,000 epochs: only the launcher's signal ends it within the timeout.
-  assert launcher.wait(timeout=_TIMEOUT) == 130, err_path.read_text()[-3000:]
-  assert 'interrupted; stopped every worker' in err_path.read_text()
+  assert launcher.poll() is None
+  launcher.send_signal(sig)
+  # An endless run: only the launcher's signal ends it within the timeout.
+  assert launcher.wait(timeout=_TIMEOUT) == status, err_path.read_text()[-3000:]
+  assert f'{said}; stopped every worker' in err_path.read_text()
   stdout = out_path.read_text()
-  # Each worker got the interrupt and stopped on its own, as from a terminal.
-  assert sorted(re.findall(r'\[worker (\d)\] train: error: interrupted', stdout)) == ['0', '1']
+  # Each worker got an interrupt and stopped on its own, between two steps (a
+  # worker killed at the end of the grace period would say nothing).
+  assert sorted(re.findall(r'\[worker (\d)\] train: error: interrupted', stdout)) == [
+      '0', '1'], stdout[-3000:]
   _gone(model_dir, stdout)
   assert not (model_dir / 'metrics.json').exists()
+
+
+_DEAF = 'import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint("ready", flush=True)\ntime.sleep(600)'
+
+
+def test_a_worker_that_does_not_stop_is_killed_after_the_grace_period():
+  deaf = subprocess.Popen([sys.executable, '-c', _DEAF], stdout=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  try:
+    assert deaf.stdout.readline() == 'ready\n'  # Deaf to SIGINT from here on.
+    launch_local_cluster.stop([deaf], signal.SIGINT, grace=0.5)
+    assert deaf.returncode == -signal.SIGKILL
+  finally:
+    if deaf.poll() is None:
+      deaf.kill()
+    deaf.wait()
 
 
 def test_free_ports_are_outside_the_ephemeral_range_and_bindable():

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import pcam_tfdata as pt
 from pcam_tfdata.convert import tiff
 from pcam_tfdata.training import augment
 from pcam_tfdata.training import evaluate
@@ -119,6 +120,10 @@ def test_predict_cli_writes_each_ids_probability(records, kaggle_dir, tmp_path):
     # The CSV keeps 6 decimals.
     assert label == pytest.approx(_expected_probability(weights, crops[example_id], True),
                                   abs=2e-6), example_id
+  # The library's call is the command: the same probabilities (in the records' order).
+  ids, probs = pt.predict(model_dir, records, tta=True, batch_size=4, progress=False)
+  assert sorted(ids) == sorted(written['id'])
+  np.testing.assert_allclose(probs, written.set_index('id').loc[ids, 'label'], atol=1e-6)
 
   proc = run_tool('-m', 'pcam_tfdata.predict', f'--model_dir={tmp_path / "absent"}',
                   f'--records_dir={records}', f'--output={tmp_path / "x.csv"}', timeout=300)

@@ -19,11 +19,13 @@ import pytest
 import tensorflow as tf
 
 from pcam_tfdata.convert import synthetic
+from pcam_tfdata import records as records_lib
 from pcam_tfdata import report
 train = importlib.import_module('pcam_tfdata.train')  # The command's module.
 from pcam_tfdata.training import augment
 from pcam_tfdata.training import backup
 from pcam_tfdata.training import distribute
+from pcam_tfdata.training import epochs as epochs_lib
 from pcam_tfdata.training import loop
 from pcam_tfdata.training import models
 from pcam_tfdata.training import pipeline
@@ -271,6 +273,60 @@ def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path, monkey
   probs, labels, ids = evaluate.predict(evaluate.make_predict_fn(model), ds)
   assert len(ids) == len(set(ids)) == 100
   assert metrics['val_auc'] == pytest.approx(roc_auc_score(labels, probs), abs=1e-6)
+  ds = pipeline.make_dataset(str(learnable_records), 'train', batch_size=7, training=False,
+                             with_ids=True)
+  probs, labels, ids = evaluate.predict(evaluate.make_predict_fn(model), ds)
+  assert len(ids) == len(set(ids)) == 300  # Every train example, not the last batch dropped.
+  assert metrics['train_auc'] == pytest.approx(roc_auc_score(labels, probs), abs=1e-6)
+
+
+def test_the_trainers_pipelines_are_what_the_flags_say(records, monkeypatch):
+  made = []
+  monkeypatch.setattr(pipeline, 'make_dataset',
+                      lambda records, split, **kw: made.append((split, kw)) or split)
+  config = _config(records, 'unused', augment=True, stain_jitter=0.02, augment_cache_gib=0.5,
+                   seed=7, epochs=5, eval_batch_size=24)
+  data = trainer._datasets(config, records_lib.Records.open(records),  # pylint: disable=protected-access
+                           types.SimpleNamespace(stain_on_device=False))
+  assert (data['val'], data['train_eval']) == ('val', 'train')
+  for _, kw in made:  # Evaluation: every example once, with ids.
+    assert (kw['training'], kw['with_ids'], kw['batch_size']) == (False, True, 24)
+  data['train'](tf.distribute.InputContext(), 3, 4)
+  split, kw = made[-1]
+  assert split == 'train' and kw['training']
+  assert kw['augment'] == augment.Augment(dihedral=True, stain_jitter=0.02,
+                                          stain_on_device=False, variant_budget=2**29)
+  assert (kw['seed'], kw['first_epoch'], kw['num_epochs'], kw['batches_per_epoch'],
+          kw['batch_size']) == (7, 3, 3, 4, 8)
+
+
+def test_a_resumed_run_trains_at_the_learning_rate_it_had_reached(records, tmp_path,
+                                                                   monkeypatch):
+  run_dir = tmp_path / 'run'
+  real_train_epoch = epochs_lib.EpochLoop._train_epoch  # pylint: disable=protected-access
+
+  def stopped_in_epoch_2(self, epoch, **kwargs):
+    if epoch == 2:  # After epoch 1's backup.
+      raise KeyboardInterrupt
+    return real_train_epoch(self, epoch, **kwargs)
+
+  monkeypatch.setattr(epochs_lib.EpochLoop, '_train_epoch', stopped_in_epoch_2)
+  with pytest.raises(KeyboardInterrupt):
+    train.run(_config(records, run_dir, epochs=2, early_stopping_patience=5))
+  monkeypatch.setattr(epochs_lib.EpochLoop, '_train_epoch', real_train_epoch)
+  real_restore = backup.Backup.restore
+
+  def cut_twice(self):  # As if ReduceLROnPlateau had halved the rate twice before the stop.
+    epoch, saved = real_restore(self)
+    saved['learning_rate'] = 2.5e-4
+    return epoch, saved
+
+  monkeypatch.setattr(backup.Backup, 'restore', cut_twice)
+  train.run(_config(records, run_dir, epochs=2, early_stopping_patience=5))
+  with open(run_dir / 'history.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['epoch'] for r in rows] == ['1', '2']
+  assert float(rows[1]['learning_rate']) == pytest.approx(2.5e-4)
 
 
 def test_callback_state_follows_keras_semantics():

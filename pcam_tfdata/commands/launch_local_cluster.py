@@ -10,10 +10,11 @@ stopped and this exits non-zero; rerunning the same command resumes from the
 chief's backup. On real clusters the same train command runs on each host
 (see BUILD.md for Slurm and Kubernetes).
 
-Ctrl-C reaches every worker as it would from a terminal (SIGINT, each stops
-between two steps), SIGTERM to this launcher is passed on as SIGTERM, as a
-cluster manager sends it; a worker still running after the grace period is
-killed. The workers' TensorFlow servers listen on every interface,
+Ctrl-C, and SIGTERM to this launcher (what a cluster manager sends), reach
+every worker as Ctrl-C from a terminal would (SIGINT: each stops between two
+steps, with one line). Not SIGTERM: MultiWorkerMirroredStrategy takes
+SIGTERM in each worker as a preemption notice, and the worker trains on. A
+worker still running after the grace period is killed. The workers' TensorFlow servers listen on every interface,
 unauthenticated, for the length of the run (TensorFlow offers no
 loopback-only transport for them): on a laptop on a shared network,
 firewall the ports or do not use it there. When this launcher ends, however
@@ -77,7 +78,7 @@ def _stream(proc, index):
     sys.stdout.flush()
 
 
-def stop(procs, sig=signal.SIGTERM, grace=GRACE_SECONDS):
+def stop(procs, sig=signal.SIGINT, grace=GRACE_SECONDS):
   """Sends `sig` to every running worker's process group; kills what still runs after `grace`."""
   for p in procs:
     if p.poll() is None:
@@ -120,12 +121,11 @@ def launch(num_workers, train_args):
 
   However it ends (success, a failed worker, Ctrl-C or SIGTERM to this
   launcher), no worker outlives it, and so none of their ports stays open.
-  Ctrl-C (KeyboardInterrupt) is passed on as SIGINT and raised again.
+  Ctrl-C (KeyboardInterrupt) is raised again once the workers have stopped.
   """
   ports = free_ports(num_workers)
   procs, streams = [], []
   previous = signal.signal(signal.SIGTERM, _on_sigterm)
-  sig = signal.SIGTERM  # For a failed worker's peers, and for SIGTERM.
   try:
     for i in range(num_workers):
       env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
@@ -138,13 +138,12 @@ def launch(num_workers, train_args):
       streams.append(threading.Thread(target=_stream, args=(procs[-1], i), daemon=True))
       streams[-1].start()
     failed = _wait(procs)
-  except KeyboardInterrupt:
-    sig = signal.SIGINT
-    raise
   except _Terminated:
     failed = (None, 143)
   finally:
-    stop(procs, sig)
+    # SIGINT whatever the cause (Ctrl-C, SIGTERM, a failed peer): see the
+    # module docstring for why not SIGTERM.
+    stop(procs, signal.SIGINT)
     signal.signal(signal.SIGTERM, previous)
     for t in streams:  # Every worker's last lines before ours (their pipes are closed).
       t.join(timeout=10)
@@ -172,6 +171,9 @@ def _wait(procs):
 
 
 def main(argv):
+  # Ctrl-C (or kill -INT) must reach us even when we were started with SIGINT
+  # ignored, as a shell starts a script's background jobs: we pass it on.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   train_args = argv[1:]
   if _NUM_WORKERS.value < 1:
     print(f'launch_local_cluster.py: error: --num_workers={_NUM_WORKERS.value}: must be >= 1',
