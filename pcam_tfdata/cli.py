@@ -196,10 +196,17 @@ def run_program(module):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     main.__doc__ = module.__doc__
   own_args = sys.argv[1:sys.argv.index('--')] if '--' in sys.argv else sys.argv[1:]
+  ran = []
+
+  def run_main(argv):
+    ran.append(True)
+    return module.main(argv)
+
   try:
-    app.run(module.main)
+    app.run(run_main)
   except SystemExit as e:
-    # absl ends --help with status 1; help that was asked for is no failure.
-    if e.code == 1 and any(a.split('=')[0] in _HELP_FLAGS for a in own_args):
+    # absl ends --help with status 1, before main: help that was asked for is
+    # no failure. (A failure of main itself keeps its status, --help=false or not.)
+    if e.code == 1 and not ran and any(a.split('=')[0] in _HELP_FLAGS for a in own_args):
       sys.exit(0)
     raise

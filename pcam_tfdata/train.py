@@ -3,7 +3,10 @@ r"""Trains the seed's Baseline or BatchNorm CNN on the records, on any strategy.
     python -m pcam_tfdata.train --flagfile=configs/demo.flags --model=batchnorm
 
 This file is kept short: flags become a `Config`, and `run(config)` does the
-work, so tests and notebooks call `run` directly.
+work. From Python, `pcam_tfdata.train(records_dir, model_dir, **flags)` is
+the same run (`import pcam_tfdata.train` gives that function; this module is
+`importlib.import_module('pcam_tfdata.train')`, or `from pcam_tfdata.train
+import Config, run`).
 """
 
 import json

@@ -64,19 +64,20 @@ def _without(manifest, keys=_CIRCUMSTANCES):
 
 
 def test_make_records_is_the_command(kaggle_dir, tmp_path):
-  manifest = pt.make_records(kaggle_dir, tmp_path / 'api', per_class=20, show_progress=False,
-                             log=lambda _: None)
+  manifest = pt.make_records(kaggle_dir, tmp_path / 'api', per_class=20, val_fraction=0.25,
+                             show_progress=False, log=lambda _: None)
   proc = run_tool('tools/make_records.py', f'--data_dir={kaggle_dir}',
-                  f'--out_dir={tmp_path / "cli"}', '--per_class=20')
+                  f'--out_dir={tmp_path / "cli"}', '--per_class=20', '--val_fraction=0.25')
   assert proc.returncode == 0, proc.stderr[-2000:]
   written = json.loads((tmp_path / 'cli' / 'manifest.json').read_text())
   assert manifest == json.loads((tmp_path / 'api' / 'manifest.json').read_text())
   # The same records, byte for byte (the shards' checksums are in the manifest).
   assert _without(manifest) == _without(written)
-  assert manifest['splits']['train']['label_counts'] == {'0': 16, '1': 16}
+  assert manifest['splits']['train']['label_counts'] == {'0': 15, '1': 15}
+  assert manifest['splits']['val']['label_counts'] == {'0': 5, '1': 5}
   # A rerun returns the finished manifest, writing nothing.
-  assert pt.make_records(kaggle_dir, tmp_path / 'api', per_class=20, show_progress=False,
-                         log=lambda _: None)['fingerprint'] == manifest['fingerprint']
+  assert pt.make_records(kaggle_dir, tmp_path / 'api', per_class=20, val_fraction=0.25,
+                         show_progress=False, log=lambda _: None) == manifest
 
 
 @pytest.mark.parametrize('options, error, message', [

@@ -344,3 +344,10 @@ def test_an_error_after_ctrl_c_is_the_interrupt_one_line_status_130(capsys):
       raise RuntimeError('Socket closed')
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
 
+
+
+def test_a_failure_keeps_its_status_whatever_help_flag_is_named():
+  proc = run_tool('-m', 'pcam_tfdata.train', '--help=false', '--records_dir=/nonexistent/rec',
+                  '--model_dir=/nonexistent/run')
+  assert proc.returncode == 1 and error_lines(proc.stderr) == [
+      'train: error: /nonexistent/rec: no such records folder'], proc.stderr

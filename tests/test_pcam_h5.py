@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+import pcam_tfdata as pt
 from pcam_tfdata.convert import from_h5
 from pcam_tfdata.convert import pcam_h5
 from pcam_tfdata.training import verify
@@ -102,6 +103,20 @@ def test_shards_mix_classes_and_verify(tmp_path):
     assert {int(p['label']) for p in parsed} == {0, 1}  # Mixed classes,
     assert min(index) < 50 and max(index) > 250  # from the whole file.
   assert verify.verify(str(tmp_path / 'rec'), log=lambda _: None) == sum(SIZES.values())
+
+
+@needs_h5py
+def test_pcam_splits_stand_unless_per_class_or_val_fraction_is_given(tmp_path):
+  """Through pt.make_records, the command's options: either one asks for a re-split."""
+  _make(tmp_path / 'pcam', gz=False)
+  make = lambda out, **kw: pt.make_records(tmp_path / 'pcam', tmp_path / out, source='pcam_h5',
+                                           show_progress=False, log=lambda _: None, **kw)
+  counts = lambda m: {s: m['splits'][s]['count'] for s in m['splits']}
+  assert counts(make('own')) == {'train': 300, 'val': 60, 'test': 40}  # PCam's own.
+  resplit = make('val_fraction', val_fraction=0.5)  # train and valid pooled, then halved.
+  assert counts(resplit) == {'train': 180, 'val': 180, 'test': 40}
+  balanced = counts(make('per_class', per_class=100))  # 100 a class, split by whole slides.
+  assert balanced['train'] + balanced['val'] == 200 and balanced['test'] == 40
 
 
 @needs_h5py

@@ -104,8 +104,9 @@ def main(argv):
         replace_stale=demo and _OUT_DIR.value is None)
   except api.ERRORS as e:
     _fail(str(e))
-  except KeyboardInterrupt:
-    _fail('interrupted; rerun the same command to resume')
+  except KeyboardInterrupt:  # (HDF5 shards are written side by side: no partial resume.)
+    _fail('interrupted; rerun the same command to ' +
+          ('resume' if _SOURCE.value == 'kaggle' else 'start again'))
   _summarize(manifest, out_dir)
 
 

@@ -30,7 +30,7 @@ def train(records_dir, model_dir, *, strategy=None, **options):
     import pcam_tfdata as pt
     metrics = pt.train('records/demo', 'runs/nb', model='batchnorm', epochs=5,
                        augment=True, seed=0)
-    metrics['val']['auc']
+    metrics['val_auc']
 
   Args:
     records_dir: a records folder (or a `Records`).
