@@ -78,6 +78,10 @@ _PROFILE_STEPS = flags.DEFINE_string('profile_steps', None,
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress within each epoch and '
                               'evaluation (a bar on a terminal, a line every 30 s in logs); '
                               '--noprogress for none.')
+_RESTART = flags.DEFINE_bool(
+    'restart', False, 'Discard the backup of an interrupted run in --model_dir and train from '
+    'scratch. Without it a rerun resumes the backup, and refuses one made with other settings '
+    '(naming each).')
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines "
                              '(hidden unless TF_CPP_MIN_LOG_LEVEL says otherwise).')
 
@@ -126,7 +130,8 @@ def _config_from_flags():
       steps_per_execution=_STEPS_PER_EXECUTION.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,
       reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile,
-      data_service_address=_DATA_SERVICE_ADDRESS.value, progress=_PROGRESS.value)
+      data_service_address=_DATA_SERVICE_ADDRESS.value, progress=_PROGRESS.value,
+      restart=_RESTART.value)
 
 
 def main(argv):

@@ -586,3 +586,42 @@ def test_a_training_run_reads_its_manifest_once(records, tmp_path, monkeypatch):
   finally:
     flags.FLAGS.unparse_flags()
   assert len(reads) == 1 and (tmp_path / 'cli' / 'metrics.json').is_file()
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them_and_restart_starts_afresh(
+    records, kaggle_dir, tmp_path, monkeypatch, capsys):
+  model_dir = tmp_path / 'run'
+  monkeypatch.setattr(backup.Backup, 'remove', lambda self: None)  # Kept, as after a kill.
+  train.run(_config(records, model_dir, epochs=1))
+  monkeypatch.undo()
+  (model_dir / 'metrics.json').unlink()  # An unfinished run, resumable.
+  before = {p: p.read_bytes() for p in model_dir.rglob('*') if p.is_file()}
+  other = tmp_path / 'other'  # Records of the same shape, other examples (a second fold).
+  run_convert(kaggle_dir, other, per_class=20)
+  for setting, named in (({'batch_size': 16}, '--batch_size: 8 then, 16 now'),
+                         ({'augment': True, 'seed': 2},
+                          '--seed: 1 then, 2 now; --augment: False then, True now'),
+                         ({'records': other}, f'--records_dir: {records} then, {other} '
+                                              '(other records) now')):
+    records_dir = setting.pop('records', records)
+    with pytest.raises(ValueError) as e:
+      train.run(_config(records_dir, model_dir, epochs=2, **setting))
+    assert str(e.value).startswith(f'{model_dir / "backup"}: the backup is of a run with other '
+                                   'settings (') and named in str(e.value), str(e.value)
+    assert str(e.value).endswith('or add --restart to train from scratch')
+    assert {p: p.read_bytes() for p in model_dir.rglob('*') if p.is_file()} == before
+  # The same settings resume (--epochs may grow, and it says so).
+  monkeypatch.setattr(backup.Backup, 'remove', lambda self: None)  # Kept again.
+  train.run(_config(records, model_dir, epochs=2))
+  monkeypatch.undo()
+  out = capsys.readouterr().out
+  assert 'resuming after epoch 1' in out
+  assert 'continuing with --epochs=2 (the run was started with --epochs=1)' in out
+  # --restart discards the backup and trains afresh, whatever the settings.
+  train.run(_config(records, model_dir, epochs=1, batch_size=16, restart=True))
+  out = capsys.readouterr().out
+  assert f'--restart: discarding the backup in {model_dir / "backup"}' in out
+  assert 'resuming' not in out and not (model_dir / 'backup').exists()
+  with open(model_dir / 'history.csv') as f:
+    assert [r['epoch'] for r in csv.DictReader(f)] == ['1']
+  assert json.loads((model_dir / 'metrics.json').read_text())['global_batch_size'] == 16

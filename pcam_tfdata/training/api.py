@@ -46,7 +46,7 @@ def train(records_dir, model_dir, *, strategy=None, **options):
       stain_jitter_on='auto', augment_cache_gib=4.0, seed=None,
       steps_per_execution=1, early_stopping_patience=3, reduce_lr_patience=2,
       profile_steps=None (a (start, stop) pair), eval_batch_size=512,
-      data_service_address=None, progress=True. A `seed` also turns on
+      data_service_address=None, progress=True, restart=False. A `seed` also turns on
       TensorFlow's op determinism for the rest of the process, as the
       bit-exact rerun needs.
 

@@ -49,6 +49,25 @@ class Backup:
                        f'({detail}); delete {self._chief_dir} to start the run over') from None
     return int(self._epoch.numpy()), json.loads(self._state.numpy().decode())
 
+  @property
+  def path(self):
+    return self._chief_dir
+
+  def saved_state(self):
+    """The last backup's loop state, read alone (nothing restored), or None without one.
+
+    So that a restart can be checked against the run it would resume before
+    anything is restored or written. A state that cannot be read is left
+    for `restore` to name.
+    """
+    latest = tf.train.latest_checkpoint(self._chief_dir)
+    if latest is None:
+      return None
+    try:
+      return json.loads(tf.train.load_variable(latest, 'state/.ATTRIBUTES/VARIABLE_VALUE'))
+    except (tf.errors.OpError, ValueError):
+      return None
+
   def save(self, epoch, state):
     self._epoch.assign(epoch)
     self._state.assign(json.dumps(state))

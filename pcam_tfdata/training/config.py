@@ -41,6 +41,7 @@ class Config:
   eval_batch_size: int = 512
   data_service_address: str | None = None
   progress: bool = True  # On the chief only.
+  restart: bool = False  # Discard the backup of an interrupted run instead of resuming it.
 
 
 def check_config(config):

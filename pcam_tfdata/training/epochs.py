@@ -19,6 +19,7 @@ from pcam_tfdata.training import backup as backup_lib
 from pcam_tfdata.training import distribute
 from pcam_tfdata.training import evaluate
 from pcam_tfdata.training import loop
+from pcam_tfdata.training import resume
 from pcam_tfdata import progress
 from pcam_tfdata.training import verify
 
@@ -44,6 +45,7 @@ class EpochLoop:
     self.from_chief = distribute.make_from_chief(setup.strategy)
     self.backup = backup_lib.Backup(self.model_dir, model, optimizer, setup.chief,
                                     setup.task_id)
+    self.run_settings = resume.settings(config, records, setup)
     self.state = loop.CallbackState()
     self.last_epoch = 0
     self.learning_rate = config.learning_rate
@@ -59,11 +61,23 @@ class EpochLoop:
     return verify.reading(self.records)
 
   def restore(self):
-    """BackupAndRestore: the last finished epoch's weights, optimizer and loop state, if any."""
-    self.last_epoch, saved = self.backup.restore()
-    if saved:
-      self.state = loop.CallbackState(**saved['callbacks'])
-      self.learning_rate = saved['learning_rate']
+    """BackupAndRestore: the last finished epoch's weights, optimizer and loop state, if any.
+
+    First checked against this run's settings (`resume.check`); with
+    --restart, the backup is discarded instead.
+    """
+    if self.config.restart:
+      if self.setup.chief and self.backup.saved_state() is not None:
+        print(f'--restart: discarding the backup in {self.backup.path}; training from scratch')
+      self.backup.remove()  # Each worker its own; no worker reads the chief's.
+    else:
+      saved = self.backup.saved_state()
+      resume.check(saved and saved.get('run'), self.run_settings, self.backup.path,
+                   log=print if self.setup.chief else lambda _: None)
+      self.last_epoch, saved = self.backup.restore()
+      if saved:
+        self.state = loop.CallbackState(**saved['callbacks'])
+        self.learning_rate = saved['learning_rate']
     self.optimizer.learning_rate.assign(self.learning_rate)
 
   def start(self, datasets):
@@ -125,7 +139,7 @@ class EpochLoop:
       row = self._end_epoch(epoch, loss_sum, correct, epoch_start, datasets['val'])
       self._log(epoch, row, writer)
       self.backup.save(epoch, {'callbacks': vars(self.state),
-                               'learning_rate': self.learning_rate})
+                               'learning_rate': self.learning_rate, 'run': self.run_settings})
       if self.setup.chief:  # Only now: a restart restores this epoch, and so this best model.
         rundir.commit_best(self.model_dir, epoch)
       self.last_epoch = epoch

@@ -1,0 +1,66 @@
+"""What a backup must match to be resumed: the settings that decide a run's batches and steps.
+
+A backup records them; a restart whose command differs in any is refused
+with one line naming each (before anything is restored or written), since
+resuming would silently mix two runs (two folds in one --model_dir, say).
+`--epochs` may grow: each epoch's batches derive from (seed, epoch) alone.
+"""
+
+# Each checked setting, and how the command line names it.
+_NAMES = {
+    'records': '--records_dir',
+    'model': '--model',
+    'batch_size': '--batch_size',
+    'learning_rate': '--learning_rate',
+    'seed': '--seed',
+    'augment': '--augment',
+    'stain_jitter': '--stain_jitter',
+    'stain_jitter_on': '--stain_jitter_on',
+    'precision': 'the precision policy (--mixed_precision)',
+    'sync_batch_norm': '--sync_batch_norm',
+    'replicas': 'the replicas in sync (--strategy, --num_cpu_devices, the workers)',
+    'input_pipelines': 'the input pipelines (the workers)',
+}
+
+
+def settings(config, records, setup):
+  """This run's checked settings (and --epochs), as the backup records them."""
+  return {
+      'records': {'path': records.path, 'fingerprint': records.manifest.get('fingerprint')},
+      'model': config.model, 'batch_size': config.batch_size,
+      'learning_rate': config.learning_rate, 'seed': config.seed, 'augment': config.augment,
+      'stain_jitter': config.stain_jitter,
+      'stain_jitter_on': 'device' if setup.stain_on_device else 'host',
+      'precision': setup.policy, 'sync_batch_norm': setup.sync_batch_norm,
+      'replicas': setup.replicas, 'input_pipelines': setup.pipelines,
+      'epochs': config.epochs,
+  }
+
+
+def check(saved, current, backup_path, log=print):
+  """Raises ValueError naming every setting in which `current` differs from the backup's.
+
+  Args:
+    saved: the backup's recorded settings; None for a backup made before
+      they were recorded (resumed unchecked).
+    current: `settings` of this run.
+    backup_path: the backup folder, for the message.
+    log: where the note on a changed --epochs goes.
+  """
+  if saved is None:
+    return
+  differ = []
+  for key, name in _NAMES.items():
+    then, now = saved.get(key), current[key]
+    if key == 'records':  # The same records, wherever the folder now is.
+      if then and then['fingerprint'] != now['fingerprint']:
+        differ.append(f'{name}: {then["path"]} then, {now["path"]} (other records) now')
+    elif key in saved and then != now:
+      differ.append(f'{name}: {then} then, {now} now')
+  if differ:
+    raise ValueError(f'{backup_path}: the backup is of a run with other settings ('
+                     f'{"; ".join(differ)}); rerun the command it was started with to resume, '
+                     'or add --restart to train from scratch')
+  if saved.get('epochs') not in (None, current['epochs']):
+    log(f'continuing with --epochs={current["epochs"]} (the run was started with '
+        f'--epochs={saved["epochs"]})')
