@@ -610,16 +610,19 @@ def test_a_resume_with_other_settings_is_refused_naming_them_and_restart_starts_
                                    'settings (') and named in str(e.value), str(e.value)
     assert str(e.value).endswith('or add --restart to train from scratch')
     assert {p: p.read_bytes() for p in model_dir.rglob('*') if p.is_file()} == before
-  # The same settings resume (--epochs may grow, and it says so).
+  # The same settings resume: --epochs may grow (and it says so), and
+  # --sync_batch_norm does not matter to a model without BatchNorm.
   monkeypatch.setattr(backup.Backup, 'remove', lambda self: None)  # Kept again.
-  train.run(_config(records, model_dir, epochs=2))
+  train.run(_config(records, model_dir, epochs=2, sync_batch_norm='on'))  # (No BatchNorm.)
   monkeypatch.undo()
   out = capsys.readouterr().out
   assert 'resuming after epoch 1' in out
   assert 'continuing with --epochs=2 (the run was started with --epochs=1)' in out
   # --restart discards the backup and trains afresh, whatever the settings.
+  old_curves = set((model_dir / 'tensorboard').rglob('*'))
   train.run(_config(records, model_dir, epochs=1, batch_size=16, restart=True))
   out = capsys.readouterr().out
+  assert not old_curves & set((model_dir / 'tensorboard').rglob('*'))
   assert f'--restart: discarding the backup in {model_dir / "backup"}' in out
   assert 'resuming' not in out and not (model_dir / 'backup').exists()
   with open(model_dir / 'history.csv') as f:

@@ -70,6 +70,8 @@ class EpochLoop:
       if self.setup.chief and self.backup.saved_state() is not None:
         print(f'--restart: discarding the backup in {self.backup.path}; training from scratch')
       self.backup.remove()  # Each worker its own; no worker reads the chief's.
+      if self.setup.chief:  # The old run's curves too (history and model go at start).
+        shutil.rmtree(self._path('tensorboard'), ignore_errors=True)
     else:
       saved = self.backup.saved_state()
       resume.check(saved and saved.get('run'), self.run_settings, self.backup.path,

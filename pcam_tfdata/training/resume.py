@@ -28,10 +28,13 @@ def settings(config, records, setup):
   return {
       'records': {'path': records.path, 'fingerprint': records.manifest.get('fingerprint')},
       'model': config.model, 'batch_size': config.batch_size,
-      'learning_rate': config.learning_rate, 'seed': config.seed, 'augment': config.augment,
+      'learning_rate': config.learning_rate, 'seed': config.seed,
+      'augment': bool(config.augment),  # (True and 'dihedral' ask for the same.)
       'stain_jitter': config.stain_jitter,
       'stain_jitter_on': 'device' if setup.stain_on_device else 'host',
-      'precision': setup.policy, 'sync_batch_norm': setup.sync_batch_norm,
+      'precision': setup.policy,
+      # Only where there is BatchNorm to synchronize.
+      'sync_batch_norm': setup.sync_batch_norm if config.model == 'batchnorm' else None,
       'replicas': setup.replicas, 'input_pipelines': setup.pipelines,
       'epochs': config.epochs,
   }
