@@ -14,8 +14,9 @@ Ctrl-C, and SIGTERM to this launcher (what a cluster manager sends), reach
 every worker as Ctrl-C from a terminal would (SIGINT: each stops between two
 steps, with one line). Not SIGTERM: MultiWorkerMirroredStrategy takes
 SIGTERM in each worker as a preemption notice, and the worker trains on. A
-worker still running after the grace period is killed. The workers' TensorFlow servers listen on every interface,
-unauthenticated, for the length of the run (TensorFlow offers no
+worker still running after the grace period is killed. The workers'
+TensorFlow servers listen on every interface, unauthenticated, for the
+length of the run (TensorFlow offers no
 loopback-only transport for them): on a laptop on a shared network,
 firewall the ports or do not use it there. When this launcher ends, however
 it ends, no worker remains.

@@ -21,6 +21,7 @@ from pcam_tfdata.convert import api
 from pcam_tfdata.convert import duplicates
 from pcam_tfdata.convert import kaggle
 from pcam_tfdata.convert import plan
+from pcam_tfdata.convert import pool
 from pcam_tfdata.convert import synthetic
 
 DEMO_SOURCE_DIR = os.path.join('records', 'demo_kaggle')
@@ -40,7 +41,8 @@ _CROP_SIZE = flags.DEFINE_integer('crop_size', 32, 'Side of the center crop; eve
 _PER_CLASS = flags.DEFINE_integer(
     'per_class', api.DEFAULT_PER_CLASS, 'Examples kept per class before splitting, as the seed; '
     '0 keeps every example (unbalanced).')
-_VAL_FRACTION = flags.DEFINE_float('val_fraction', api.DEFAULT_VAL_FRACTION, 'Share of the kept examples for val.')
+_VAL_FRACTION = flags.DEFINE_float('val_fraction', api.DEFAULT_VAL_FRACTION,
+                                   'Share of the kept examples for val.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of balancing, splitting and shuffling.')
 _GROUPS_CSV = flags.DEFINE_string(
     'groups_csv', None, 'Optional id,group CSV (also id,wsi as the community '
@@ -53,8 +55,7 @@ _FOLD = flags.DEFINE_integer('fold', 0, 'With --num_folds: which fold (0..K-1) i
 _NUM_SHARDS = flags.DEFINE_integer(
     'num_shards', 0, f'Train shards; 0 picks at least {plan.TRAIN_MIN_SHARDS} '
     '(and about 128 MiB each at most). Val and test shards are picked by size.')
-_WORKERS = flags.DEFINE_integer('workers', api.default_workers(),
-                                'Processes writing shards.')
+_WORKERS = flags.DEFINE_integer('workers', pool.default_workers(), 'Processes writing shards.')
 _SKIP_BAD = flags.DEFINE_bool(
     'skip_bad', False, 'Skip unreadable or malformed patches (and ids with no file), '
     'listing each in the manifest, instead of stopping at the first.')
@@ -65,6 +66,7 @@ _DROP_DUPLICATES = flags.DEFINE_bool(
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Replace a finished conversion of other inputs or settings (stale). '
     'Only a folder holding this tool\'s manifest.json is ever replaced.')
+
 
 def _fail(message):
   cli.fail('make_records.py', message)

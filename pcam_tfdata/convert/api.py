@@ -13,6 +13,7 @@ from pcam_tfdata.convert import kaggle
 from pcam_tfdata.convert import outdir
 from pcam_tfdata.convert import pcam_h5
 from pcam_tfdata.convert import plan
+from pcam_tfdata.convert import pool
 from pcam_tfdata.convert import tiff
 from pcam_tfdata import schema
 
@@ -24,11 +25,6 @@ SOURCES = ('kaggle', 'pcam_h5')
 # with a one-line message): the command prints these; anything else is a bug.
 ERRORS = (kaggle.SourceError, pcam_h5.SourceError, plan.ConvertError, outdir.OutDirError,
           tiff.BadImageError, schema.ManifestError)
-
-
-def default_workers():
-  """The processes the converter writes with unless told: every core this process may use."""
-  return len(os.sched_getaffinity(0))
 
 
 def make_records(data_dir, out_dir, *, source='kaggle', crop_size=32, per_class=None,
@@ -90,7 +86,7 @@ def make_records(data_dir, out_dir, *, source='kaggle', crop_size=32, per_class=
   """
   _check_choices(source, num_folds, fold, val_fraction, groups_csv)
   if workers is None:
-    workers = default_workers()
+    workers = pool.default_workers()
   # Paths as strings: the settings are recorded in manifest.json.
   data_dir, out_dir = os.fspath(data_dir), os.fspath(out_dir)
   groups_csv = groups_csv and os.fspath(groups_csv)

@@ -8,6 +8,7 @@ counter that a bar in the main process follows.
 import contextlib
 import functools
 import multiprocessing
+import os
 import sys
 import threading
 import types
@@ -25,6 +26,11 @@ def _init_worker(counter):
 
 def _call(fn, task):
   return fn(task, _progress)
+
+
+def default_workers():
+  """Worker processes unless told: every core this process may use."""
+  return len(os.sched_getaffinity(0))
 
 
 def _start_method():

@@ -183,7 +183,7 @@ def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False
     items = [(code, i, int(l), n) for i, (l, n) in enumerate(zip(labels, ids))]
     jobs += [(os.path.join(tmp, folder), seed, items[k:k + 256])
              for k in range(0, len(items), 256)]
-  workers = workers or len(os.sched_getaffinity(0))
+  workers = workers or pool_lib.default_workers()
   with progress.Progress(num_train + num_test, 'synthesizing', images_per_step=None,
                          unit='img', leave=True, enabled=show_progress) as bar:
     if workers == 1 or len(jobs) == 1:
