@@ -18,6 +18,7 @@ from absl import logging
 from pcam_tfdata import cli
 from pcam_tfdata import records as records_lib
 from pcam_tfdata.training import config as config_lib
+from pcam_tfdata.training import preemption
 
 # The settings and their checks, as this module has always offered them.
 Config = config_lib.Config
@@ -66,6 +67,9 @@ _SEED = flags.DEFINE_integer(
     'resumed run, ends with bit-identical weights (on GPU hosts, with TF op determinism).')
 _STEPS_PER_EXECUTION = flags.DEFINE_integer('steps_per_execution', 1,
                                             'Training steps per compiled call.')
+_BACKUP_EVERY_STEPS = flags.DEFINE_integer(
+    'backup_every_steps', 0, 'Also back up every N steps within an epoch, so that a run killed '
+    'mid-epoch resumes there (0: at epoch ends only).')
 _EARLY_STOPPING_PATIENCE = flags.DEFINE_integer(
     'early_stopping_patience', 3, 'Epochs without a better val AUC before stopping.')
 _REDUCE_LR_PATIENCE = flags.DEFINE_integer(
@@ -93,16 +97,19 @@ def run(config, strategy=None, datasets=None):
     config: a Config.
     strategy: a tf.distribute strategy to use instead of building one.
     datasets: optional {'train': fn(input_context, first_epoch,
-      batches_per_epoch) -> dataset of the epochs from first_epoch to
-      config.epochs, one after the other, batches_per_epoch batches each,
-      'val': dataset, 'train_eval': dataset} replacing the record pipelines
-      (eval datasets yield (images, labels, ids)).
+      batches_per_epoch, first_batch) -> dataset of the epochs from
+      first_epoch to config.epochs, one after the other, batches_per_epoch
+      batches each (the first from its batch first_batch on: a run resumed
+      mid-epoch), 'val': dataset, 'train_eval': dataset} replacing the record
+      pipelines (eval datasets yield (images, labels, ids)).
 
   Returns:
     The metrics dict written to metrics.json (on the chief; {} elsewhere).
 
   Raises:
     ValueError: a bad setting, naming its flag; schema.ManifestError: no records.
+    preemption.Preempted: SIGTERM or SIGINT stopped the run, after a backup
+      (rerun to resume).
   """
   from pcam_tfdata.training import trainer  # pylint: disable=g-import-not-at-top
   check_config(config)
@@ -128,6 +135,7 @@ def _config_from_flags():
       stain_jitter=_STAIN_JITTER.value, stain_jitter_on=_STAIN_JITTER_ON.value,
       augment_cache_gib=_AUGMENT_CACHE_GIB.value, seed=_SEED.value,
       steps_per_execution=_STEPS_PER_EXECUTION.value,
+      backup_every_steps=_BACKUP_EVERY_STEPS.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,
       reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile,
       data_service_address=_DATA_SERVICE_ADDRESS.value, progress=_PROGRESS.value,
@@ -142,9 +150,11 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
   elif not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  # Ctrl-C, or SIGINT from tools/launch_local_cluster.py: one line, status 130.
+  # Ctrl-C before training starts (or after it ends): one line, status 130.
+  # Within training, SIGINT and SIGTERM are a preemption: a backup, then
+  # one line and status preemption.EXIT_STATUS.
   with cli.stops_on_interrupt('train', 'interrupted; rerun the same command to resume from '
-                              'the last finished epoch'):
+                              'the last backup'):
     try:
       config = _config_from_flags()
       check_config(config)
@@ -152,6 +162,9 @@ def main(argv):
       config.records_dir = records_lib.Records.open(config.records_dir)
       cli.import_tensorflow(_VERBOSE.value)
       metrics = run(config)
+    except preemption.Preempted as e:
+      print(f'train: {e}', file=sys.stderr, flush=True)
+      sys.exit(preemption.EXIT_STATUS)
     except ValueError as e:  # schema.ManifestError is one.
       cli.fail('train', e)
   if metrics:

@@ -96,54 +96,89 @@ def _gone(model_dir, stdout):
   assert not any(map(_listening, ports.values()))
 
 
-def test_a_killed_worker_fails_the_launch_and_a_restart_resumes_to_identical_weights(
+def _victim(model_dir, index):
+  """The pid of worker `index` (from its TF_CONFIG)."""
+  workers = _workers_left(model_dir)
+  assert len(workers) == 2
+  return int(max(workers, key=lambda pid: open(f'/proc/{pid}/environ', 'rb').read()
+                 .count(f'"index": {index}'.encode())))
+
+
+def _digests(stdout):
+  digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', stdout))
+  assert set(digests) == {'0', '1'} and digests['0'] == digests['1'], stdout[-3000:]
+  return digests['0']
+
+
+def _history(model_dir):
+  with open(model_dir / 'history.csv') as f:
+    return [(r['epoch'], r['train_loss'], r['val_auc']) for r in csv.DictReader(f)]
+
+
+def test_sigterm_to_one_worker_preempts_both_and_the_rerun_ends_as_an_uninterrupted_run(
     records, tmp_path, launch):
   """BatchNorm: --sync_batch_norm=auto reduces its statistics over both workers."""
   model_dir = tmp_path / 'run'
   launcher, out_path, err_path = launch(records, model_dir)
-  _wait_for(lambda: (model_dir / 'backup' / 'checkpoint').exists(), launcher,
-            "epoch 1's backup", err_path)
-  workers = _workers_left(model_dir)
-  assert len(workers) == 2
-  victim = max(workers, key=lambda pid: open(f'/proc/{pid}/environ', 'rb').read()
-               .count(b'"index": 1'))
-  os.kill(int(victim), signal.SIGKILL)
-  launcher.wait(timeout=_TIMEOUT)
-  assert launcher.returncode != 0
-  assert 'worker 1 exited with status -9; stopped the others' in err_path.read_text()
-  _gone(model_dir, out_path.read_text())
+  _wait_for(lambda: re.search(r'\[worker 1\] epoch=1 ', out_path.read_text()), launcher,
+            'a trained epoch', err_path)
+  os.kill(_victim(model_dir, 1), signal.SIGTERM)  # As a cluster manager preempts one host.
+  assert launcher.wait(timeout=_TIMEOUT) == 42, err_path.read_text()[-3000:]
+  assert 'worker 1 was preempted: every worker saved a backup' in err_path.read_text()
+  stdout = out_path.read_text()
+  stops = re.findall(r'\[worker (\d)\] train: preempted at epoch (\d+), step (\d+): backup '
+                     r'saved; rerun the same command to resume', stdout)
+  assert sorted(w for w, _, _ in stops) == ['0', '1'], stdout[-3000:]
+  assert len({(e, s) for _, e, s in stops}) == 1  # The same step on both.
+  _, epoch, step = stops[0]
+  _gone(model_dir, stdout)
   assert not (model_dir / 'metrics.json').exists()
 
-  # Two more epochs after the one restored, whichever that was.
-  restored = int(re.search(r'\d+', (model_dir / 'backup' / 'checkpoint').read_text())[0])
-  launcher, out_path, err_path = launch(records, model_dir, epochs=restored + 2)
+  # The same command (but for --epochs, which may change) resumes there.
+  epochs = int(epoch) + 1
+  launcher, out_path, err_path = launch(records, model_dir, epochs=epochs)
   assert launcher.wait(timeout=_TIMEOUT) == 0, err_path.read_text()[-3000:]
   stdout = out_path.read_text()
-  resumed = re.findall(r'\[worker (\d)\] resuming after epoch (\d+)', stdout)
-  assert sorted(resumed) == [('0', str(restored)), ('1', str(restored))], stdout[-3000:]
-  digests = dict(re.findall(r'\[worker (\d)\] final weights sha256 (\w+)', stdout))
-  assert set(digests) == {'0', '1'} and digests['0'] == digests['1']
+  said = (f'resuming epoch {epoch} at step {step}' if step != '0'
+          else f'resuming after epoch {int(epoch) - 1}')
+  assert sorted(re.findall(rf'\[worker (\d)\] {said} ', stdout)) == ['0', '1'], stdout[-3000:]
+  resumed = _digests(stdout)
   # Each worker reads its own share of the shards, in batches of its share of the global 8.
   pipelines = dict(re.findall(r'\[worker (\d)\] input pipeline (\d) of 2: \d+ steps of 4 per '
                               r'epoch', stdout))
   assert pipelines == {'0': '0', '1': '1'}, stdout[-3000:]
   assert '"strategy": "multi_worker"' in stdout and '"num_replicas_in_sync": 2' in stdout
   assert '"sync_batch_norm": true' in stdout
-  with open(model_dir / 'history.csv') as f:
-    epochs = [r['epoch'] for r in csv.DictReader(f)]
-  assert epochs == [str(e) for e in range(1, restored + 3)]  # Each epoch once, in order.
-  # The chief's outputs, nothing of the other worker's scratch, no backup left.
+  # The chief's outputs, nothing of the other worker's scratch.
   assert (model_dir / 'model.keras').is_file() and (model_dir / 'metrics.json').is_file()
   assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith('.')) == []
-  assert not (model_dir / 'backup').exists()
   _gone(model_dir, stdout)
+
+  whole_dir = tmp_path / 'whole'
+  launcher, out_path, err_path = launch(records, whole_dir, epochs=epochs)
+  assert launcher.wait(timeout=_TIMEOUT) == 0, err_path.read_text()[-3000:]
+  assert _digests(out_path.read_text()) == resumed
+  assert _history(model_dir) == _history(whole_dir)  # Each epoch once, in order, as whole.
+
+
+def test_a_killed_worker_takes_the_other_with_it(records, tmp_path, launch):
+  model_dir = tmp_path / 'run'
+  launcher, out_path, err_path = launch(records, model_dir, model='baseline')
+  _wait_for(lambda: re.search(r'\[worker 1\] epoch=1 ', out_path.read_text()), launcher,
+            'a trained epoch', err_path)
+  os.kill(_victim(model_dir, 1), signal.SIGKILL)
+  launcher.wait(timeout=_TIMEOUT)
+  assert launcher.returncode == 1  # (A signal's death, as a status: none of its own.)
+  assert 'worker 1 exited with status -9; stopped the others' in err_path.read_text()
+  _gone(model_dir, out_path.read_text())
 
 
 @pytest.mark.parametrize('sig, status, said', [
     (signal.SIGINT, 130, 'interrupted'),  # What Ctrl-C sends it.
     (signal.SIGTERM, 143, 'terminated'),  # What a cluster manager sends it.
+    (signal.SIGKILL, -signal.SIGKILL, None),  # What nothing can catch.
 ])
-def test_ctrl_c_or_sigterm_on_the_launcher_stops_every_worker_and_closes_their_ports(
+def test_ctrl_c_sigterm_or_sigkill_on_the_launcher_stops_every_worker_and_closes_their_ports(
     records, tmp_path, launch, sig, status, said):
   model_dir = tmp_path / 'run'
   launcher, out_path, err_path = launch(records, model_dir, model='baseline')
@@ -153,12 +188,23 @@ def test_ctrl_c_or_sigterm_on_the_launcher_stops_every_worker_and_closes_their_p
   launcher.send_signal(sig)
   # An endless run: only the launcher's signal ends it within the timeout.
   assert launcher.wait(timeout=_TIMEOUT) == status, err_path.read_text()[-3000:]
+  if sig == signal.SIGKILL:  # Its workers die with it (PR_SET_PDEATHSIG).
+    ports = _servers(out_path.read_text()).values()
+    deadline = time.monotonic() + _TIMEOUT
+    # (A dying process loses its command line before its sockets: wait for both.)
+    while ((_workers_left(model_dir) or any(map(_listening, ports)))
+           and time.monotonic() < deadline):
+      time.sleep(0.1)
+    _gone(model_dir, out_path.read_text())
+    return
   assert f'{said}; stopped every worker' in err_path.read_text()
   stdout = out_path.read_text()
-  # Each worker got an interrupt and stopped on its own, between two steps (a
+  # Each worker was preempted at the same step, with a backup there (a
   # worker killed at the end of the grace period would say nothing).
-  assert sorted(re.findall(r'\[worker (\d)\] train: error: interrupted', stdout)) == [
-      '0', '1'], stdout[-3000:]
+  stops = re.findall(r'\[worker (\d)\] train: preempted at epoch (\d+), step (\d+): backup '
+                     r'saved', stdout)
+  assert sorted(w for w, _, _ in stops) == ['0', '1'], stdout[-3000:]
+  assert len({(e, s) for _, e, s in stops}) == 1
   _gone(model_dir, stdout)
   assert not (model_dir / 'metrics.json').exists()
 

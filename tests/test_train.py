@@ -305,10 +305,10 @@ def test_a_resumed_run_trains_at_the_learning_rate_it_had_reached(records, tmp_p
   run_dir = tmp_path / 'run'
   real_train_epoch = epochs_lib.EpochLoop._train_epoch  # pylint: disable=protected-access
 
-  def stopped_in_epoch_2(self, epoch, **kwargs):
+  def stopped_in_epoch_2(self, epoch, *args, **kwargs):
     if epoch == 2:  # After epoch 1's backup.
       raise KeyboardInterrupt
-    return real_train_epoch(self, epoch, **kwargs)
+    return real_train_epoch(self, epoch, *args, **kwargs)
 
   monkeypatch.setattr(epochs_lib.EpochLoop, '_train_epoch', stopped_in_epoch_2)
   with pytest.raises(KeyboardInterrupt):
@@ -440,10 +440,8 @@ def test_a_damaged_shard_is_named_not_trained_on(records, tmp_path, damage, spli
 
 def test_a_damaged_backup_is_named_not_blamed_on_the_records(records, tmp_path, monkeypatch):
   model_dir = tmp_path / 'run'
-  monkeypatch.setattr(backup.Backup, 'remove', lambda self: None)  # Keep it, as a kill would.
-  train.run(_config(records, model_dir, epochs=1))
-  monkeypatch.undo()
-  data = next((model_dir / 'backup').glob('ckpt-1.data-*'))
+  train.run(_config(records, model_dir, epochs=1))  # (Its backup stays.)
+  data = next((model_dir / 'backup').glob('ckpt-*.data-*'))
   damaged = bytearray(data.read_bytes())
   damaged[len(damaged) // 2] ^= 0xFF
   data.write_bytes(bytes(damaged))
@@ -492,24 +490,39 @@ def test_the_best_model_and_the_backup_agree_after_a_kill_between_them(records, 
       float(rows[0]['val_auc']), abs=1e-6)
 
 
-_KILL_AT_STEP = r'''
-import importlib, os, signal, sys
+# Sends the signal argv[1] to itself before the compiled call argv[2]; a
+# SIGTERM is then seen by TensorFlow's handler before that call ends, so the
+# run stops (at the next point where it checks) at the same step every time.
+_SIGNAL_AT_STEP = r'''
+import importlib, os, signal, sys, time
 from absl import app
+from pcam_tfdata import cli
+cli.import_tensorflow()  # As the command does: its stderr is the user's.
 train = importlib.import_module('pcam_tfdata.train')  # The command's module.
-from pcam_tfdata.training import loop
-kill_at = int(sys.argv[1])
+from pcam_tfdata.training import loop, preemption
+sig, at = getattr(signal, sys.argv[1]), int(sys.argv[2])
+watches = []
+real_init = preemption.Watch.__init__
+def keep(self, *args):
+  real_init(self, *args)
+  watches.append(self)
+preemption.Watch.__init__ = keep
 make_train_fn = loop.make_train_fn
-def killing_train_fn(*args, **kwargs):
+def signalling_train_fn(*args, **kwargs):
   train_steps = make_train_fn(*args, **kwargs)
   calls = [0]
   def wrapped(iterator, n):
     calls[0] += 1
-    if calls[0] == kill_at:
-      os.kill(os.getpid(), signal.SIGKILL)  # Mid-epoch, as a power cut would.
+    if calls[0] == at:
+      os.kill(os.getpid(), sig)  # SIGKILL: mid-epoch, as a power cut would.
+      deadline = time.monotonic() + 60
+      while not watches[0]._handler._received_own_sigterm.is_set():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     return train_steps(iterator, n)
   return wrapped
-loop.make_train_fn = killing_train_fn
-sys.argv = ['train'] + sys.argv[2:]
+loop.make_train_fn = signalling_train_fn
+sys.argv = ['train'] + sys.argv[3:]
 app.run(train.main)
 '''
 
@@ -527,17 +540,24 @@ def _history(model_dir):
     return [(r['epoch'], r['train_loss'], r['val_auc']) for r in csv.DictReader(f)]
 
 
-# mirrored: 48 examples in per-replica batches of 16 are 3 batches, of which
-# each epoch's one step of 32 takes 2: the third must not open the next epoch.
-@pytest.mark.parametrize('strategy, batch_size, kill_at', [('default', 8, 9),
-                                                           ('mirrored', 32, 2)])
-def test_a_seeded_run_killed_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(
-    records, tmp_path, strategy, batch_size, kill_at, capsys, request):
-  """One run whole; the same command killed in epoch 2 (SIGKILL, mid-step), then run again.
+# default: 6 steps of 8 per epoch; SIGKILL in call 9, step 3 of epoch 2,
+# after --backup_every_steps=2's backup at its step 2. mirrored: 48 examples
+# in per-replica batches of 9 are 5 batches, of which each epoch's 2 steps of
+# 18 take 4: the fifth must not open the next epoch. SIGTERM in call 2 (the
+# last of epoch 1) is acted on at the next check, after call 3: a backup at
+# epoch 2, step 1, then exit.
+@pytest.mark.parametrize('strategy, batch_size, sig, at, flag, stopped, resumed_at', [
+    ('default', 8, 'SIGKILL', 9, '--backup_every_steps=2', -signal.SIGKILL,
+     'resuming epoch 2 at step 2'),
+    ('mirrored', 18, 'SIGTERM', 2, '--backup_every_steps=0', 42, 'resuming epoch 2 at step 1')])
+def test_a_seeded_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(
+    records, tmp_path, strategy, batch_size, sig, at, flag, stopped, resumed_at, capsys,
+    request):
+  """One run whole; the same command killed (or preempted) in epoch 2, then run again.
 
-  The resumed run ends with the uninterrupted run's weights, bit for bit (the
-  last epoch's and the best epoch's), and its history: epoch 1 came from
-  another process than epoch 2, so this also shows that a rerun agrees.
+  The resumed run starts mid-epoch and ends with the uninterrupted run's
+  weights, bit for bit (the last epoch's and the best epoch's), and its
+  history: epoch 2 came from two processes, so this also shows that a rerun agrees.
   """
   dist = request.getfixturevalue('mirrored') if strategy == 'mirrored' else None
   settings = dict(epochs=2, batch_size=batch_size, seed=5, augment=True,
@@ -547,20 +567,21 @@ def test_a_seeded_run_killed_mid_epoch_ends_bit_identical_to_an_uninterrupted_on
   whole = capsys.readouterr().out
   killed_dir = tmp_path / 'killed'
   # In a process of its own, set up as this one (two logical CPUs, this
-  # environment: the same kernels). Default: 6 steps per epoch, call 9 is
-  # step 3 of epoch 2; mirrored: 1 step per epoch, call 2 is epoch 2's. Both
-  # after epoch 1's backup.
+  # environment: the same kernels).
   flags = ['--epochs=2', f'--batch_size={batch_size}', '--mixed_precision=off', '--seed=5',
            '--augment', '--noprogress', f'--records_dir={records}',
-           '--early_stopping_patience=5', f'--strategy={strategy}', '--num_cpu_devices=2']
-  killed = subprocess.run([sys.executable, '-c', _KILL_AT_STEP, str(kill_at),
+           '--early_stopping_patience=5', f'--strategy={strategy}', '--num_cpu_devices=2', flag]
+  killed = subprocess.run([sys.executable, '-c', _SIGNAL_AT_STEP, sig, str(at),
                            f'--model_dir={killed_dir}', *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=dict(os.environ))
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert killed.returncode == stopped, killed.stderr[-3000:]
+  if sig == 'SIGTERM':
+    assert killed.stderr.splitlines() == ['train: preempted at epoch 2, step 1: backup saved; '
+                                          'rerun the same command to resume'], killed.stderr
   assert not (killed_dir / 'metrics.json').exists()
   train.run(_config(records, killed_dir, **settings), strategy=dist)
   resumed = capsys.readouterr().out
-  assert 'resuming after epoch 1' in resumed
+  assert resumed_at in resumed
   assert _final_digest(resumed) == _final_digest(whole) and len(_final_digest(whole)) == 1
   for a, b in zip(_saved_weights(killed_dir), _saved_weights(tmp_path / 'whole')):
     np.testing.assert_array_equal(a, b)
@@ -591,10 +612,7 @@ def test_a_training_run_reads_its_manifest_once(records, tmp_path, monkeypatch):
 def test_a_resume_with_other_settings_is_refused_naming_them_and_restart_starts_afresh(
     records, kaggle_dir, tmp_path, monkeypatch, capsys):
   model_dir = tmp_path / 'run'
-  monkeypatch.setattr(backup.Backup, 'remove', lambda self: None)  # Kept, as after a kill.
-  train.run(_config(records, model_dir, epochs=1))
-  monkeypatch.undo()
-  (model_dir / 'metrics.json').unlink()  # An unfinished run, resumable.
+  train.run(_config(records, model_dir, epochs=1))  # Finished: its backup stays.
   before = {p: p.read_bytes() for p in model_dir.rglob('*') if p.is_file()}
   other = tmp_path / 'other'  # Records of the same shape, other examples (a second fold).
   run_convert(kaggle_dir, other, per_class=20)
@@ -610,21 +628,28 @@ def test_a_resume_with_other_settings_is_refused_naming_them_and_restart_starts_
                                    'settings (') and named in str(e.value), str(e.value)
     assert str(e.value).endswith('or add --restart to train from scratch')
     assert {p: p.read_bytes() for p in model_dir.rglob('*') if p.is_file()} == before
-  # The same settings resume: --epochs may grow (and it says so), and
-  # --sync_batch_norm does not matter to a model without BatchNorm.
-  monkeypatch.setattr(backup.Backup, 'remove', lambda self: None)  # Kept again.
+  # The same settings continue the finished run: --epochs may grow (and it
+  # says so), and --sync_batch_norm does not matter to a model without BatchNorm.
   train.run(_config(records, model_dir, epochs=2, sync_batch_norm='on'))  # (No BatchNorm.)
-  monkeypatch.undo()
   out = capsys.readouterr().out
   assert 'resuming after epoch 1' in out
   assert 'continuing with --epochs=2 (the run was started with --epochs=1)' in out
+  # Not below the epochs trained; the same command again trains nothing.
+  with pytest.raises(ValueError, match=r'\(--epochs: 2 then, 1 now, fewer than the 2 trained\)'):
+    train.run(_config(records, model_dir, epochs=1))
+  train.run(_config(records, model_dir, epochs=2))
+  out = capsys.readouterr().out
+  assert f'the run in {model_dir} has finished (all 2 epochs): evaluating its best model' in out
+  assert 'epoch=' not in out
+  with open(model_dir / 'history.csv') as f:
+    assert [r['epoch'] for r in csv.DictReader(f)] == ['1', '2']
   # --restart discards the backup and trains afresh, whatever the settings.
   old_curves = set((model_dir / 'tensorboard').rglob('*'))
   train.run(_config(records, model_dir, epochs=1, batch_size=16, restart=True))
   out = capsys.readouterr().out
   assert not old_curves & set((model_dir / 'tensorboard').rglob('*'))
   assert f'--restart: discarding the backup in {model_dir / "backup"}' in out
-  assert 'resuming' not in out and not (model_dir / 'backup').exists()
+  assert 'resuming' not in out
   with open(model_dir / 'history.csv') as f:
     assert [r['epoch'] for r in csv.DictReader(f)] == ['1']
   assert json.loads((model_dir / 'metrics.json').read_text())['global_batch_size'] == 16

@@ -6,22 +6,28 @@ r"""Runs N training workers on this machine, as MultiWorkerMirroredStrategy need
 Each worker is `python -m pcam_tfdata.train <train flags> --strategy=multi_worker`
 with a TF_CONFIG naming free loopback ports; worker 0 is the chief. Their logs
 are streamed with a `[worker i]` prefix. If any worker fails, the others are
-stopped and this exits non-zero; rerunning the same command resumes from the
-chief's backup. On real clusters the same train command runs on each host
-(see BUILD.md for Slurm and Kubernetes).
+killed and this exits non-zero; rerunning the same command resumes from the
+chief's last backup. On real clusters the same train command runs on each
+host (see BUILD.md for Slurm and Kubernetes).
 
 Ctrl-C, and SIGTERM to this launcher (what a cluster manager sends), reach
-every worker as Ctrl-C from a terminal would (SIGINT: each stops between two
-steps, with one line). Not SIGTERM: MultiWorkerMirroredStrategy takes
-SIGTERM in each worker as a preemption notice, and the worker trains on. A
-worker still running after the grace period is killed. The workers'
+every worker as SIGINT. While training, a worker takes it (as SIGTERM) as a
+preemption notice: all workers save a backup at the next step they all reach
+and exit with status 42 (TensorFlow's PreemptionCheckpointHandler); before
+training starts, a worker just stops. SIGINT rather than SIGTERM because
+before a worker's training starts, MultiWorkerMirroredStrategy would
+swallow SIGTERM. A worker preempted on its own (SIGTERM to it alone) takes
+its peers with it through the same handler; this launcher then waits for
+them and exits 42. A worker still running after the grace period is
+killed, and a worker that dies (or the launcher, SIGKILLed) takes the
+others with it at once: they cannot save without it. The workers'
 TensorFlow servers listen on every interface, unauthenticated, for the
-length of the run (TensorFlow offers no
-loopback-only transport for them): on a laptop on a shared network,
-firewall the ports or do not use it there. When this launcher ends, however
-it ends, no worker remains.
+length of the run (TensorFlow offers no loopback-only transport for them):
+on a laptop on a shared network, firewall the ports or do not use it there.
+When this launcher ends, however it ends, no worker remains.
 """
 
+import ctypes
 import json
 import os
 import random
@@ -38,7 +44,12 @@ from pcam_tfdata import cli
 
 _NUM_WORKERS = flags.DEFINE_integer('num_workers', 2, 'Local worker processes.')
 
-GRACE_SECONDS = 30.0  # A signalled worker's time to stop before it is killed, all workers at once.
+# A signalled worker's time to save its backup and stop before it is killed,
+# all workers at once (measured: 2-5 s under two CPU hogs; Kubernetes' own
+# grace is 30 s, so the launcher's stop fits inside it).
+GRACE_SECONDS = 15.0
+PREEMPTED = 42  # A worker's status after a preemption backup (training/preemption.py).
+_PR_SET_PDEATHSIG = 1
 # Ports are drawn below Linux's default ephemeral range (32768-60999): the
 # kernel hands ports from that range to every outgoing connection and every
 # bind to port 0, and it could hand one out between our check and the
@@ -73,6 +84,16 @@ def tf_config(ports, index):
                      'task': {'type': 'worker', 'index': index}})
 
 
+def _die_with_parent(parent):
+  """In the child, before exec: SIGKILL when the launcher dies, however it dies (Linux)."""
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  except (OSError, AttributeError):  # Not Linux: the launcher's own handlers must do.
+    return
+  if os.getppid() != parent:  # It died before the prctl.
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _stream(proc, index):
   for line in proc.stdout:
     sys.stdout.write(f'[worker {index}] {line}')
@@ -80,9 +101,9 @@ def _stream(proc, index):
 
 
 def stop(procs, sig=signal.SIGINT, grace=GRACE_SECONDS):
-  """Sends `sig` to every running worker's process group; kills what still runs after `grace`."""
+  """Sends `sig` (if any) to every running worker's group; kills what still runs after `grace`."""
   for p in procs:
-    if p.poll() is None:
+    if sig is not None and p.poll() is None:
       try:
         os.killpg(p.pid, sig)
       except ProcessLookupError:  # Ended between the poll and the signal.
@@ -132,19 +153,27 @@ def launch(num_workers, train_args):
       env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
       # A session of its own: a worker's own children go with it, and Ctrl-C
       # reaches the launcher, which passes it on and waits for them.
+      parent = os.getpid()
       procs.append(subprocess.Popen(
           [sys.executable, '-m', 'pcam_tfdata.train', *train_args, '--strategy=multi_worker'],
           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-          start_new_session=True))
+          start_new_session=True, preexec_fn=lambda: _die_with_parent(parent)))
       streams.append(threading.Thread(target=_stream, args=(procs[-1], i), daemon=True))
       streams[-1].start()
     failed = _wait(procs)
   except _Terminated:
     failed = (None, 143)
+  except BaseException:  # Ctrl-C (KeyboardInterrupt), raised again below.
+    failed = None
+    raise
   finally:
-    # SIGINT whatever the cause (Ctrl-C, SIGTERM, a failed peer): see the
-    # module docstring for why not SIGTERM.
-    stop(procs, signal.SIGINT)
+    if failed is None or failed[0] is None:
+      # Ctrl-C or SIGTERM (or success): time to save (SIGINT: see the module docstring).
+      stop(procs, signal.SIGINT)
+    elif failed[1] == PREEMPTED:  # The others are saving at the same step: wait for them.
+      stop(procs, None)
+    else:  # A failed worker: the others cannot save without it.
+      stop(procs, signal.SIGKILL, grace=0)
     signal.signal(signal.SIGTERM, previous)
     for t in streams:  # Every worker's last lines before ours (their pipes are closed).
       t.join(timeout=10)
@@ -154,6 +183,9 @@ def launch(num_workers, train_args):
   if index is None:
     print('launch_local_cluster.py: error: terminated; stopped every worker (rerun the '
           'same command to resume)', file=sys.stderr)
+  elif code == PREEMPTED:
+    print(f'launch_local_cluster.py: worker {index} was preempted: every worker saved a backup '
+          'and stopped (rerun the same command to resume)', file=sys.stderr)
   else:
     print(f'launch_local_cluster.py: error: worker {index} exited with status {code}; '
           'stopped the others (rerun the same command to resume)', file=sys.stderr)

@@ -1,8 +1,12 @@
 """BackupAndRestore: everything a killed run needs to go on as if it had not stopped.
 
-After every epoch each worker saves the model, the optimizer, the dropout
-layers' random state, the epoch number and the loop's own state (callbacks,
-learning rate); a restarted run restores the chief's copy on every worker.
+After every epoch (and every --backup_every_steps steps, and at a
+preemption) each worker saves the model, the optimizer, the dropout layers'
+random state, the epoch number and the loop's own state (callbacks, learning
+rate, the steps done into the next epoch and their running sums); a
+restarted run restores the chief's copy on every worker. The last backup
+stays after the run ends, so that a larger --epochs continues the run and a
+different command is refused rather than mixed in.
 """
 
 import json
@@ -68,16 +72,17 @@ class Backup:
     except (tf.errors.OpError, ValueError):
       return None
 
-  def save(self, epoch, state):
+  def save(self, epoch, state, number):
+    """Backs up after `epoch` finished epochs; `number` (steps trained in all) names the file."""
     self._epoch.assign(epoch)
     self._state.assign(json.dumps(state))
-    self._manager.save(checkpoint_number=epoch)
+    self._manager.save(checkpoint_number=number)
 
   def remove_scratch(self):
     if self._dir != self._chief_dir and tf.io.gfile.exists(self._dir):
       tf.io.gfile.rmtree(self._dir)
 
   def remove(self):
-    """Deletes the backup once the run has finished, as Keras' BackupAndRestore."""
+    """Deletes this worker's backup (--restart)."""
     if tf.io.gfile.exists(self._dir):
       tf.io.gfile.rmtree(self._dir)

@@ -35,6 +35,7 @@ class Config:
   augment_cache_gib: float = 4.0  # As pipeline.DEFAULT_VARIANT_BUDGET (TF-free here).
   seed: int | None = None
   steps_per_execution: int = 1
+  backup_every_steps: int = 0  # 0: a backup at each epoch's end only.
   early_stopping_patience: int = 3
   reduce_lr_patience: int = 2
   profile_steps: tuple | None = None
@@ -54,6 +55,8 @@ def check_config(config):
       (config.num_cpu_devices >= 1, f'--num_cpu_devices={config.num_cpu_devices}: must be >= 1'),
       (config.steps_per_execution >= 1,
        f'--steps_per_execution={config.steps_per_execution}: must be >= 1'),
+      (config.backup_every_steps >= 0,
+       f'--backup_every_steps={config.backup_every_steps}: must be >= 0 (0: at epoch ends)'),
       (config.early_stopping_patience >= 1,
        f'--early_stopping_patience={config.early_stopping_patience}: must be >= 1'),
       (config.reduce_lr_patience >= 1,

@@ -19,6 +19,7 @@ from pcam_tfdata.training import backup as backup_lib
 from pcam_tfdata.training import distribute
 from pcam_tfdata.training import evaluate
 from pcam_tfdata.training import loop
+from pcam_tfdata.training import preemption
 from pcam_tfdata.training import resume
 from pcam_tfdata import progress
 from pcam_tfdata.training import verify
@@ -48,6 +49,10 @@ class EpochLoop:
     self.run_settings = resume.settings(config, records, setup)
     self.state = loop.CallbackState()
     self.last_epoch = 0
+    # Restored from a mid-epoch backup: steps of epoch last_epoch + 1 already
+    # trained, and their summed loss and correct predictions.
+    self.first_step = 0
+    self.partial = (0.0, 0.0)
     self.learning_rate = config.learning_rate
     self.best_weights = None  # The best epoch's weights, while this process has them.
     self._iterator = None
@@ -75,11 +80,14 @@ class EpochLoop:
     else:
       saved = self.backup.saved_state()
       resume.check(saved and saved.get('run'), self.run_settings, self.backup.path,
-                   log=print if self.setup.chief else lambda _: None)
+                   log=print if self.setup.chief else lambda _: None,
+                   trained=saved and saved.get('epoch'))
       self.last_epoch, saved = self.backup.restore()
       if saved:
         self.state = loop.CallbackState(**saved['callbacks'])
         self.learning_rate = saved['learning_rate']
+        self.first_step = saved.get('step', 0)
+        self.partial = tuple(saved.get('partial', (0.0, 0.0)))
     self.optimizer.learning_rate.assign(self.learning_rate)
 
   def start(self, datasets):
@@ -97,7 +105,8 @@ class EpochLoop:
     # Each pipeline serves its replicas' share of every step, and no more: a
     # batch left over would open the next epoch, and a resumed run, which
     # starts that epoch afresh, would not line up.
-    per_epoch = self.steps * (self.setup.replicas // self.setup.pipelines)
+    per_step = self.setup.replicas // self.setup.pipelines  # Batches of a pipeline per step.
+    per_epoch, first_batch = self.steps * per_step, self.first_step * per_step
     strategy = self.setup.strategy
     if self.setup.replicas == self.setup.pipelines:
       # One replica per input pipeline (the default strategy, or one device
@@ -105,9 +114,9 @@ class EpochLoop:
       # A distributed iterator adds nothing here, and on a 2-core host it
       # kept the main thread busy beside TF's compute threads: every step
       # 1.8x slower under MultiWorkerMirroredStrategy (BUILD.md, "Several hosts").
-      return train_fn(distribute.input_context(strategy), first_epoch, per_epoch)
+      return train_fn(distribute.input_context(strategy), first_epoch, per_epoch, first_batch)
     return strategy.distribute_datasets_from_function(
-        lambda context: train_fn(context, first_epoch, per_epoch))
+        lambda context: train_fn(context, first_epoch, per_epoch, first_batch))
 
   def _tidy_files(self):
     """Leaves the model directory as the restored state: no newer rows, models or metrics."""
@@ -116,8 +125,19 @@ class EpochLoop:
       _remove(self._path(rundir.METRICS_JSON))
       # model.keras in step with the restored state, whenever the kill came.
       rundir.settle_best(self.model_dir, self.last_epoch, self.state.best_epoch)
-    if self.last_epoch:
-      print(f'resuming after epoch {self.last_epoch} from {self._path(rundir.BACKUP_DIR)}')
+    backup_dir = self._path(rundir.BACKUP_DIR)
+    if self.first_step:
+      print(f'resuming epoch {self.last_epoch + 1} at step {self.first_step} from {backup_dir}')
+    elif self.last_epoch and self.state.stopped_early:
+      print(f'the run in {self.model_dir} has finished (early stopping after epoch '
+            f'{self.last_epoch}): evaluating its best model again; --restart trains afresh')
+    elif self.last_epoch >= self.config.epochs:
+      print(f'the run in {self.model_dir} has finished (all {self.last_epoch} epochs): '
+            'evaluating its best model again; a larger --epochs trains on, --restart '
+            'trains afresh')
+    elif self.last_epoch:
+      print(f'resuming after epoch {self.last_epoch} from {backup_dir}')
+    if self.last_epoch or self.first_step:
       if self.setup.chief:  # Drops rows after the restored epoch (a kill in between).
         rows = rundir.read_history(self._path(rundir.HISTORY_CSV))
         rundir.write_history(self._path(rundir.HISTORY_CSV),
@@ -128,23 +148,25 @@ class EpochLoop:
       _remove(self._path(rundir.MODEL_FILE))
 
   def train(self, datasets):
-    """Every remaining epoch; then the final weights' digest (and the chief's best weights)."""
+    """Every remaining epoch; then the final weights' digest (and the chief's best weights).
+
+    Raises:
+      preemption.Preempted: a signal stopped the run, after a backup.
+    """
     writer = tf.summary.create_file_writer(self._path(
         'tensorboard' if self.setup.chief else f'.worker{self.setup.task_id}_tensorboard'))
     first = self.last_epoch + 1
-    for epoch in range(first, self.config.epochs + 1):
-      if self.state.stopped_early:  # Restored from a run that had stopped.
-        break
-      epoch_start = time.time()
-      # --profile_steps traces steps of this process's first epoch only.
-      loss_sum, correct = self._train_epoch(epoch, profile=epoch == first)
-      row = self._end_epoch(epoch, loss_sum, correct, epoch_start, datasets['val'])
-      self._log(epoch, row, writer)
-      self.backup.save(epoch, {'callbacks': vars(self.state),
-                               'learning_rate': self.learning_rate, 'run': self.run_settings})
-      if self.setup.chief:  # Only now: a restart restores this epoch, and so this best model.
-        rundir.commit_best(self.model_dir, epoch)
-      self.last_epoch = epoch
+    watch = preemption.Watch(self.setup.strategy)
+    try:
+      for epoch in range(first, self.config.epochs + 1):
+        if self.state.stopped_early:  # Restored from a run that had stopped.
+          break
+        # --profile_steps traces steps of this process's first epoch only.
+        self._epoch(epoch, datasets['val'], writer, watch, profile=epoch == first)
+    finally:
+      watch.close()
+    if watch.signalled:  # Came after the last point where the workers could agree to stop.
+      raise preemption.Preempted(self.last_epoch, self.steps)
     if self.state.stopped_early:
       print(f'early stopping: val AUC best at epoch {self.state.best_epoch} '
             f'({self.state.best:.4f})')
@@ -156,18 +178,47 @@ class EpochLoop:
     if not self.setup.chief:
       shutil.rmtree(self._path(f'.worker{self.setup.task_id}_tensorboard'), ignore_errors=True)
 
-  def _train_epoch(self, epoch, profile=False):
-    """The epoch's steps, a few per compiled call: (summed loss, correct predictions)."""
+  def _epoch(self, epoch, val_dataset, writer, watch, profile):
+    """Trains, validates, logs and backs up one epoch (and stops there if preempted)."""
+    epoch_start = time.time()
+    loss_sum, correct, images = self._train_epoch(epoch, watch, profile)
+    row = self._end_epoch(epoch, loss_sum, correct, epoch_start, images, val_dataset)
+    self._log(epoch, row, writer)
+    self._save_backup(epoch)
+    if self.setup.chief:  # Only now: a restart restores this epoch, and so this best model.
+      rundir.commit_best(self.model_dir, epoch)
+    self.last_epoch = epoch
+    if epoch < self.config.epochs and not self.state.stopped_early:
+      watch.check(epoch + 1, 0, save=lambda: None)  # (Just backed up.)
+
+  def _save_backup(self, epoch, step=0, partial=(0.0, 0.0)):
+    """Backs up after `epoch` epochs and `step` steps of the next (with their running sums)."""
+    self.backup.save(epoch, {'callbacks': vars(self.state), 'learning_rate': self.learning_rate,
+                             'run': self.run_settings, 'epoch': epoch, 'step': step,
+                             'partial': list(partial)},
+                     number=epoch * self.steps + step)
+
+  def _chunk(self, done):
+    """Steps of the next compiled call: up to --steps_per_execution, --backup_every_steps.
+
+    Calls end on a grid fixed by the step number alone, so a run resumed at
+    any backup makes the calls (and float sums) the uninterrupted run made.
+    """
+    every = (self.config.steps_per_execution, self.config.backup_every_steps or self.steps)
+    return min(self.steps - done, *(k - done % k for k in every))
+
+  def _train_epoch(self, epoch, watch, profile=False):
+    """The epoch's steps, a few per compiled call: (summed loss, correct, images here)."""
     config, chief = self.config, self.setup.chief
-    loss_sum = correct = 0.0
-    done = 0
+    done, (loss_sum, correct) = self.first_step, self.partial  # From a mid-epoch backup.
+    start, self.first_step, self.partial = done, 0, (0.0, 0.0)
     profile = profile and config.profile_steps and chief
     bar = progress.Progress(self.steps, f'epoch {epoch}/{config.epochs}',
-                            images_per_step=config.batch_size,
+                            images_per_step=config.batch_size, initial=done,
                             enabled=config.progress and chief)
     with bar:
       while done < self.steps:
-        n = min(config.steps_per_execution, self.steps - done)
+        n = self._chunk(done)
         if profile and done <= config.profile_steps[0] < done + n:
           tf.profiler.experimental.start(self._path('tensorboard'))
         with self._reading():
@@ -179,9 +230,14 @@ class EpochLoop:
         done += n
         bar.update(done, loss=loss_sum / (done * config.batch_size),
                    accuracy=correct / (done * config.batch_size))
-    return loss_sum, correct
+        if done < self.steps:  # (At the epoch's end, its own backup comes after validation.)
+          position = (done, (loss_sum, correct))
+          if config.backup_every_steps and done % config.backup_every_steps == 0:
+            self._save_backup(epoch - 1, *position)
+          watch.check(epoch, done, save=lambda: self._save_backup(epoch - 1, *position))
+    return loss_sum, correct, (done - start) * config.batch_size
 
-  def _end_epoch(self, epoch, loss_sum, correct, epoch_start, val_dataset):
+  def _end_epoch(self, epoch, loss_sum, correct, epoch_start, images, val_dataset):
     """Validation and the callbacks' decisions; returns the epoch's history row."""
     train_seconds = time.time() - epoch_start
     with self._reading():
@@ -197,7 +253,7 @@ class EpochLoop:
            'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'val_auc': val['auc'],
            'learning_rate': self.learning_rate,
            'seconds': round(time.time() - epoch_start, 3),
-           'images_per_second': round(seen / train_seconds, 1)}
+           'images_per_second': round(images / train_seconds, 1)}  # (Trained here.)
     if improved:
       self.best_weights = self.model.get_weights()
       if self.setup.chief:  # ModelCheckpoint(save_best_only=True), committed with the backup.

@@ -73,7 +73,7 @@ def _options(deterministic, holds_split=False):
 
 def make_dataset(records, split, *, batch_size, training, augment=None, seed=None,
                  input_context=None, with_ids=False, cache=True, first_epoch=1, num_epochs=1,
-                 batches_per_epoch=None):
+                 batches_per_epoch=None, first_batch=0):
   """Builds the input pipeline of one split.
 
   Example, with Keras' `fit` (3 different epochs, the same in every run):
@@ -117,7 +117,7 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
     A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches (plus
     string ids [B], plus the stain draws float32 [B, 2, 3] with
     `augment.stain_on_device`). Training: `num_epochs` epochs of
-    `batches_per_epoch` batches.
+    `batches_per_epoch` batches, less the `first_batch` skipped.
 
   Raises:
     schema.ManifestError: no manifest, or no such split.
@@ -146,10 +146,13 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
   if not 1 <= steps <= whole_batches:
     raise ValueError(f'batches_per_epoch={batches_per_epoch}: this input pipeline has '
                      f'{whole_batches} whole batches of {batch_size} per epoch')
+  if not 0 <= first_batch < steps:
+    raise ValueError(f'first_batch={first_batch}: must be in 0..{steps - 1}, the batches of '
+                     'an epoch')
   variants = augment.dihedral and cache and _variants_fit(records, count, augment.variant_budget)
   whole = _whole_split(paths, count, parse, cache, variants)
   epochs = _EpochPlan(count, batch_size, steps, augment, variants, pipeline_id)
-  ds = _train_dataset(whole, epochs, seed, first_epoch, num_epochs)
+  ds = _train_dataset(whole, epochs, seed, first_epoch, num_epochs, first_batch)
   return ds.with_options(_options(seed is not None, holds_split=cache))
 
 
@@ -295,8 +298,10 @@ def _iteration_numbers():
   return tf.data.Dataset.from_tensors(key).map(take_number)
 
 
-def _train_dataset(whole, epochs, seed, first_epoch, num_epochs):
+def _train_dataset(whole, epochs, seed, first_epoch, num_epochs, first_batch=0):
   """Epochs of the split `whole` yields: `num_epochs` per iteration, from `first_epoch` on.
+
+  The first epoch of each iteration starts at its batch `first_batch`.
 
   Iteration k (k = 0, 1, ...) yields epochs first_epoch + k * num_epochs
   onwards, as tf.data's seeded shuffle reshuffles on each iteration: Keras
@@ -319,12 +324,20 @@ def _train_dataset(whole, epochs, seed, first_epoch, num_epochs):
 
   # Each epoch's permutation is made a step ahead (prefetched), while the
   # epoch before it is still being consumed: no stall at the boundary.
-  plans = tf.data.Dataset.zip(bases, _iteration_numbers()).flat_map(
-      lambda base, k: numbers(k).map(lambda e: epochs.draws(base, e))).prefetch(1)
+  def plan(base, e):
+    # Each iteration's first epoch starts at `first_batch` (so that every
+    # iteration has the same length). The skipped batches are rows of the
+    # plan, dropped before any gather.
+    first = e == first_epoch if num_epochs is None else (e - first_epoch) % num_epochs == 0
+    return epochs.draws(base, e), tf.where(first, tf.constant(first_batch, tf.int64), 0)
 
-  def epoch(draws, fields):
+  plans = tf.data.Dataset.zip(bases, _iteration_numbers()).flat_map(
+      lambda base, k: numbers(k).map(lambda e: plan(base, e))).prefetch(1)
+
+  def epoch(draws_and_skip, fields):
+    draws, skip = draws_and_skip
     # `fields` repeats by reference, not by copy: each batch sees the split.
-    return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(draws),
+    return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(draws).skip(skip),
                                tf.data.Dataset.from_tensors(fields).repeat())
 
   ds = tf.data.Dataset.zip(plans, whole.repeat()).flat_map(epoch)
@@ -332,5 +345,6 @@ def _train_dataset(whole, epochs, seed, first_epoch, num_epochs):
   ds = ds.map(epochs.gather, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=seed is not None)
   ds = ds.apply(tf.data.experimental.assert_cardinality(
-      tf.data.INFINITE_CARDINALITY if num_epochs is None else epochs.steps * num_epochs))
+      tf.data.INFINITE_CARDINALITY if num_epochs is None
+      else epochs.steps * num_epochs - first_batch))
   return ds.prefetch(tf.data.AUTOTUNE)

@@ -3,7 +3,9 @@
 A backup records them; a restart whose command differs in any is refused
 with one line naming each (before anything is restored or written), since
 resuming would silently mix two runs (two folds in one --model_dir, say).
-`--epochs` may grow: each epoch's batches derive from (seed, epoch) alone.
+`--epochs` may grow (also past the end of a finished run, whose backup
+stays): each epoch's batches derive from (seed, epoch) alone; it may not
+fall below the epochs already trained.
 """
 
 # Each checked setting, and how the command line names it.
@@ -40,7 +42,7 @@ def settings(config, records, setup):
   }
 
 
-def check(saved, current, backup_path, log=print):
+def check(saved, current, backup_path, log=print, trained=None):
   """Raises ValueError naming every setting in which `current` differs from the backup's.
 
   Args:
@@ -49,10 +51,14 @@ def check(saved, current, backup_path, log=print):
     current: `settings` of this run.
     backup_path: the backup folder, for the message.
     log: where the note on a changed --epochs goes.
+    trained: the epochs the backup has finished (None: not recorded).
   """
   if saved is None:
     return
   differ = []
+  if trained is not None and current['epochs'] < trained:
+    differ.append(f'--epochs: {saved.get("epochs")} then, {current["epochs"]} now, fewer than '
+                  f'the {trained} trained')
   for key, name in _NAMES.items():
     then, now = saved.get(key), current[key]
     if key == 'records':  # The same records, wherever the folder now is.

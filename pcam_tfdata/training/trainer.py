@@ -47,9 +47,9 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   run.train(datasets)
   if not setup.chief:
     return {}
-  metrics = run.final_evaluation(datasets, time.time() - start)
-  run.backup.remove()  # Only now: a run killed during the final evaluation redoes it.
-  return metrics
+  # The backup stays: rerun, the same command evaluates again, a larger
+  # --epochs trains on, and another command is refused (resume.check).
+  return run.final_evaluation(datasets, time.time() - start)
 
 
 def set_up(config, strategy=None):
@@ -156,7 +156,7 @@ def _datasets(config, records, setup):
       stain_on_device=setup.stain_on_device,
       variant_budget=int(config.augment_cache_gib * 2**30))
 
-  def train_fn(context, first_epoch, batches_per_epoch):
+  def train_fn(context, first_epoch, batches_per_epoch, first_batch=0):
     batch_size = context.get_per_replica_batch_size(config.batch_size)
     if config.data_service_address:
       # Endless, so that every trainer (sharing the job) can take its steps.
@@ -168,7 +168,8 @@ def _datasets(config, records, setup):
     return pipeline.make_dataset(
         records, 'train', batch_size=batch_size, training=True, augment=options,
         seed=config.seed, input_context=context, first_epoch=first_epoch,
-        num_epochs=config.epochs - first_epoch + 1, batches_per_epoch=batches_per_epoch)
+        num_epochs=config.epochs - first_epoch + 1, batches_per_epoch=batches_per_epoch,
+        first_batch=first_batch)
 
   evaluation = lambda split, cache: pipeline.make_dataset(
       records, split, batch_size=config.eval_batch_size, training=False, cache=cache,
