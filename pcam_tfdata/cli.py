@@ -14,6 +14,7 @@ TensorFlow as usual and leave the terminal to their caller.
 """
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -142,6 +143,57 @@ def import_tensorflow(verbose=False):
   return tf
 
 
+# Why a write failed, by errno: what the user must change, in their words.
+_WRITE_FAILURES = {
+    errno.EROFS: 'read-only file system',
+    errno.ENOSPC: 'no space left on the device',
+    errno.EDQUOT: 'disk quota exceeded',
+    errno.EACCES: 'permission denied',
+    errno.EPERM: 'permission denied',
+    errno.ENOTDIR: 'a part of the path is a file, not a folder',
+    errno.EEXIST: 'a part of the path is a file, not a folder',
+    errno.EISDIR: 'it is a folder',
+}
+# TensorFlow's file errors (checkpoints, summaries) say `path; strerror`.
+_TF_FILE_ERROR = re.compile(r'(/[^;\n]*); (Read-only file system|No space left on device|'
+                            r'Disk quota exceeded|Permission denied|Not a directory)')
+_STRERRORS = {os.strerror(code): code for code in _WRITE_FAILURES}
+
+
+def write_failure(error, output):
+  """One line for `error` met writing `output` (e.g. '--out_dir=runs/x'), or None if not one.
+
+  Args:
+    error: an OSError, or a TensorFlow OpError about a file.
+    output: what the user asked to be written, as they named it.
+  """
+  if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
+    code, path = error.errno, error.filename
+  else:
+    match = _TF_FILE_ERROR.search(getattr(error, 'message', '') or '')
+    if match is None or match[2] not in _STRERRORS:
+      return None
+    code, path = _STRERRORS[match[2]], match[1]
+  named = output.split('=', 1)[-1]  # (The path itself, in '--flag=path'.)
+  where = f' ({path})' if path and os.path.normpath(path) != os.path.normpath(named) else ''
+  return f'cannot write {output}: {_WRITE_FAILURES[code]}{where}'
+
+
+@contextlib.contextmanager
+def writes_to(program, output):
+  """Ends the program with one line and status 1 if a write into `output` fails.
+
+  Other errors pass through untouched.
+  """
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    line = write_failure(e, output)
+    if line is None:
+      raise
+    fail(program, line)
+
+
 def fail(program, message, status=1):
   """Prints `program: error: message` as the one line on stderr and exits."""
   print(f'{program}: error: {message}', file=sys.stderr, flush=True)
@@ -179,6 +231,14 @@ _HELP_FLAGS = ('-h', '-?', '-help', '--help', '-helpshort', '--helpshort', '-hel
                '--helpfull', '-helpxml', '--helpxml')
 
 
+def _flag_error(error):
+  """absl's message for a bad command line, tidied to read as ours."""
+  message = str(error).removeprefix('ERROR:: ').rstrip('.')
+  required = re.match(r'flag --(\w+)=None: Flag --\w+ must have a value other than None$',
+                      message)
+  return f'--{required[1]} is required' if required else message
+
+
 def run_program(module):
   """Runs `module.main` under absl: `python -m`, a tools/ file or a console script.
 
@@ -197,13 +257,22 @@ def run_program(module):
     main.__doc__ = module.__doc__
   own_args = sys.argv[1:sys.argv.index('--')] if '--' in sys.argv else sys.argv[1:]
   ran = []
+  program = getattr(module, 'PROGRAM', module.__name__.rsplit('.', 1)[-1])
 
   def run_main(argv):
     ran.append(True)
     return module.main(argv)
 
+  def parse_flags(argv):
+    # absl's own parser prints two lines (the error, then a hint at --help);
+    # ours prints one, in the form of every other error here.
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(program, f'{_flag_error(e)}; see --help')
+
   try:
-    app.run(run_main)
+    app.run(run_main, flags_parser=parse_flags)
   except SystemExit as e:
     # absl ends --help with status 1, before main: help that was asked for is
     # no failure. (A failure of main itself keeps its status, --help=false or not.)

@@ -22,6 +22,7 @@ _WORKER_ADDRESS = flags.DEFINE_string(
     'worker_address', None, 'host:port the dispatcher should reach this worker at '
     '(default: this host and --port).')
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines.")
+PROGRAM = 'data_service'  # How its errors name it (also as __main__).
 
 
 def _warn(role, port):

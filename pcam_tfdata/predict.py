@@ -34,6 +34,7 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Prediction batch, as the 
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show progress over the test batches '
                               '(--noprogress for none).')
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines.")
+PROGRAM = 'predict'  # How its errors name it (also as __main__).
 
 
 def main(argv):
@@ -53,6 +54,7 @@ def main(argv):
     records = records_lib.Records.open(_RECORDS_DIR.value)
   except schema.ManifestError as e:
     cli.fail('predict', e)
+  _check_output(_OUTPUT.value)
   cli.import_tensorflow(_VERBOSE.value)
   from pcam_tfdata.training import api  # pylint: disable=g-import-not-at-top
   from pcam_tfdata.training import evaluate  # pylint: disable=g-import-not-at-top
@@ -61,7 +63,8 @@ def main(argv):
     ids, probs, labels = api.predict(_MODEL_DIR.value, records, 'test', tta=_TTA.value,
                                      batch_size=_BATCH_SIZE.value, with_labels=True,
                                      progress=_PROGRESS.value)
-    frame = submission.write_submission(ids, probs, _OUTPUT.value, _SAMPLE_SUBMISSION.value)
+    with cli.writes_to('predict', f'--output={_OUTPUT.value}'):
+      frame = submission.write_submission(ids, probs, _OUTPUT.value, _SAMPLE_SUBMISSION.value)
   except ValueError as e:  # schema.ManifestError and verify.CorruptShardError are ones.
     cli.fail('predict', e)
   if len(labels) and np.isin(labels, (0, 1)).all():  # Labelled (PCam's test split).
@@ -71,6 +74,18 @@ def main(argv):
           f'{", TTA" if _TTA.value else ""}): ' +
           ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
   print(f'wrote {len(frame)} predictions to {_OUTPUT.value}')
+
+
+def _check_output(output):
+  """Fails in one line, before TensorFlow starts, where --output cannot be written."""
+  folder = os.path.dirname(os.path.abspath(output))
+  if os.path.isdir(output):
+    cli.fail('predict', f'cannot write --output={output}: it is a folder')
+  if not os.path.isdir(folder):
+    what = 'is a file' if os.path.exists(folder) else 'does not exist'
+    cli.fail('predict', f'cannot write --output={output}: its folder {folder} {what}')
+  with cli.writes_to('predict', f'--output={output}'):
+    rundir.check_writable(folder)
 
 
 if __name__ == '__main__':

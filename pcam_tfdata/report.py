@@ -12,6 +12,7 @@ from pcam_tfdata import rundir
 
 _COLUMNS = (('Train Accuracy', 'train_accuracy'), ('Train AUC', 'train_auc'),
             ('Validation Accuracy', 'val_accuracy'), ('Validation AUC', 'val_auc'))
+PROGRAM = 'report'  # How its errors name it (also as __main__).
 
 
 def table(model_dirs):

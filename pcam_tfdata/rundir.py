@@ -15,8 +15,20 @@ import re
 HISTORY_CSV = 'history.csv'  # A row per finished epoch.
 METRICS_JSON = 'metrics.json'  # Written last: its presence means the run finished.
 MODEL_FILE = 'model.keras'  # The best epoch by val AUC.
-BACKUP_DIR = 'backup'  # BackupAndRestore state; removed when the run finishes.
+BACKUP_DIR = 'backup'  # BackupAndRestore state; kept after the end (resume.py).
 _PENDING_BEST = re.compile(r'^\.best-epoch(\d+)\.keras$')
+
+
+def check_writable(folder):
+  """Makes `folder` (and its parents) and writes a file there: OSError now, not hours later."""
+  os.makedirs(folder, exist_ok=True)
+  probe = os.path.join(folder, f'.write-check-{os.getpid()}')
+  try:
+    with open(probe, 'w'):
+      pass
+  except OSError as e:  # Named as the folder: the probe is ours, not the user's.
+    raise OSError(e.errno, e.strerror, folder) from None
+  os.remove(probe)
 
 
 def write_atomic(path, text):

@@ -17,6 +17,7 @@ from absl import logging
 
 from pcam_tfdata import cli
 from pcam_tfdata import records as records_lib
+from pcam_tfdata import rundir
 from pcam_tfdata.training import config as config_lib
 from pcam_tfdata.training import preemption
 
@@ -88,6 +89,7 @@ _RESTART = flags.DEFINE_bool(
     '(naming each).')
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines "
                              '(hidden unless TF_CPP_MIN_LOG_LEVEL says otherwise).')
+PROGRAM = 'train'  # How its errors name it (also as __main__).
 
 
 def run(config, strategy=None, datasets=None):
@@ -160,15 +162,29 @@ def main(argv):
       check_config(config)
       # A wrong folder fails before TensorFlow starts; the run reads no manifest again.
       config.records_dir = records_lib.Records.open(config.records_dir)
-      cli.import_tensorflow(_VERBOSE.value)
-      metrics = run(config)
+      with cli.writes_to('train', f'--model_dir={config.model_dir}'):
+        rundir.check_writable(config.model_dir)  # (Also before TensorFlow.)
+        cli.import_tensorflow(_VERBOSE.value)
+        metrics = run(config)
     except preemption.Preempted as e:
       print(f'train: {e}', file=sys.stderr, flush=True)
       sys.exit(preemption.EXIT_STATUS)
     except ValueError as e:  # schema.ManifestError is one.
       cli.fail('train', e)
+    except Exception as e:  # pylint: disable=broad-except
+      lost = _lost_peer(e)
+      if lost is None:
+        raise
+      cli.fail('train', lost)
   if metrics:
     print(json.dumps(metrics, indent=1))
+
+
+def _lost_peer(error):
+  if 'tensorflow' not in sys.modules:
+    return None
+  from pcam_tfdata.training import distribute  # pylint: disable=g-import-not-at-top
+  return distribute.peer_failure(error)
 
 
 if __name__ == '__main__':

@@ -357,6 +357,18 @@ def test_dihedral_transform_matches_the_permutation_table_eager_and_in_map(k):
       np.testing.assert_array_equal(expected, np.rot90(images[:, :, ::-1], t, axes=(1, 2)))
 
 
+def test_uint8_images_are_transposed_without_a_transpose_op():
+  """TensorFlow's oneDNN pass logs an error record for a uint8 Transpose in a graph."""
+  graph = tf.function(lambda x: [augment.dihedral_transform(x, k) for k in range(8)])
+  ops = {op.type for op in graph.get_concrete_function(
+      tf.TensorSpec([None, 6, 6, 3], tf.uint8)).graph.get_operations()}
+  assert 'Transpose' not in ops and 'GatherV2' in ops
+  images = np.random.default_rng(0).integers(0, 256, (2, 6, 6, 3)).astype(np.float32)
+  table = augment.dihedral_permutations(6)  # Float images (the model's side) take tf.transpose.
+  np.testing.assert_array_equal(augment.dihedral_transform(tf.constant(images), 5),
+                                images.reshape(2, 36, 3)[:, table[5]].reshape(images.shape))
+
+
 def test_parse_batch_eager_and_in_map(records):
   serialized = next(iter(tf.data.TFRecordDataset(
       records_lib.Records.open(records).shard_paths('val')).batch(3)))

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import zipfile
 
 import keras
 import numpy as np
@@ -169,12 +170,16 @@ def test_an_ensemble_member_of_another_image_shape_is_refused(records, tmp_path)
                           f'{records} holds [32, 32, 3]')
 
 
-def test_an_unreadable_model_is_named(tmp_path):
-  (tmp_path / 'run').mkdir()
-  (tmp_path / 'run' / 'model.keras').write_bytes(b'not a zip')
-  with pytest.raises(ValueError, match=re.escape(f'{tmp_path / "run" / "model.keras"}: '
-                                                 'unreadable model')):
-    submission.load_models([str(tmp_path / 'run')], (32, 32, 3), 'records')
+def test_a_damaged_or_unreadable_model_is_named(tmp_path):
+  path = tmp_path / 'run' / 'model.keras'
+  path.parent.mkdir()
+  path.write_bytes(b'not a zip')  # Keras itself calls this "File not found".
+  with pytest.raises(ValueError, match=re.escape(f'{path}: damaged model file (not the zip')):
+    submission.load_models([str(path.parent)], (32, 32, 3), 'records')
+  with zipfile.ZipFile(path, 'w') as z:  # A zip, but no Keras model in it.
+    z.writestr('other.txt', 'x')
+  with pytest.raises(ValueError, match=re.escape(f'{path}: unreadable model (')):
+    submission.load_models([str(path.parent)], (32, 32, 3), 'records')
 
 
 def test_an_empty_ensemble_entry_is_refused(records, tmp_path):

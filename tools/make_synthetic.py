@@ -7,9 +7,9 @@ The label depends only on the center 32x32 (see pcam_tfdata/synthetic.py).
 
 import sys
 
-from absl import app
 from absl import flags
 
+from pcam_tfdata import cli
 from pcam_tfdata.convert import synthetic
 
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Folder to create.', required=True)
@@ -17,6 +17,7 @@ _NUM_TRAIN = flags.DEFINE_integer('num_train', 6000, 'Labelled patches in train/
 _NUM_TEST = flags.DEFINE_integer('num_test', 1000, 'Unlabelled patches in test/.')
 _SEED = flags.DEFINE_integer('seed', 0, 'The set is a function of the sizes and the seed.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing folder.')
+PROGRAM = 'make_synthetic.py'  # How its errors name it.
 
 
 def main(argv):
@@ -24,8 +25,9 @@ def main(argv):
     print(f'make_synthetic.py: error: unexpected arguments {" ".join(argv[1:])}', file=sys.stderr)
     sys.exit(1)
   try:
-    synthetic.make_dataset(_OUT_DIR.value, _NUM_TRAIN.value, _NUM_TEST.value, _SEED.value,
-                           overwrite=_OVERWRITE.value)
+    with cli.writes_to('make_synthetic.py', f'--out_dir={_OUT_DIR.value}'):
+      synthetic.make_dataset(_OUT_DIR.value, _NUM_TRAIN.value, _NUM_TEST.value, _SEED.value,
+                             overwrite=_OVERWRITE.value)
   except ValueError as e:
     print(f'make_synthetic.py: error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -33,4 +35,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_program(sys.modules[__name__])

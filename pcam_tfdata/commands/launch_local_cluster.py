@@ -55,6 +55,7 @@ _PR_SET_PDEATHSIG = 1
 # bind to port 0, and it could hand one out between our check and the
 # worker's own bind, seconds later.
 _PORT_RANGE = (20000, 32767)
+PROGRAM = 'launch_local_cluster.py'  # How its errors name it.
 
 
 def _bindable(port):

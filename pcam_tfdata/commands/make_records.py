@@ -68,8 +68,11 @@ _OVERWRITE = flags.DEFINE_bool(
     'Only a folder holding this tool\'s manifest.json is ever replaced.')
 
 
+PROGRAM = 'make_records.py'
+
+
 def _fail(message):
-  cli.fail('make_records.py', message)
+  cli.fail(PROGRAM, message)
 
 
 def _given(flag):
@@ -89,27 +92,34 @@ def main(argv):
       data_dir, out_dir = DEMO_SOURCE_DIR, out_dir or DEMO_OUT_DIR
       if not os.path.isdir(data_dir):
         print(f'generating the synthetic demo set in {data_dir}')
-        synthetic.make_dataset(data_dir)
+        with cli.writes_to(PROGRAM, data_dir):
+          synthetic.make_dataset(data_dir)
       if per_class is None:  # The demo balances to its smaller class.
         labels = kaggle.read_source(data_dir).labels
         per_class = int(min((labels == 0).sum(), (labels == 1).sum()))
     out_dir = out_dir or os.path.join('records', 'pcam' if _SOURCE.value == 'kaggle' else
                                       'pcam_h5')
-    manifest = api.make_records(
-        data_dir, out_dir, source=_SOURCE.value, crop_size=_CROP_SIZE.value,
-        per_class=per_class, val_fraction=_given(_VAL_FRACTION), seed=_SEED.value,
-        groups_csv=_GROUPS_CSV.value, num_folds=_NUM_FOLDS.value, fold=_given(_FOLD),
-        num_shards=_NUM_SHARDS.value, workers=_WORKERS.value, skip_bad=_SKIP_BAD.value,
-        drop_duplicates=_DROP_DUPLICATES.value, overwrite=_OVERWRITE.value,
-        # The demo's own output is rebuilt when stale (only a folder with this
-        # tool's manifest is ever replaced); anything else needs --overwrite.
-        replace_stale=demo and _OUT_DIR.value is None)
+    with cli.writes_to(PROGRAM, f'--out_dir={out_dir}'):
+      manifest = _convert(data_dir, out_dir, per_class, demo)
   except api.ERRORS as e:
     _fail(str(e))
   except KeyboardInterrupt:  # (HDF5 shards are written side by side: no partial resume.)
     _fail('interrupted; rerun the same command to ' +
           ('resume' if _SOURCE.value == 'kaggle' else 'start again'))
   _summarize(manifest, out_dir)
+
+
+def _convert(data_dir, out_dir, per_class, demo):
+  """pt.make_records with the flags' values."""
+  return api.make_records(
+      data_dir, out_dir, source=_SOURCE.value, crop_size=_CROP_SIZE.value,
+      per_class=per_class, val_fraction=_given(_VAL_FRACTION), seed=_SEED.value,
+      groups_csv=_GROUPS_CSV.value, num_folds=_NUM_FOLDS.value, fold=_given(_FOLD),
+      num_shards=_NUM_SHARDS.value, workers=_WORKERS.value, skip_bad=_SKIP_BAD.value,
+      drop_duplicates=_DROP_DUPLICATES.value, overwrite=_OVERWRITE.value,
+      # The demo's own output is rebuilt when stale (only a folder with this
+      # tool's manifest is ever replaced); anything else needs --overwrite.
+      replace_stale=demo and _OUT_DIR.value is None)
 
 
 def _summarize(manifest, out_dir):

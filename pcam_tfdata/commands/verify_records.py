@@ -14,6 +14,7 @@ from pcam_tfdata import cli
 from pcam_tfdata import records as records_lib
 
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines.")
+PROGRAM = 'verify_records.py'  # How its errors name it.
 
 
 def main(argv):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import keras
 import tensorflow as tf
@@ -234,3 +235,27 @@ def make_from_chief(strategy):
     return dict(zip(keys, (float(v) for v in agreed.numpy())))
 
   return from_chief
+
+
+_TASK = re.compile(r'/job:(\w+)/replica:\d+/task:(\d+)')
+
+
+def peer_failure(error):
+  """One line for a worker that lost a peer mid-run, or None if `error` is not that.
+
+  A peer that dies (killed, out of memory, its host gone) surfaces in the
+  survivors as a collective op's UnavailableError (or Aborted, or a
+  deadline) some seconds later, as a traceback of some 60 lines; the task
+  it names is the one that went away.
+  """
+  lost = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
+  if not isinstance(error, lost) or _cluster_workers() < 2:
+    return None
+  message = getattr(error, 'message', '') or str(error)
+  task = _TASK.search(message)
+  who = f'{task[1]} {task[2]}' if task else 'a peer'
+  reasons = [l.split('aborted by:', 1)[1].strip() for l in message.splitlines()
+             if 'aborted by:' in l]
+  detail = f' ({reasons[0]})' if reasons else ''
+  return (f'lost contact with {who}{detail}: it stopped or its host went away; rerun every '
+          'worker with the same command to resume from the last backup')

@@ -32,9 +32,12 @@ def load_models(model_dirs, image_shape, records_path):
     path = os.path.join(model_dir, rundir.MODEL_FILE)
     if not os.path.isfile(path):
       raise ValueError(f'{path}: no such model (train first)')
+    if not zipfile.is_zipfile(path):  # (Keras would call it "File not found".)
+      raise ValueError(f'{path}: damaged model file (not the zip archive a .keras file is; '
+                       'truncated or overwritten?)')
     try:
       model = keras.models.load_model(path, safe_mode=True)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
       detail = str(e).splitlines()[0] if str(e) else type(e).__name__
       raise ValueError(f'{path}: unreadable model ({detail})') from None
     shape = tuple(model.input_shape[1:])
