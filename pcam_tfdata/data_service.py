@@ -1,11 +1,15 @@
 r"""Runs a tf.data service dispatcher or worker (pipeline.make_service_dataset reads from it).
 
-    python -m pcam_tfdata.data_service --role=dispatcher --port=5050
+    python -m pcam_tfdata.data_service --role=dispatcher --port=5050 --work_dir=/shared/dispatcher
     python -m pcam_tfdata.data_service --role=worker --port=5051 --dispatcher_address=HOST:5050
     python -m pcam_tfdata.train ... --data_service_address=grpc://HOST:5050
 
 Service workers run the streaming form of the training pipeline; see
-pipeline.make_service_dataset.
+pipeline.make_service_dataset. With --work_dir the dispatcher journals its
+state there (TensorFlow's fault-tolerant mode): killed and restarted with the
+same --work_dir and --port, it picks up its jobs, and the trainers and
+workers, which retry meanwhile, go on. Without it, a restarted dispatcher
+knows no job, and the trainers fail.
 """
 
 import sys
@@ -13,9 +17,14 @@ import sys
 from absl import flags
 
 from pcam_tfdata import cli
+from pcam_tfdata import rundir
 
 _ROLE = flags.DEFINE_enum('role', None, ['dispatcher', 'worker'], 'Which server to run.')
-_PORT = flags.DEFINE_integer('port', 5050, 'Port to serve on.')
+_PORT = flags.DEFINE_integer('port', 5050, 'Port to serve on (0: any free one, printed).')
+_WORK_DIR = flags.DEFINE_string(
+    'work_dir', None, 'Dispatcher: a folder to journal its state in, so that a restart with the '
+    'same --work_dir and --port resumes its jobs (fault-tolerant mode). Default: none, state in '
+    'memory only.')
 _DISPATCHER_ADDRESS = flags.DEFINE_string('dispatcher_address', None,
                                           'host:port of the dispatcher (workers only).')
 _WORKER_ADDRESS = flags.DEFINE_string(
@@ -41,20 +50,29 @@ def main(argv):
     cli.fail('data_service', '--role=dispatcher or --role=worker is required')
   if _ROLE.value == 'worker' and not _DISPATCHER_ADDRESS.value:
     cli.fail('data_service', '--dispatcher_address is required for a worker')
+  if _ROLE.value == 'worker' and _WORK_DIR.value:
+    cli.fail('data_service', '--work_dir is the dispatcher\'s; a worker keeps no state')
+  if _WORK_DIR.value:
+    with cli.writes_to(PROGRAM, f'--work_dir={_WORK_DIR.value}'):
+      rundir.check_writable(_WORK_DIR.value)
   tf = cli.import_tensorflow(_VERBOSE.value)
+  service = tf.data.experimental.service
   if _ROLE.value == 'dispatcher':
-    server = tf.data.experimental.service.DispatchServer(
-        tf.data.experimental.service.DispatcherConfig(port=_PORT.value))
+    server = service.DispatchServer(service.DispatcherConfig(
+        port=_PORT.value, work_dir=_WORK_DIR.value, fault_tolerant_mode=bool(_WORK_DIR.value)))
     port = int(server.target.rsplit(':', 1)[1])  # The one bound, also for --port=0.
-    print(f'dispatcher serving on grpc://localhost:{port}', flush=True)
+    print(f'dispatcher serving on grpc://localhost:{port}' +
+          (f', journal in {_WORK_DIR.value}' if _WORK_DIR.value else
+           ' (state in memory only: see --work_dir)'), flush=True)
     _warn('dispatcher', port)
   else:
-    server = tf.data.experimental.service.WorkerServer(
-        tf.data.experimental.service.WorkerConfig(
-            dispatcher_address=_DISPATCHER_ADDRESS.value.removeprefix('grpc://'),
-            worker_address=_WORKER_ADDRESS.value, port=_PORT.value))
-    print(f'worker serving on port {_PORT.value} for {_DISPATCHER_ADDRESS.value}', flush=True)
-    _warn('worker', _PORT.value)
+    server = service.WorkerServer(service.WorkerConfig(
+        dispatcher_address=_DISPATCHER_ADDRESS.value.removeprefix('grpc://'),
+        worker_address=_WORKER_ADDRESS.value, port=_PORT.value))
+    # The one bound, also for --port=0 (WorkerServer keeps it in its address alone).
+    port = int(server._address.rsplit(':', 1)[1])  # pylint: disable=protected-access
+    print(f'worker serving on port {port} for {_DISPATCHER_ADDRESS.value}', flush=True)
+    _warn('worker', port)
   server.join()
 
 

@@ -181,10 +181,12 @@ def main(argv):
 
 
 def _lost_peer(error):
+  """One line for a lost multi-worker peer or tf.data service job, else None."""
   if 'tensorflow' not in sys.modules:
     return None
   from pcam_tfdata.training import distribute  # pylint: disable=g-import-not-at-top
-  return distribute.peer_failure(error)
+  from pcam_tfdata.training import service  # pylint: disable=g-import-not-at-top
+  return distribute.peer_failure(error) or service.service_failure(error)
 
 
 if __name__ == '__main__':

@@ -166,3 +166,14 @@ def test_a_lost_peer_is_named_in_one_line(monkeypatch):
   assert distribute.peer_failure(tf.errors.InvalidArgumentError(None, None, 'x')) is None
   monkeypatch.delenv('TF_CONFIG')  # One process: an UnavailableError is not about a peer.
   assert distribute.peer_failure(error) is None
+
+
+def test_a_dispatcher_that_forgot_the_job_is_one_line():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import service  # pylint: disable=g-import-not-at-top
+  error = tf.errors.NotFoundError(None, None, (
+      'Failed to get tasks: Unknown iteration client id 3000. The dispatcher is not configured '
+      'to be fault tolerant, so this could be caused by a dispatcher restart.'))
+  assert service.service_failure(error).startswith(
+      'the tf.data service dispatcher restarted and no longer knows this run\'s job')
+  assert service.service_failure(tf.errors.NotFoundError(None, None, 'other')) is None

@@ -88,3 +88,13 @@ def make_service_dataset(records, split, address, *, batch_size, augment=None, s
       service=address, dataset_id=dataset_id, element_spec=ds.element_spec,
       job_name=job_name)
   return service.prefetch(tf.data.AUTOTUNE)
+
+
+def service_failure(error):
+  """One line for a dispatcher restarted without its journal, or None if `error` is not that."""
+  message = getattr(error, 'message', '') or ''
+  if 'dispatcher is not configured to be fault tolerant' not in message:
+    return None
+  return ('the tf.data service dispatcher restarted and no longer knows this run\'s job (its '
+          'state was in memory only): start it with --work_dir to survive restarts, then rerun '
+          'the same command to resume from the last backup')
