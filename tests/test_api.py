@@ -195,6 +195,7 @@ def test_train_is_the_command_and_predict_reads_any_split(records, tmp_path):
   assert not (tmp_path / 'bad').exists()
 
 
+@pytest.mark.slow
 def test_the_readme_python_session_runs_as_written(tmp_path):
   """In a fresh interpreter, as a notebook kernel is (and as a script: no main guard)."""
   text = (ROOT / 'README.md').read_text()

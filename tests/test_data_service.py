@@ -125,6 +125,7 @@ def _wait_for(pattern, out, *procs, timeout=300):
   return re.search(pattern, out.read_text())
 
 
+@pytest.mark.slow
 def test_a_dispatcher_restarted_with_its_work_dir_keeps_the_training_going(records, tmp_path):
   """Killed mid-training and started again with the same --work_dir and --port.
 

@@ -151,6 +151,7 @@ def two_workers(tmp_path_factory):
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['baseline', 'batchnorm'])
 def test_two_workers_compute_what_one_device_does(name, two_workers):
   images, labels = rs.data()

@@ -115,6 +115,7 @@ def _history(model_dir):
     return [(r['epoch'], r['train_loss'], r['val_auc']) for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_preempts_both_and_the_rerun_ends_as_an_uninterrupted_run(
     records, tmp_path, launch):
   """BatchNorm: --sync_batch_norm=auto reduces its statistics over both workers."""
@@ -161,6 +162,7 @@ def test_sigterm_to_one_worker_preempts_both_and_the_rerun_ends_as_an_uninterrup
   assert _history(model_dir) == _history(whole_dir)  # Each epoch once, in order, as whole.
 
 
+@pytest.mark.slow
 def test_a_killed_worker_takes_the_other_with_it(records, tmp_path, launch):
   model_dir = tmp_path / 'run'
   launcher, out_path, err_path = launch(records, model_dir, model='baseline')
@@ -173,6 +175,7 @@ def test_a_killed_worker_takes_the_other_with_it(records, tmp_path, launch):
   _gone(model_dir, out_path.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sig, status, said', [
     (signal.SIGINT, 130, 'interrupted'),  # What Ctrl-C sends it.
     (signal.SIGTERM, 143, 'terminated'),  # What a cluster manager sends it.

@@ -124,6 +124,23 @@ def test_batches_per_epoch_ends_each_epoch_where_a_resumed_one_starts(records):
                           batches_per_epoch=7)
 
 
+def test_first_batch_starts_the_first_epoch_mid_way(records):
+  """A run resumed at step 3 of epoch 2: the uninterrupted run's batches from there on."""
+  options = augment.Augment(dihedral=True, stain_jitter=0.05)
+  make = lambda **kw: pipeline.make_dataset(str(records), 'train', batch_size=8, training=True,
+                                            augment=options, seed=4, with_ids=True,
+                                            first_epoch=2, **kw)
+  whole = _epoch(make(num_epochs=2))
+  resumed = make(num_epochs=2, first_batch=3)
+  assert resumed.cardinality() == 12 - 3
+  resumed = _epoch(resumed)
+  assert _ids(resumed) == _ids(whole[3:])
+  for x, y in zip(resumed, whole[3:]):  # Images with their dihedral and stain draws.
+    np.testing.assert_array_equal(x[0].numpy(), y[0].numpy())
+  with pytest.raises(ValueError, match=r'first_batch=6: must be in 0\.\.5'):
+    make(first_batch=6)
+
+
 def test_endless_training_dataset_continues_the_epoch_sequence(records):
   endless = pipeline.make_dataset(str(records), 'train', batch_size=8, training=True, seed=3,
                                   with_ids=True, num_epochs=None)

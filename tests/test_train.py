@@ -546,6 +546,7 @@ def _history(model_dir):
 # 18 take 4: the fifth must not open the next epoch. SIGTERM in call 2 (the
 # last of epoch 1) is acted on at the next check, after call 3: a backup at
 # epoch 2, step 1, then exit.
+@pytest.mark.slow
 @pytest.mark.parametrize('strategy, batch_size, sig, at, flag, stopped, resumed_at', [
     ('default', 8, 'SIGKILL', 9, '--backup_every_steps=2', -signal.SIGKILL,
      'resuming epoch 2 at step 2'),

@@ -141,6 +141,16 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
   if count < batch_size:
     raise ValueError(f'{records.path}: split {split!r} holds {count} examples for this input '
                      f'pipeline, fewer than one batch of {batch_size}')
+  steps = _batches_per_epoch(count, batch_size, batches_per_epoch, first_batch)
+  variants = augment.dihedral and cache and _variants_fit(records, count, augment.variant_budget)
+  whole = _whole_split(paths, count, parse, cache, variants)
+  epochs = _EpochPlan(count, batch_size, steps, augment, variants, pipeline_id)
+  ds = _train_dataset(whole, epochs, seed, first_epoch, num_epochs, first_batch)
+  return ds.with_options(_options(seed is not None, holds_split=cache))
+
+
+def _batches_per_epoch(count, batch_size, batches_per_epoch, first_batch):
+  """The batches of an epoch (checked against the split's), and the check of `first_batch`."""
   whole_batches = count // batch_size  # drop_remainder: static shapes.
   steps = whole_batches if batches_per_epoch is None else batches_per_epoch
   if not 1 <= steps <= whole_batches:
@@ -149,11 +159,7 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
   if not 0 <= first_batch < steps:
     raise ValueError(f'first_batch={first_batch}: must be in 0..{steps - 1}, the batches of '
                      'an epoch')
-  variants = augment.dihedral and cache and _variants_fit(records, count, augment.variant_budget)
-  whole = _whole_split(paths, count, parse, cache, variants)
-  epochs = _EpochPlan(count, batch_size, steps, augment, variants, pipeline_id)
-  ds = _train_dataset(whole, epochs, seed, first_epoch, num_epochs, first_batch)
-  return ds.with_options(_options(seed is not None, holds_split=cache))
+  return steps
 
 
 def _whole_split(paths, count, parse, cache, variants):
