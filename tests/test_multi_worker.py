@@ -163,25 +163,11 @@ def test_sigterm_to_one_worker_preempts_both_and_the_rerun_ends_as_an_uninterrup
 
 
 @pytest.mark.slow
-def test_a_killed_worker_takes_the_other_with_it(records, tmp_path, launch):
-  model_dir = tmp_path / 'run'
-  launcher, out_path, err_path = launch(records, model_dir, model='baseline')
-  _wait_for(lambda: re.search(r'\[worker 1\] epoch=1 ', out_path.read_text()), launcher,
-            'a trained epoch', err_path)
-  os.kill(_victim(model_dir, 1), signal.SIGKILL)
-  launcher.wait(timeout=_TIMEOUT)
-  assert launcher.returncode == 1  # (A signal's death, as a status: none of its own.)
-  assert 'worker 1 exited with status -9; stopped the others' in err_path.read_text()
-  _gone(model_dir, out_path.read_text())
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize('sig, status, said', [
-    (signal.SIGINT, 130, 'interrupted'),  # What Ctrl-C sends it.
-    (signal.SIGTERM, 143, 'terminated'),  # What a cluster manager sends it.
+    (signal.SIGINT, 130, 'interrupted'),  # What Ctrl-C sends it (SIGTERM: see below).
     (signal.SIGKILL, -signal.SIGKILL, None),  # What nothing can catch.
 ])
-def test_ctrl_c_sigterm_or_sigkill_on_the_launcher_stops_every_worker_and_closes_their_ports(
+def test_ctrl_c_or_sigkill_on_the_launcher_stops_every_worker_and_closes_their_ports(
     records, tmp_path, launch, sig, status, said):
   model_dir = tmp_path / 'run'
   launcher, out_path, err_path = launch(records, model_dir, model='baseline')
@@ -210,6 +196,83 @@ def test_ctrl_c_sigterm_or_sigkill_on_the_launcher_stops_every_worker_and_closes
   assert len({(e, s) for _, e, s in stops}) == 1
   _gone(model_dir, stdout)
   assert not (model_dir / 'metrics.json').exists()
+
+
+# A stand-in worker (no TensorFlow): says it is ready, then acts as told by
+# argv[1] for its index (TF_CONFIG): 'preempt' = exit 42 on SIGINT, as a
+# real worker after its backup; 'die' = SIGKILL itself; 'exit42' = exit 42
+# at once (preempted on its own); 'stay' = note SIGINT and go on, until
+# killed or (given a number) that many seconds pass, then exit 42.
+_STAND_IN = r'''
+import json, os, signal, sys, time
+index = json.loads(os.environ['TF_CONFIG'])['task']['index']
+role = sys.argv[1 + index]
+def on_sigint(*_):
+  print(f'SIGINT {index}', flush=True)
+  if role == 'preempt':
+    sys.exit(42)
+signal.signal(signal.SIGINT, on_sigint)
+print(f'ready {index}', flush=True)
+if role == 'die':
+  os.kill(os.getpid(), signal.SIGKILL)
+if role == 'exit42':
+  sys.exit(42)
+time.sleep(float(role.split(':')[1]) if ':' in role else 600)
+sys.exit(42)
+'''
+_LAUNCH_STAND_INS = r'''
+import sys
+from pcam_tfdata import cli
+from pcam_tfdata.commands import launch_local_cluster
+launch_local_cluster.WORKER_COMMAND = (sys.executable, '-c', sys.argv[1])
+sys.argv = ['launch_local_cluster.py', '--num_workers=2', '--', *sys.argv[2:]]
+cli.run_program(launch_local_cluster)
+'''
+
+
+def _launch_stand_ins(*roles):
+  return subprocess.Popen([sys.executable, '-c', _LAUNCH_STAND_INS, _STAND_IN, *roles],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=user_env())
+
+
+def _wait_until_ready(launcher):
+  ready = set()
+  while len(ready) < 2:
+    line = launcher.stdout.readline()
+    assert line, launcher.stderr.read()
+    ready |= set(re.findall(r'ready (\d)', line))
+
+
+def test_sigterm_on_the_launcher_reaches_every_worker_as_sigint_and_ends_143():
+  launcher = _launch_stand_ins('preempt', 'preempt')
+  _wait_until_ready(launcher)
+  launcher.send_signal(signal.SIGTERM)
+  out, err = launcher.communicate(timeout=_TIMEOUT)
+  assert launcher.returncode == 143
+  assert sorted(re.findall(r'\[worker (\d)\] SIGINT', out)) == ['0', '1'], out
+  assert err.splitlines()[-1] == ('launch_local_cluster.py: error: terminated; stopped every '
+                                  'worker (rerun the same command to resume)')
+
+
+def test_a_dead_worker_takes_the_others_at_once_without_a_signal_to_save():
+  """They cannot save without it: no SIGINT, no grace; SIGKILL."""
+  launcher = _launch_stand_ins('stay', 'die')
+  out, err = launcher.communicate(timeout=_TIMEOUT)
+  assert launcher.returncode == 1  # (A signal's death is no status of its own.)
+  assert 'worker 1 exited with status -9; stopped the others' in err
+  assert 'SIGINT' not in out  # Worker 0 was killed, not asked to save.
+
+
+def test_a_worker_preempted_on_its_own_lets_the_others_save_unsignalled():
+  """TensorFlow's handler has them save at the same step: wait for them, exit 42."""
+  launcher = _launch_stand_ins('stay:2', 'exit42')
+  out, err = launcher.communicate(timeout=_TIMEOUT)
+  assert launcher.returncode == 42
+  assert 'SIGINT' not in out  # Left alone to finish its save.
+  assert err.splitlines()[-1] == ('launch_local_cluster.py: worker 1 was preempted: every '
+                                  'worker saved a backup and stopped (rerun the same command '
+                                  'to resume)')
 
 
 _DEAF = 'import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint("ready", flush=True)\ntime.sleep(600)'

@@ -56,6 +56,8 @@ _PR_SET_PDEATHSIG = 1
 # worker's own bind, seconds later.
 _PORT_RANGE = (20000, 32767)
 PROGRAM = 'launch_local_cluster.py'  # How its errors name it.
+# What each worker runs, before the train flags (tests put a stand-in here).
+WORKER_COMMAND = (sys.executable, '-m', 'pcam_tfdata.train')
 
 
 def _bindable(port):
@@ -156,7 +158,7 @@ def launch(num_workers, train_args):
       # reaches the launcher, which passes it on and waits for them.
       parent = os.getpid()
       procs.append(subprocess.Popen(
-          [sys.executable, '-m', 'pcam_tfdata.train', *train_args, '--strategy=multi_worker'],
+          [*WORKER_COMMAND, *train_args, '--strategy=multi_worker'],
           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
           start_new_session=True, preexec_fn=lambda: _die_with_parent(parent)))
       streams.append(threading.Thread(target=_stream, args=(procs[-1], i), daemon=True))
