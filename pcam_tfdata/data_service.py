@@ -58,8 +58,8 @@ def main(argv):
   tf = cli.import_tensorflow(_VERBOSE.value)
   service = tf.data.experimental.service
   if _ROLE.value == 'dispatcher':
-    server = service.DispatchServer(service.DispatcherConfig(
-        port=_PORT.value, work_dir=_WORK_DIR.value, fault_tolerant_mode=bool(_WORK_DIR.value)))
+    from pcam_tfdata.training import service as service_lib  # pylint: disable=g-import-not-at-top
+    server = service.DispatchServer(service_lib.dispatcher_config(_PORT.value, _WORK_DIR.value))
     port = int(server.target.rsplit(':', 1)[1])  # The one bound, also for --port=0.
     print(f'dispatcher serving on grpc://localhost:{port}' +
           (f', journal in {_WORK_DIR.value}' if _WORK_DIR.value else

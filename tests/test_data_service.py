@@ -94,8 +94,8 @@ def test_the_dispatcher_says_it_listens_unauthenticated(tmp_path):
   out = tmp_path / 'dispatcher.out'
   with open(out, 'w') as f:
     proc = subprocess.Popen([sys.executable, '-m', 'pcam_tfdata.data_service',
-                             '--role=dispatcher', '--port=0'], cwd=ROOT, stdout=f,
-                            stderr=subprocess.STDOUT, env=user_env())
+                             '--role=dispatcher', '--port=0', f'--work_dir={tmp_path / "j"}'],
+                            cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=user_env())
   try:
     deadline = time.time() + 120
     while 'unauthenticated' not in out.read_text():
@@ -104,65 +104,55 @@ def test_the_dispatcher_says_it_listens_unauthenticated(tmp_path):
   finally:
     proc.kill()
     proc.wait()
-  port = re.search(r'serving on grpc://localhost:(\d+)', out.read_text())[1]
+  port = re.search(rf'serving on grpc://localhost:(\d+), journal in {tmp_path / "j"}',
+                   out.read_text())[1]
   assert port != '0'  # The port really bound, not the flag's 0.
   assert re.search(rf'dispatcher listens on port {port} of every interface, unauthenticated',
                    out.read_text())
 
 
-def _start(args, out, env):
-  with open(out, 'w') as f:
-    return subprocess.Popen([sys.executable, '-m', *args], cwd=ROOT, stdout=f,
-                            stderr=subprocess.STDOUT, env=env)
-
-
-def _wait_for(pattern, out, *procs, timeout=300):
+def _wait_for(pattern, out, proc, timeout=300):
   deadline = time.time() + timeout
   while not re.search(pattern, out.read_text()):
     assert time.time() < deadline, out.read_text()[-3000:]
-    assert all(p.poll() is None for p in procs), out.read_text()[-3000:]
+    assert proc.poll() is None, out.read_text()[-3000:]
     time.sleep(0.1)
-  return re.search(pattern, out.read_text())
 
 
 @pytest.mark.slow
 def test_a_dispatcher_restarted_with_its_work_dir_keeps_the_training_going(records, tmp_path):
-  """Killed mid-training and started again with the same --work_dir and --port.
+  """Stopped mid-training and started again with the same --work_dir and --port.
 
   Without the journal, the trainer fails at its next heartbeat to the new
   dispatcher ("not configured to be fault tolerant"); with it, it trains on.
+  The dispatcher and worker run here; the trainer is the command.
   """
   from pcam_tfdata.commands import launch_local_cluster  # pylint: disable=g-import-not-at-top
   port = launch_local_cluster.free_ports(1)[0]
-  dispatcher_args = ['pcam_tfdata.data_service', '--role=dispatcher', f'--port={port}',
-                     f'--work_dir={tmp_path / "journal"}']
-  env = user_env()
-  procs = [_start(dispatcher_args, tmp_path / 'd1.out', env)]
+  config = lambda: service_lib.dispatcher_config(port, str(tmp_path / 'journal'))
+  servers = tf.data.experimental.service
+  dispatcher = servers.DispatchServer(config())
+  worker = servers.WorkerServer(servers.WorkerConfig(dispatcher_address=f'localhost:{port}'))
+  out = tmp_path / 'trainer.out'
+  with open(out, 'w') as f:
+    trainer = subprocess.Popen(
+        [sys.executable, '-m', 'pcam_tfdata.train', f'--records_dir={records}',
+         f'--model_dir={tmp_path / "run"}', '--epochs=1000000', '--batch_size=8',
+         '--early_stopping_patience=1000000', '--mixed_precision=off', '--strategy=default',
+         '--noprogress', f'--data_service_address=grpc://localhost:{port}'],
+        cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=user_env())
   try:
-    _wait_for(r'serving on grpc://localhost', tmp_path / 'd1.out', *procs)
-    procs.append(_start(['pcam_tfdata.data_service', '--role=worker', '--port=0',
-                         f'--dispatcher_address=localhost:{port}'], tmp_path / 'w.out', env))
-    bound = _wait_for(r'worker serving on port (\d+)', tmp_path / 'w.out', *procs)
-    assert bound[1] != '0'  # The port it bound, not the flag's 0.
-    trainer_out = tmp_path / 't.out'
-    trainer = _start(['pcam_tfdata.train', f'--records_dir={records}',
-                      f'--model_dir={tmp_path / "run"}', '--epochs=1000000', '--batch_size=8',
-                      '--early_stopping_patience=1000000', '--mixed_precision=off',
-                      '--strategy=default', '--noprogress',
-                      f'--data_service_address=grpc://localhost:{port}'], trainer_out, env)
-    procs.append(trainer)
-    _wait_for(r'epoch=1 ', trainer_out, trainer)
-    procs[0].kill()
-    procs[0].wait()
-    procs[0] = _start(dispatcher_args, tmp_path / 'd2.out', env)
-    _wait_for(r'serving on grpc://localhost', tmp_path / 'd2.out', *procs)
-    after = len(re.findall(r'epoch=\d+ ', trainer_out.read_text()))
+    _wait_for(r'epoch=1 ', out, trainer)
+    dispatcher._stop()  # pylint: disable=protected-access
+    dispatcher = servers.DispatchServer(config())
+    after = len(re.findall(r'epoch=\d+ ', out.read_text()))
     # Many epochs with the new dispatcher (heartbeats included), still training.
-    _wait_for(rf'epoch={after + 50} ', trainer_out, trainer)
+    _wait_for(rf'epoch={after + 50} ', out, trainer)
     trainer.send_signal(signal.SIGTERM)  # Ends the endless run: a backup, status 42.
-    assert trainer.wait(timeout=300) == 42, trainer_out.read_text()[-3000:]
+    assert trainer.wait(timeout=300) == 42, out.read_text()[-3000:]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
+    if trainer.poll() is None:
+      trainer.kill()
+    trainer.wait()
+    worker._stop()  # pylint: disable=protected-access
+    dispatcher._stop()  # pylint: disable=protected-access

@@ -163,30 +163,18 @@ def test_sigterm_to_one_worker_preempts_both_and_the_rerun_ends_as_an_uninterrup
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('sig, status, said', [
-    (signal.SIGINT, 130, 'interrupted'),  # What Ctrl-C sends it (SIGTERM: see below).
-    (signal.SIGKILL, -signal.SIGKILL, None),  # What nothing can catch.
-])
-def test_ctrl_c_or_sigkill_on_the_launcher_stops_every_worker_and_closes_their_ports(
-    records, tmp_path, launch, sig, status, said):
+def test_ctrl_c_on_the_launcher_preempts_every_worker_at_one_step_and_closes_their_ports(
+    records, tmp_path, launch):
+  """(SIGTERM to the launcher, and SIGKILL, are tested with stand-in workers below.)"""
   model_dir = tmp_path / 'run'
   launcher, out_path, err_path = launch(records, model_dir, model='baseline')
   _wait_for(lambda: re.search(r'\[worker 1\] epoch=1 ', out_path.read_text()), launcher,
             'a trained epoch', err_path)
   assert launcher.poll() is None
-  launcher.send_signal(sig)
+  launcher.send_signal(signal.SIGINT)
   # An endless run: only the launcher's signal ends it within the timeout.
-  assert launcher.wait(timeout=_TIMEOUT) == status, err_path.read_text()[-3000:]
-  if sig == signal.SIGKILL:  # Its workers die with it (PR_SET_PDEATHSIG).
-    ports = _servers(out_path.read_text()).values()
-    deadline = time.monotonic() + _TIMEOUT
-    # (A dying process loses its command line before its sockets: wait for both.)
-    while ((_workers_left(model_dir) or any(map(_listening, ports)))
-           and time.monotonic() < deadline):
-      time.sleep(0.1)
-    _gone(model_dir, out_path.read_text())
-    return
-  assert f'{said}; stopped every worker' in err_path.read_text()
+  assert launcher.wait(timeout=_TIMEOUT) == 130, err_path.read_text()[-3000:]
+  assert 'interrupted; stopped every worker' in err_path.read_text()
   stdout = out_path.read_text()
   # Each worker was preempted at the same step, with a backup there (a
   # worker killed at the end of the grace period would say nothing).
@@ -212,7 +200,7 @@ def on_sigint(*_):
   if role == 'preempt':
     sys.exit(42)
 signal.signal(signal.SIGINT, on_sigint)
-print(f'ready {index}', flush=True)
+print(f'ready {index} pid {os.getpid()}', flush=True)
 if role == 'die':
   os.kill(os.getpid(), signal.SIGKILL)
 if role == 'exit42':
@@ -237,11 +225,38 @@ def _launch_stand_ins(*roles):
 
 
 def _wait_until_ready(launcher):
-  ready = set()
+  """The stand-ins' pids, once both are ready."""
+  ready = {}
   while len(ready) < 2:
     line = launcher.stdout.readline()
     assert line, launcher.stderr.read()
-    ready |= set(re.findall(r'ready (\d)', line))
+    ready.update(re.findall(r'ready (\d) pid (\d+)', line))
+  return [int(pid) for pid in ready.values()]
+
+
+def _alive(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().split(') ')[1][0] != 'Z'  # (A zombie has ended.)
+  except FileNotFoundError:
+    return False
+
+
+def test_a_sigkilled_launcher_takes_its_workers_with_it():
+  """Nothing can catch SIGKILL: the workers die of PR_SET_PDEATHSIG."""
+  launcher = _launch_stand_ins('stay', 'stay')
+  pids = _wait_until_ready(launcher)
+  try:
+    assert all(map(_alive, pids))
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + _TIMEOUT
+    while any(map(_alive, pids)):
+      assert time.monotonic() < deadline, 'a worker outlived its SIGKILLed launcher'
+      time.sleep(0.05)
+  finally:  # Whatever happened, no stand-in sleeps on after the test.
+    for pid in filter(_alive, pids):
+      os.kill(pid, signal.SIGKILL)
 
 
 def test_sigterm_on_the_launcher_reaches_every_worker_as_sigint_and_ends_143():

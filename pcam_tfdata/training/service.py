@@ -98,3 +98,13 @@ def service_failure(error):
   return ('the tf.data service dispatcher restarted and no longer knows this run\'s job (its '
           'state was in memory only): start it with --work_dir to survive restarts, then rerun '
           'the same command to resume from the last backup')
+
+
+def dispatcher_config(port, work_dir=None):
+  """A dispatcher's config: with `work_dir`, journaled there (fault-tolerant mode).
+
+  A dispatcher restarted with the same work_dir and port replays the journal
+  and keeps its jobs; without one, its state is in memory only.
+  """
+  return tf.data.experimental.service.DispatcherConfig(
+      port=port, work_dir=work_dir, fault_tolerant_mode=bool(work_dir))
