@@ -60,13 +60,14 @@ class Watch:
     # (Its own `_save_checkpoint` reads its deprecated `total_run_calls`.)
     tf.get_logger().addFilter(_HANDLER_DEPRECATION)
     self._signalled = threading.Event()
+    self._closed = threading.Event()
     self._previous = {}
     if threading.current_thread() is threading.main_thread():  # (Python's rule for handlers.)
       for sig in _SIGNALS:
         self._previous[sig] = signal.signal(sig, self._on_signal)
     self._position = None
     config = tf.distribute.experimental.TerminationConfig(
-        termination_watcher_fn=self._signalled.is_set, exit_fn=self._exit,
+        termination_watcher_fn=self._notice, exit_fn=self._exit,
         save_fn=self._save, grace_period=0)
     # The handler must be given a checkpoint manager, and restores from it
     # when made; ours reads from a folder that never exists and writes
@@ -77,6 +78,7 @@ class Watch:
     resolver = getattr(strategy, 'cluster_resolver', None)
     if resolver is not None and not resolver.cluster_spec().jobs:
       resolver = None  # One process: no peers to agree with.
+    self._peers = resolver is not None
     self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
         resolver, unused, termination_config=config)
 
@@ -84,6 +86,11 @@ class Watch:
   def signalled(self):
     """Whether a signal came to this process (whatever became of it)."""
     return self._signalled.is_set()
+
+  def _notice(self):
+    # Polled each second by the handler's thread. After `close`, True ends
+    # that thread (its notice then goes to a handler no one checks).
+    return self._signalled.is_set() or self._closed.is_set()
 
   def _on_signal(self, signum, frame):
     del signum, frame
@@ -113,9 +120,10 @@ class Watch:
 
   def close(self):
     self._restore_signals()
-    if self._handler is not None:
-      # Stops the handler's watcher threads. Its __del__ does this, but the
-      # threads hold the handler, so it would never come: each run in a
-      # notebook would leave two behind.
-      self._handler.__del__()
-      self._handler = None
+    self._closed.set()  # Ends the polling thread within a second, unwaited.
+    handler, self._handler = self._handler, None
+    if handler is not None and self._peers:
+      # Ends the thread that waits on the coordination service for a peer's
+      # notice, and tells the peers theirs may end. The handler's __del__
+      # does this, but the threads hold the handler, so it would never come.
+      handler.__del__()
