@@ -23,7 +23,8 @@ def train(records_dir, model_dir, *, strategy=None, **options):
   The run folder is the command's: model.keras (the best epoch's weights),
   metrics.json, history.csv, plots, TensorBoard logs and a backup a rerun
   resumes from (an interrupted call, rerun the same way, continues from its
-  last finished epoch; a finished one is not trained again).
+  last backup; a finished one is evaluated again, not trained again, unless
+  `epochs` grows).
 
   Example:
 
@@ -44,7 +45,8 @@ def train(records_dir, model_dir, *, strategy=None, **options):
       `strategy` object is given), num_cpu_devices=1, sync_batch_norm='auto',
       jit_compile='auto', augment=False, stain_jitter=0.0,
       stain_jitter_on='auto', augment_cache_gib=4.0, seed=None,
-      steps_per_execution=1, early_stopping_patience=3, reduce_lr_patience=2,
+      steps_per_execution=1, backup_every_steps=0, early_stopping_patience=3,
+      reduce_lr_patience=2,
       profile_steps=None (a (start, stop) pair), eval_batch_size=512,
       data_service_address=None, progress=True, restart=False. A `seed` also turns on
       TensorFlow's op determinism for the rest of the process, as the
@@ -57,6 +59,8 @@ def train(records_dir, model_dir, *, strategy=None, **options):
   Raises:
     TypeError: an unknown option. ValueError: a bad value (the message names
     its flag), or records that cannot be read (schema.ManifestError).
+    preemption.Preempted: an interrupt (the kernel's) or SIGTERM while it
+      trained; a backup was saved there, and the same call resumes.
   """
   from pcam_tfdata.training import trainer  # pylint: disable=g-import-not-at-top
   if isinstance(strategy, str):  # The flag's name for it, as the command takes it.

@@ -81,7 +81,7 @@ class EpochLoop:
       saved = self.backup.saved_state()
       resume.check(saved and saved.get('run'), self.run_settings, self.backup.path,
                    log=print if self.setup.chief else lambda _: None,
-                   trained=saved and saved.get('epoch'))
+                   trained=resume.epochs_begun(saved))
       self.last_epoch, saved = self.backup.restore()
       if saved:
         self.state = loop.CallbackState(**saved['callbacks'])

@@ -42,6 +42,13 @@ def settings(config, records, setup):
   }
 
 
+def epochs_begun(state):
+  """The epochs a backup's loop state has trained, one stopped in included (None: not recorded)."""
+  if not state or state.get('epoch') is None:
+    return None
+  return state['epoch'] + (1 if state.get('step') else 0)
+
+
 def check(saved, current, backup_path, log=print, trained=None):
   """Raises ValueError naming every setting in which `current` differs from the backup's.
 
@@ -51,7 +58,7 @@ def check(saved, current, backup_path, log=print, trained=None):
     current: `settings` of this run.
     backup_path: the backup folder, for the message.
     log: where the note on a changed --epochs goes.
-    trained: the epochs the backup has finished (None: not recorded).
+    trained: `epochs_begun` of the backup's state.
   """
   if saved is None:
     return
