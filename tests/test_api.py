@@ -204,6 +204,9 @@ def test_the_readme_python_session_runs_as_written(tmp_path):
   proc = subprocess.run([sys.executable, 'session.py'], capture_output=True, text=True,
                         env=user_env(), timeout=600, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Nothing from the interpreter's exit either (a preemption handler's thread
+  # once ran its __del__ there: "Exception ignored ... cannot join current thread").
+  assert 'Exception ignored' not in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
   submission = pd.read_csv(tmp_path / 'nb' / 'submission.csv', dtype={'id': str})
   sample = pd.read_csv(tmp_path / 'nb' / 'kaggle' / 'sample_submission.csv', dtype={'id': str})
   assert list(submission['id']) == list(sample['id']) and len(sample) == 100

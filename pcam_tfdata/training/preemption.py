@@ -60,14 +60,14 @@ class Watch:
     # (Its own `_save_checkpoint` reads its deprecated `total_run_calls`.)
     tf.get_logger().addFilter(_HANDLER_DEPRECATION)
     self._signalled = threading.Event()
-    self._closed = threading.Event()
-    self._previous = {}
-    if threading.current_thread() is threading.main_thread():  # (Python's rule for handlers.)
-      for sig in _SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._on_signal)
     self._position = None
+    main = threading.current_thread() is threading.main_thread()  # (Python's rule for handlers.)
+    self._previous = {sig: signal.getsignal(sig) for sig in _SIGNALS} if main else {}
+    # Made in the main thread, the handler watches SIGTERM itself (a signal
+    # handler, no polling thread); elsewhere no signal can reach us, and a
+    # watcher that is never set keeps this worker in its peers' agreement.
     config = tf.distribute.experimental.TerminationConfig(
-        termination_watcher_fn=self._notice, exit_fn=self._exit,
+        termination_watcher_fn=None if main else self._signalled.is_set, exit_fn=self._exit,
         save_fn=self._save, grace_period=0)
     # The handler must be given a checkpoint manager, and restores from it
     # when made; ours reads from a folder that never exists and writes
@@ -81,21 +81,21 @@ class Watch:
     self._peers = resolver is not None
     self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
         resolver, unused, termination_config=config)
+    if main:
+      # Ctrl-C as well as SIGTERM goes to the handler's own SIGTERM function.
+      self._notify = signal.getsignal(signal.SIGTERM)
+      for sig in _SIGNALS:
+        signal.signal(sig, self._on_signal)
 
   @property
   def signalled(self):
     """Whether a signal came to this process (whatever became of it)."""
     return self._signalled.is_set()
 
-  def _notice(self):
-    # Polled each second by the handler's thread. After `close`, True ends
-    # that thread (its notice then goes to a handler no one checks).
-    return self._signalled.is_set() or self._closed.is_set()
-
   def _on_signal(self, signum, frame):
-    del signum, frame
     self._signalled.set()
     self._restore_signals()  # A second signal acts as it would without us.
+    self._notify(signum, frame)
 
   def _restore_signals(self):
     for sig, previous in self._previous.items():
@@ -120,10 +120,10 @@ class Watch:
 
   def close(self):
     self._restore_signals()
-    self._closed.set()  # Ends the polling thread within a second, unwaited.
     handler, self._handler = self._handler, None
-    if handler is not None and self._peers:
-      # Ends the thread that waits on the coordination service for a peer's
-      # notice, and tells the peers theirs may end. The handler's __del__
-      # does this, but the threads hold the handler, so it would never come.
+    if handler is not None and (self._peers or not self._previous):
+      # Ends the threads that wait on the coordination service for a peer's
+      # notice (and tells the peers theirs may end) or poll the watcher. The
+      # handler's __del__ does this, but the threads hold the handler, so it
+      # would never come, or come in one of them (which cannot join itself).
       handler.__del__()
