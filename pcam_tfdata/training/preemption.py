@@ -11,9 +11,10 @@ raises `Preempted`). On one process it does the same without the
 agreement. A second signal acts as it would without us (Ctrl-C raises
 KeyboardInterrupt; SIGTERM ends the process).
 
-Known limit: on Google Compute Engine CPU VMs TensorFlow's handler watches
-nothing (it logs "does not support usage with TPU or CPU device on GCP"),
-so there a signal stops the run as before, at the last backup.
+On Google Compute Engine CPU and TPU VMs TensorFlow's handler watches
+nothing (it logs "does not support usage with TPU or CPU device on GCP");
+there each signalled process saves at its next step on its own: exact on
+one process; across several workers, without the agreement, untested.
 """
 
 import logging
@@ -61,7 +62,8 @@ class Watch:
     tf.get_logger().addFilter(_HANDLER_DEPRECATION)
     self._signalled = threading.Event()
     self._position = None
-    main = threading.current_thread() is threading.main_thread()  # (Python's rule for handlers.)
+    self._notify = None
+    main = self._main = threading.current_thread() is threading.main_thread()  # (Python's rule.)
     self._previous = {sig: signal.getsignal(sig) for sig in _SIGNALS} if main else {}
     # Made in the main thread, the handler watches SIGTERM itself (a signal
     # handler, no polling thread); elsewhere no signal can reach us, and a
@@ -83,7 +85,11 @@ class Watch:
         resolver, unused, termination_config=config)
     if main:
       # Ctrl-C as well as SIGTERM goes to the handler's own SIGTERM function.
-      self._notify = signal.getsignal(signal.SIGTERM)
+      # If it set none (on GCE CPU and TPU VMs TensorFlow's handler watches
+      # nothing, by its own rule), `check` stops this process alone.
+      installed = signal.getsignal(signal.SIGTERM)
+      if installed is not self._previous[signal.SIGTERM]:
+        self._notify = installed
       for sig in _SIGNALS:
         signal.signal(sig, self._on_signal)
 
@@ -95,7 +101,8 @@ class Watch:
   def _on_signal(self, signum, frame):
     self._signalled.set()
     self._restore_signals()  # A second signal acts as it would without us.
-    self._notify(signum, frame)
+    if self._notify is not None:
+      self._notify(signum, frame)
 
   def _restore_signals(self):
     for sig, previous in self._previous.items():
@@ -105,6 +112,9 @@ class Watch:
   def check(self, epoch, step, save):
     """Saves with `save()` and raises Preempted if the cluster stops at this point."""
     self._position = (epoch, step, save)
+    if self._main and self._notify is None and self._signalled.is_set():
+      save()  # TensorFlow's handler watches nothing here: no peer to agree with.
+      self._exit()
     try:
       self._handler.save_checkpoint_if_preempted()
     except self._errors.AlreadyExistsError:
@@ -121,7 +131,7 @@ class Watch:
   def close(self):
     self._restore_signals()
     handler, self._handler = self._handler, None
-    if handler is not None and (self._peers or not self._previous):
+    if handler is not None and (self._peers or not self._main):
       # Ends the threads that wait on the coordination service for a peer's
       # notice (and tells the peers theirs may end) or poll the watcher. The
       # handler's __del__ does this, but the threads hold the handler, so it
