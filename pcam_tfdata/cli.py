@@ -154,10 +154,27 @@ _WRITE_FAILURES = {
     errno.EEXIST: 'a part of the path is a file, not a folder',
     errno.EISDIR: 'it is a folder',
 }
-# TensorFlow's file errors (checkpoints, summaries) say `path; strerror`.
-_TF_FILE_ERROR = re.compile(r'(/[^;\n]*); (Read-only file system|No space left on device|'
-                            r'Disk quota exceeded|Permission denied|Not a directory)')
+# TensorFlow's file errors (checkpoints, summaries) say `path; strerror`, the
+# path often after an op's device name ("...device:CPU:0}} /runs/r/backup...").
+_TF_FILE_ERROR = re.compile(r'(?:^|\s)(/[^;\s]*); (Read-only file system|No space left on '
+                            r'device|Disk quota exceeded|Permission denied|Not a directory)')
 _STRERRORS = {os.strerror(code): code for code in _WRITE_FAILURES}
+# Only ever met writing: with no path named, still the output's.
+_WRITE_ONLY = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_within(path, folder):
+  path, folder = os.path.abspath(path), os.path.abspath(folder)
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _of_output(path, output_path):
+  """Whether a failing `path` is the output's: in it, above it, or its partial beside it."""
+  if _is_within(path, output_path) or _is_within(output_path, path):
+    return True
+  name = os.path.basename(os.path.abspath(output_path))
+  return (os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(output_path))
+          and name in os.path.basename(path))  # ('.rec.partial-…', 'syn.partial')
 
 
 def write_failure(error, output):
@@ -166,6 +183,12 @@ def write_failure(error, output):
   Args:
     error: an OSError, or a TensorFlow OpError about a file.
     output: what the user asked to be written, as they named it.
+
+  Returns:
+    'cannot write OUTPUT: why (path)' when the failing path is the output's
+    (or no path is named and the error only comes from writes); 'cannot
+    read PATH: permission denied' for a permission error elsewhere (an
+    input); else None.
   """
   if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
     code, path = error.errno, error.filename
@@ -175,6 +198,12 @@ def write_failure(error, output):
       return None
     code, path = _STRERRORS[match[2]], match[1]
   named = output.split('=', 1)[-1]  # (The path itself, in '--flag=path'.)
+  if path and not _of_output(os.fsdecode(path), named):
+    if code in (errno.EACCES, errno.EPERM):
+      return f'cannot read {os.fsdecode(path)}: permission denied'
+    return None
+  if not path and code not in _WRITE_ONLY:
+    return None
   where = f' ({path})' if path and os.path.normpath(path) != os.path.normpath(named) else ''
   return f'cannot write {output}: {_WRITE_FAILURES[code]}{where}'
 

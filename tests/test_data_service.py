@@ -90,25 +90,32 @@ def test_training_reads_through_the_service(records, service, tmp_path, monkeypa
   assert len(served) >= 2 * steps
 
 
-def test_the_dispatcher_says_it_listens_unauthenticated(tmp_path):
-  out = tmp_path / 'dispatcher.out'
+def _serve(role_flags, out):
   with open(out, 'w') as f:
-    proc = subprocess.Popen([sys.executable, '-m', 'pcam_tfdata.data_service',
-                             '--role=dispatcher', '--port=0', f'--work_dir={tmp_path / "j"}'],
+    return subprocess.Popen([sys.executable, '-m', 'pcam_tfdata.data_service', *role_flags],
                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=user_env())
+
+
+def test_dispatcher_and_worker_say_the_port_they_bound_and_that_it_is_unauthenticated(tmp_path):
+  out, worker_out = tmp_path / 'dispatcher.out', tmp_path / 'worker.out'
+  procs = [_serve(['--role=dispatcher', '--port=0', f'--work_dir={tmp_path / "j"}'], out)]
   try:
-    deadline = time.time() + 120
-    while 'unauthenticated' not in out.read_text():
-      assert time.time() < deadline and proc.poll() is None, out.read_text()
-      time.sleep(0.1)
+    _wait_for('unauthenticated', out, procs[0], timeout=120)
+    port = re.search(rf'serving on grpc://localhost:(\d+), journal in {tmp_path / "j"}',
+                     out.read_text())[1]
+    procs.append(_serve(['--role=worker', '--port=0', f'--dispatcher_address=localhost:{port}'],
+                        worker_out))
+    _wait_for('unauthenticated', worker_out, procs[1], timeout=120)
   finally:
-    proc.kill()
-    proc.wait()
-  port = re.search(rf'serving on grpc://localhost:(\d+), journal in {tmp_path / "j"}',
-                   out.read_text())[1]
+    for proc in procs:
+      proc.kill()
+      proc.wait()
   assert port != '0'  # The port really bound, not the flag's 0.
   assert re.search(rf'dispatcher listens on port {port} of every interface, unauthenticated',
                    out.read_text())
+  bound = re.search(rf'worker serving on port (\d+) for localhost:{port}', worker_out.read_text())
+  assert bound and bound[1] != '0', worker_out.read_text()
+  assert f'worker listens on port {bound[1]} of every interface' in worker_out.read_text()
 
 
 def _wait_for(pattern, out, proc, timeout=300):

@@ -205,7 +205,7 @@ if role == 'die':
   os.kill(os.getpid(), signal.SIGKILL)
 if role == 'exit42':
   sys.exit(42)
-time.sleep(float(role.split(':')[1]) if ':' in role else 600)
+time.sleep(float(role.split(':')[1]) if ':' in role else 3600)
 sys.exit(42)
 '''
 _LAUNCH_STAND_INS = r'''
@@ -243,14 +243,14 @@ def _alive(pid):
 
 
 def test_a_sigkilled_launcher_takes_its_workers_with_it():
-  """Nothing can catch SIGKILL: the workers die of PR_SET_PDEATHSIG."""
+  """Nothing can catch SIGKILL: the workers (which would sleep an hour) die of PR_SET_PDEATHSIG."""
   launcher = _launch_stand_ins('stay', 'stay')
   pids = _wait_until_ready(launcher)
   try:
     assert all(map(_alive, pids))
     launcher.kill()
     launcher.wait()
-    deadline = time.monotonic() + _TIMEOUT
+    deadline = time.monotonic() + 120  # (A deadline for a failure, far below the hour.)
     while any(map(_alive, pids)):
       assert time.monotonic() < deadline, 'a worker outlived its SIGKILLed launcher'
       time.sleep(0.05)
@@ -268,6 +268,29 @@ def test_sigterm_on_the_launcher_reaches_every_worker_as_sigint_and_ends_143():
   assert sorted(re.findall(r'\[worker (\d)\] SIGINT', out)) == ['0', '1'], out
   assert err.splitlines()[-1] == ('launch_local_cluster.py: error: terminated; stopped every '
                                   'worker (rerun the same command to resume)')
+
+
+def test_a_second_sigterm_kills_the_workers_at_once_in_one_line():
+  """Workers that note SIGINT and go on: the second SIGTERM ends the grace period."""
+  launcher = _launch_stand_ins('stay', 'stay')
+  _wait_until_ready(launcher)
+  launcher.send_signal(signal.SIGTERM)
+  while 'SIGINT' not in launcher.stdout.readline():  # The first reached a worker.
+    pass
+  launcher.send_signal(signal.SIGTERM)
+  out, err = launcher.communicate(timeout=_TIMEOUT)
+  assert launcher.returncode == 143, err
+  assert err.splitlines() == ['launch_local_cluster.py: error: terminated; stopped every worker '
+                              '(rerun the same command to resume)'], err
+
+
+def test_the_stop_policy_saves_when_it_can_and_kills_when_it_cannot():
+  grace = launch_local_cluster.GRACE_SECONDS
+  assert launch_local_cluster.stop_policy(None) == (signal.SIGINT, grace)  # Ctrl-C: save.
+  assert launch_local_cluster.stop_policy((None, 143)) == (signal.SIGINT, grace)  # SIGTERM.
+  assert launch_local_cluster.stop_policy((1, 42)) == (None, grace)  # Preempted: they save too.
+  assert launch_local_cluster.stop_policy((1, -9)) == (signal.SIGKILL, 0)  # Dead: no agreement.
+  assert launch_local_cluster.stop_policy((0, 1)) == (signal.SIGKILL, 0)
 
 
 def test_a_dead_worker_takes_the_others_at_once_without_a_signal_to_save():

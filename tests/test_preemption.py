@@ -29,10 +29,16 @@ def watch():
   made.close()
 
 
-def test_a_signal_saves_once_at_the_step_after_it_and_stops_there(watch):
-  # TensorFlow's handler sets the step after the one it hears of at: the
-  # signal in step 2 is acted on after step 3, the same step on every worker.
-  saves, stop = _steps(watch, signal_at=2)
+def test_a_signal_saves_once_at_the_step_after_it_and_stops_there():
+  before = signal.getsignal(signal.SIGINT)
+  watch = preemption.Watch(tf.distribute.get_strategy())
+  try:
+    # TensorFlow's handler sets the step after the one it hears of at: the
+    # signal in step 2 is acted on after step 3, the same step on every worker.
+    saves, stop = _steps(watch, signal_at=2)
+    assert signal.getsignal(signal.SIGINT) is before  # A second Ctrl-C acts as without us.
+  finally:
+    watch.close()
   assert saves == [3]
   assert stop == (1, 3, 'preempted at epoch 1, step 3: backup saved; rerun the same command '
                         'to resume')

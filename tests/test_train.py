@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import types
 
 from absl import flags
@@ -29,6 +30,8 @@ from pcam_tfdata.training import epochs as epochs_lib
 from pcam_tfdata.training import loop
 from pcam_tfdata.training import models
 from pcam_tfdata.training import pipeline
+from pcam_tfdata.training import preemption
+from pcam_tfdata.training import resume
 from pcam_tfdata.training import trainer
 from pcam_tfdata.training import verify
 from conftest import ROOT, cut_after_first_record, error_lines, flip_a_byte, run_convert, run_tool
@@ -329,6 +332,61 @@ def test_a_resumed_run_trains_at_the_learning_rate_it_had_reached(records, tmp_p
   assert float(rows[1]['learning_rate']) == pytest.approx(2.5e-4)
 
 
+def test_compiled_calls_end_on_a_grid_fixed_by_the_step_number():
+  """So a run resumed at any backup makes the uninterrupted run's calls (and float sums)."""
+  run = types.SimpleNamespace(steps=10, config=types.SimpleNamespace(steps_per_execution=4,
+                                                                      backup_every_steps=3))
+
+  def ends(done):
+    out = []
+    while done < run.steps:
+      done += epochs_lib.EpochLoop._chunk(run, done)  # pylint: disable=protected-access
+      out.append(done)
+    return out
+
+  assert ends(0) == [3, 4, 6, 8, 9, 10]  # Every 4 steps, and a backup every 3.
+  for start in ends(0)[:-1]:  # Resumed at any of them: the same calls from there.
+    assert ends(start) == [e for e in ends(0) if e > start]
+  run.config.backup_every_steps = 0
+  assert ends(0) == [4, 8, 10]
+
+
+def test_epochs_may_not_fall_below_an_epoch_a_backup_has_begun():
+  assert resume.epochs_begun({'epoch': 2, 'step': 3}) == 3  # Stopped in epoch 3.
+  assert resume.epochs_begun({'epoch': 2, 'step': 0}) == 2
+  assert resume.epochs_begun({'callbacks': {}}) is None and resume.epochs_begun(None) is None
+  current = {**{key: None for key in resume._NAMES}, 'epochs': 2}  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r'--epochs: 5 then, 2 now, fewer than the 3 trained'):
+    resume.check({'epochs': 5}, current, 'backup', trained=3)
+  said = []
+  resume.check({'epochs': 5}, {**current, 'epochs': 3}, 'backup', log=said.append, trained=3)
+  assert said == ['continuing with --epochs=3 (the run was started with --epochs=5)']
+
+
+def test_a_signal_after_the_last_step_stops_the_chief_before_its_final_evaluation(
+    records, tmp_path, monkeypatch, capsys):
+  """Past the last point where workers agree: the backup of the last epoch is there to rerun."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('signal handlers are the main thread\'s')
+  real_end_epoch = epochs_lib.EpochLoop._end_epoch  # pylint: disable=protected-access
+
+  def signalled_in_validation(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # Caught: the trainer's watch is on.
+    return real_end_epoch(self, *args, **kwargs)
+
+  monkeypatch.setattr(epochs_lib.EpochLoop, '_end_epoch', signalled_in_validation)
+  model_dir = tmp_path / 'run'
+  with pytest.raises(preemption.Preempted, match='preempted at epoch 1, step 6: backup saved'):
+    train.run(_config(records, model_dir, epochs=1))
+  assert not (model_dir / 'metrics.json').exists()
+  monkeypatch.undo()
+  capsys.readouterr()
+  train.run(_config(records, model_dir, epochs=1))  # The same command: evaluated, not trained.
+  out = capsys.readouterr().out
+  assert f'the run in {model_dir} has finished (all 1 epochs)' in out and 'epoch=' not in out
+  assert json.loads((model_dir / 'metrics.json').read_text())['epochs_run'] == 1
+
+
 def test_callback_state_follows_keras_semantics():
   state = loop.CallbackState()
   lr = 1e-3
@@ -540,19 +598,21 @@ def _history(model_dir):
     return [(r['epoch'], r['train_loss'], r['val_auc']) for r in csv.DictReader(f)]
 
 
-# default: 6 steps of 8 per epoch; SIGKILL in call 9, step 3 of epoch 2,
-# after --backup_every_steps=2's backup at its step 2. mirrored: 48 examples
+# default: 6 steps of 8 per epoch, 3 epochs; SIGKILL in call 9, step 3 of
+# epoch 2, after --backup_every_steps=2's backup at its step 2 (epoch 3 then
+# starts at its step 0 again). mirrored: 48 examples
 # in per-replica batches of 9 are 5 batches, of which each epoch's 2 steps of
 # 18 take 4: the fifth must not open the next epoch. SIGTERM in call 2 (the
 # last of epoch 1) is acted on at the next check, after call 3: a backup at
 # epoch 2, step 1, then exit.
 @pytest.mark.slow
-@pytest.mark.parametrize('strategy, batch_size, sig, at, flag, stopped, resumed_at', [
-    ('default', 8, 'SIGKILL', 9, '--backup_every_steps=2', -signal.SIGKILL,
+@pytest.mark.parametrize('strategy, epochs, batch_size, sig, at, flag, stopped, resumed_at', [
+    ('default', 3, 8, 'SIGKILL', 9, '--backup_every_steps=2', -signal.SIGKILL,
      'resuming epoch 2 at step 2'),
-    ('mirrored', 18, 'SIGTERM', 2, '--backup_every_steps=0', 42, 'resuming epoch 2 at step 1')])
+    ('mirrored', 2, 18, 'SIGTERM', 2, '--backup_every_steps=0', 42,
+     'resuming epoch 2 at step 1')])
 def test_a_seeded_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(
-    records, tmp_path, strategy, batch_size, sig, at, flag, stopped, resumed_at, capsys,
+    records, tmp_path, strategy, epochs, batch_size, sig, at, flag, stopped, resumed_at, capsys,
     request):
   """One run whole; the same command killed (or preempted) in epoch 2, then run again.
 
@@ -561,7 +621,7 @@ def test_a_seeded_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_o
   history: epoch 2 came from two processes, so this also shows that a rerun agrees.
   """
   dist = request.getfixturevalue('mirrored') if strategy == 'mirrored' else None
-  settings = dict(epochs=2, batch_size=batch_size, seed=5, augment=True,
+  settings = dict(epochs=epochs, batch_size=batch_size, seed=5, augment=True,
                   early_stopping_patience=5, progress=False, strategy=strategy,
                   eval_batch_size=512)  # As the CLI.
   train.run(_config(records, tmp_path / 'whole', **settings), strategy=dist)
@@ -569,7 +629,7 @@ def test_a_seeded_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_o
   killed_dir = tmp_path / 'killed'
   # In a process of its own, set up as this one (two logical CPUs, this
   # environment: the same kernels).
-  flags = ['--epochs=2', f'--batch_size={batch_size}', '--mixed_precision=off', '--seed=5',
+  flags = [f'--epochs={epochs}', f'--batch_size={batch_size}', '--mixed_precision=off', '--seed=5',
            '--augment', '--noprogress', f'--records_dir={records}',
            '--early_stopping_patience=5', f'--strategy={strategy}', '--num_cpu_devices=2', flag]
   killed = subprocess.run([sys.executable, '-c', _SIGNAL_AT_STEP, sig, str(at),

@@ -69,6 +69,9 @@ def test_an_output_that_cannot_be_written_is_one_line(kaggle_dir, records, finis
   assert proc.stderr.splitlines()[-1].startswith(
       f'{program}: error: cannot write {named}: {reason}'), proc.stderr
   assert 'Traceback' not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+  if where == 'read_only' and command in ('train', 'predict'):  # Tried before TensorFlow:
+    named_path = '' if command == 'train' else f' ({base})'  # the folder, not a probe file.
+    assert proc.stderr == f'{program}: error: cannot write {named}: {reason}{named_path}\n'
 
 
 def test_predict_into_a_missing_folder_is_one_line(records, finished_run, tmp_path):
@@ -81,26 +84,33 @@ def test_predict_into_a_missing_folder_is_one_line(records, finished_run, tmp_pa
 
 
 @pytest.mark.parametrize('error, line', [
-    (OSError(errno.ENOSPC, 'No space left on device'),
-     'cannot write --out_dir=o: no space left on the device'),
-    (OSError(errno.EROFS, 'Read-only file system', '/mnt/o/.o.partial'),
-     'cannot write --out_dir=o: read-only file system (/mnt/o/.o.partial)'),
-    (OSError(errno.EDQUOT, 'Disk quota exceeded', 'o'),
-     'cannot write --out_dir=o: disk quota exceeded'),  # (The path is the output itself.)
-    (FileExistsError(errno.EEXIST, 'File exists', '/data/a_file'),
-     'cannot write --out_dir=o: a part of the path is a file, not a folder (/data/a_file)'),
-    (OSError(errno.ENOENT, 'No such file or directory', 'x.tif'), None),  # A read, not a write.
-    (ValueError('--out_dir=o: not a records folder'), None),
+    (OSError(errno.ENOSPC, 'No space left on device'),  # (From a worker process: no path.)
+     'cannot write --out_dir=/mnt/o: no space left on the device'),
+    (OSError(errno.EROFS, 'Read-only file system', '/mnt/.o.partial-1f2e'),
+     'cannot write --out_dir=/mnt/o: read-only file system (/mnt/.o.partial-1f2e)'),
+    (OSError(errno.EDQUOT, 'Disk quota exceeded', '/mnt/o'),
+     'cannot write --out_dir=/mnt/o: disk quota exceeded'),  # (The path is the output itself.)
+    (FileExistsError(errno.EEXIST, 'File exists', '/mnt'),  # A file where a folder goes.
+     'cannot write --out_dir=/mnt/o: a part of the path is a file, not a folder (/mnt)'),
+    (PermissionError(errno.EACCES, 'Permission denied', '/mnt/o/shard-1'),
+     'cannot write --out_dir=/mnt/o: permission denied (/mnt/o/shard-1)'),
+    # Errors on other paths are reads: an input the user must fix, not the output.
+    (PermissionError(errno.EACCES, 'Permission denied', '/mnt/data/train_labels.csv'),
+     'cannot read /mnt/data/train_labels.csv: permission denied'),
+    (PermissionError(errno.EACCES, 'Permission denied'), None),  # Whose, unknown.
+    (OSError(errno.ENOENT, 'No such file or directory', 'x.tif'), None),
+    (ValueError('--out_dir=/mnt/o: not a records folder'), None),
 ])
 def test_write_failure_names_the_output_and_why(error, line):
-  assert cli.write_failure(error, '--out_dir=o') == line
+  assert cli.write_failure(error, '--out_dir=/mnt/o') == line
 
 
 def test_tensorflows_own_file_errors_are_write_failures_too():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # As TensorFlow 2.21 words them: the path after the op's device name.
   full = tf.errors.ResourceExhaustedError(None, None, (
-      '{{function_node __wrapped__SaveV2}} /runs/r/backup/ckpt-1_temp/part-00000; No space left '
-      'on device [Op:SaveV2]'))
+      '{{function_node __wrapped__SaveV2_dtypes_3_device_/job:localhost/replica:0/task:0/device:'
+      'CPU:0}} /runs/r/backup/ckpt-1_temp/part-00000; No space left on device [Op:SaveV2]'))
   assert cli.write_failure(full, '--model_dir=/runs/r') == (
       'cannot write --model_dir=/runs/r: no space left on the device '
       '(/runs/r/backup/ckpt-1_temp/part-00000)')
@@ -108,6 +118,11 @@ def test_tensorflows_own_file_errors_are_write_failures_too():
                                               'system')
   assert cli.write_failure(read_only, '--model_dir=/runs/r').endswith(
       'read-only file system (/runs/r/tensorboard)')
+  shard = tf.errors.PermissionDeniedError(None, None, (
+      '{{function_node __wrapped__IteratorGetNext_device_/job:localhost/replica:0/task:0/device:'
+      'CPU:0}} /data/records/train-00003-of-00032.tfrecord; Permission denied'))
+  assert cli.write_failure(shard, '--model_dir=/runs/r') == (
+      'cannot read /data/records/train-00003-of-00032.tfrecord: permission denied')
   assert cli.write_failure(tf.errors.NotFoundError(None, None, '/x; No such file'), 'o') is None
 
 

@@ -170,13 +170,7 @@ def launch(num_workers, train_args):
     failed = None
     raise
   finally:
-    if failed is None or failed[0] is None:
-      # Ctrl-C or SIGTERM (or success): time to save (SIGINT: see the module docstring).
-      stop(procs, signal.SIGINT)
-    elif failed[1] == PREEMPTED:  # The others are saving at the same step: wait for them.
-      stop(procs, None)
-    else:  # A failed worker: the others cannot save without it.
-      stop(procs, signal.SIGKILL, grace=0)
+    stop(procs, *stop_policy(failed))
     signal.signal(signal.SIGTERM, previous)
     for t in streams:  # Every worker's last lines before ours (their pipes are closed).
       t.join(timeout=10)
@@ -193,6 +187,20 @@ def launch(num_workers, train_args):
     print(f'launch_local_cluster.py: error: worker {index} exited with status {code}; '
           'stopped the others (rerun the same command to resume)', file=sys.stderr)
   return code if code > 0 else 1
+
+
+def stop_policy(failed):
+  """How to stop the workers still running: (signal or None, grace seconds).
+
+  Args:
+    failed: None (Ctrl-C, or every worker done), (None, status) (SIGTERM to
+      this launcher) or (index, status) of the first worker that failed.
+  """
+  if failed is None or failed[0] is None:
+    return signal.SIGINT, GRACE_SECONDS  # Time to save (SIGINT: see the module docstring).
+  if failed[1] == PREEMPTED:
+    return None, GRACE_SECONDS  # The others save at the same step: wait for them.
+  return signal.SIGKILL, 0  # A failed worker: the others cannot save without it.
 
 
 def _wait(procs):
@@ -221,6 +229,10 @@ def main(argv):
     print('launch_local_cluster.py: error: interrupted; stopped every worker (rerun the '
           'same command to resume)', file=sys.stderr)
     sys.exit(130)
+  except _Terminated:  # A second SIGTERM while the workers stopped: killed at once.
+    print('launch_local_cluster.py: error: terminated; stopped every worker (rerun the '
+          'same command to resume)', file=sys.stderr)
+    sys.exit(143)
   sys.exit(status)
 
 

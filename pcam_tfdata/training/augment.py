@@ -88,9 +88,9 @@ def _transpose(x):
   gather over the flattened pixels makes the same permutation without it
   (measured: 1.3x the transpose's time for the op alone).
   """
-  if x.dtype != tf.uint8:
-    return tf.transpose(x, [0, 2, 1, 3])
   h, w, c = x.shape[1:]
+  if x.dtype != tf.uint8 or None in (h, w, c):  # (The gather needs the static size.)
+    return tf.transpose(x, [0, 2, 1, 3])
   index = np.arange(h * w, dtype=np.int32).reshape(h, w).T.reshape(-1)
   return tf.reshape(tf.gather(tf.reshape(x, [-1, h * w, c]), index, axis=1), [-1, w, h, c])
 

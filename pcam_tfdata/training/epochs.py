@@ -165,7 +165,11 @@ class EpochLoop:
         self._epoch(epoch, datasets['val'], writer, watch, profile=epoch == first)
     finally:
       watch.close()
-    if watch.signalled:  # Came after the last point where the workers could agree to stop.
+    if watch.signalled and self.setup.chief:
+      # After the last point where the workers could agree to stop: the
+      # chief stops before its final evaluation (a rerun evaluates again);
+      # another worker is done anyway, and ends as usual, so that a launcher
+      # or cluster manager does not take the chief's evaluation for a stop.
       raise preemption.Preempted(self.last_epoch, self.steps)
     if self.state.stopped_early:
       print(f'early stopping: val AUC best at epoch {self.state.best_epoch} '
