@@ -36,11 +36,6 @@ def pytest_configure(config):
   tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
-def pytest_collection_modifyitems(items):
-  """The slow tests first: the longest jobs first keep the two processes' ends close."""
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)  # (A stable sort.)
-
-
 @pytest.fixture(autouse=True)
 def _op_determinism_off_after_each_test():
   """`train.run` with a seed turns TF op determinism on for the process; not for the next test."""

@@ -125,7 +125,8 @@ def test_sigterm_to_one_worker_preempts_both_and_the_rerun_ends_as_an_uninterrup
             'a trained epoch', err_path)
   os.kill(_victim(model_dir, 1), signal.SIGTERM)  # As a cluster manager preempts one host.
   assert launcher.wait(timeout=_TIMEOUT) == 42, err_path.read_text()[-3000:]
-  assert 'worker 1 was preempted: every worker saved a backup' in err_path.read_text()
+  # (Both exit 42 at about the same time: the launcher names the first it sees.)
+  assert re.search(r'worker \d was preempted: every worker saved a backup', err_path.read_text())
   stdout = out_path.read_text()
   stops = re.findall(r'\[worker (\d)\] train: preempted at epoch (\d+), step (\d+): backup '
                      r'saved; rerun the same command to resume', stdout)
