@@ -45,13 +45,13 @@ def _warn(role, port):
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail('data_service', f'unexpected arguments {" ".join(argv[1:])}')
+    cli.fail(PROGRAM, f'unexpected arguments {" ".join(argv[1:])}')
   if _ROLE.value is None:
-    cli.fail('data_service', '--role=dispatcher or --role=worker is required')
+    cli.fail(PROGRAM, '--role=dispatcher or --role=worker is required')
   if _ROLE.value == 'worker' and not _DISPATCHER_ADDRESS.value:
-    cli.fail('data_service', '--dispatcher_address is required for a worker')
+    cli.fail(PROGRAM, '--dispatcher_address is required for a worker')
   if _ROLE.value == 'worker' and _WORK_DIR.value:
-    cli.fail('data_service', '--work_dir is the dispatcher\'s; a worker keeps no state')
+    cli.fail(PROGRAM, '--work_dir is the dispatcher\'s; a worker keeps no state')
   if _WORK_DIR.value:
     with cli.writes_to(PROGRAM, f'--work_dir={_WORK_DIR.value}'):
       rundir.check_writable(_WORK_DIR.value)

@@ -39,21 +39,21 @@ PROGRAM = 'predict'  # How its errors name it (also as __main__).
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail('predict', f'unexpected arguments {" ".join(argv[1:])}')
+    cli.fail(PROGRAM, f'unexpected arguments {" ".join(argv[1:])}')
   if not _MODEL_DIR.value:
-    cli.fail('predict', '--model_dir is required')
+    cli.fail(PROGRAM, '--model_dir is required')
   if _BATCH_SIZE.value < 1:
-    cli.fail('predict', f'--batch_size={_BATCH_SIZE.value}: must be >= 1')
+    cli.fail(PROGRAM, f'--batch_size={_BATCH_SIZE.value}: must be >= 1')
   if '' in _MODEL_DIR.value:  # 'a,' would otherwise read ./model.keras as a member.
-    cli.fail('predict', f'--model_dir={",".join(_MODEL_DIR.value)}: an empty entry')
+    cli.fail(PROGRAM, f'--model_dir={",".join(_MODEL_DIR.value)}: an empty entry')
   for model_dir in _MODEL_DIR.value:  # Before TF starts, as the records below.
     path = os.path.join(model_dir, rundir.MODEL_FILE)
     if not os.path.isfile(path):
-      cli.fail('predict', f'{path}: no such model (train first)')
+      cli.fail(PROGRAM, f'{path}: no such model (train first)')
   try:
     records = records_lib.Records.open(_RECORDS_DIR.value)
   except schema.ManifestError as e:
-    cli.fail('predict', e)
+    cli.fail(PROGRAM, e)
   _check_output(_OUTPUT.value)
   cli.import_tensorflow(_VERBOSE.value)
   from pcam_tfdata.training import api  # pylint: disable=g-import-not-at-top
@@ -63,10 +63,10 @@ def main(argv):
     ids, probs, labels = api.predict(_MODEL_DIR.value, records, 'test', tta=_TTA.value,
                                      batch_size=_BATCH_SIZE.value, with_labels=True,
                                      progress=_PROGRESS.value)
-    with cli.writes_to('predict', f'--output={_OUTPUT.value}'):
+    with cli.writes_to(PROGRAM, f'--output={_OUTPUT.value}'):
       frame = submission.write_submission(ids, probs, _OUTPUT.value, _SAMPLE_SUBMISSION.value)
   except ValueError as e:  # schema.ManifestError and verify.CorruptShardError are ones.
-    cli.fail('predict', e)
+    cli.fail(PROGRAM, e)
   if len(labels) and np.isin(labels, (0, 1)).all():  # Labelled (PCam's test split).
     metrics = evaluate.binary_metrics(labels, probs)
     count = len(_MODEL_DIR.value)
@@ -80,11 +80,11 @@ def _check_output(output):
   """Fails in one line, before TensorFlow starts, where --output cannot be written."""
   folder = os.path.dirname(os.path.abspath(output))
   if os.path.isdir(output):
-    cli.fail('predict', f'cannot write --output={output}: it is a folder')
+    cli.fail(PROGRAM, f'cannot write --output={output}: it is a folder')
   if not os.path.isdir(folder):
     what = 'is a file' if os.path.exists(folder) else 'does not exist'
-    cli.fail('predict', f'cannot write --output={output}: its folder {folder} {what}')
-  with cli.writes_to('predict', f'--output={output}'):
+    cli.fail(PROGRAM, f'cannot write --output={output}: its folder {folder} {what}')
+  with cli.writes_to(PROGRAM, f'--output={output}'):
     rundir.check_writable(folder)
 
 

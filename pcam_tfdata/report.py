@@ -44,7 +44,7 @@ def main(argv):
   try:
     print(table(argv[1:]))
   except ValueError as e:
-    cli.fail('report', e)
+    cli.fail(PROGRAM, e)
 
 
 if __name__ == '__main__':

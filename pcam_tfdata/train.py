@@ -146,7 +146,7 @@ def _config_from_flags():
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail('train', f'unexpected arguments {" ".join(argv[1:])}')
+    cli.fail(PROGRAM, f'unexpected arguments {" ".join(argv[1:])}')
   # Per-save INFO lines drown the per-epoch lines; --verbosity still overrides.
   if _VERBOSE.value:
     logging.set_verbosity(logging.INFO)
@@ -155,27 +155,27 @@ def main(argv):
   # Ctrl-C before training starts (or after it ends): one line, status 130.
   # Within training, SIGINT and SIGTERM are a preemption: a backup, then
   # one line and status preemption.EXIT_STATUS.
-  with cli.stops_on_interrupt('train', 'interrupted; rerun the same command to resume from '
+  with cli.stops_on_interrupt(PROGRAM, 'interrupted; rerun the same command to resume from '
                               'the last backup'):
     try:
       config = _config_from_flags()
       check_config(config)
       # A wrong folder fails before TensorFlow starts; the run reads no manifest again.
       config.records_dir = records_lib.Records.open(config.records_dir)
-      with cli.writes_to('train', f'--model_dir={config.model_dir}'):
+      with cli.writes_to(PROGRAM, f'--model_dir={config.model_dir}'):
         rundir.check_writable(config.model_dir)  # (Also before TensorFlow.)
         cli.import_tensorflow(_VERBOSE.value)
         metrics = run(config)
     except preemption.Preempted as e:
-      print(f'train: {e}', file=sys.stderr, flush=True)
+      print(f'{PROGRAM}: {e}', file=sys.stderr, flush=True)
       sys.exit(preemption.EXIT_STATUS)
     except ValueError as e:  # schema.ManifestError is one.
-      cli.fail('train', e)
+      cli.fail(PROGRAM, e)
     except Exception as e:  # pylint: disable=broad-except
       lost = _lost_peer(e)
       if lost is None:
         raise
-      cli.fail('train', lost)
+      cli.fail(PROGRAM, lost)
   if metrics:
     print(json.dumps(metrics, indent=1))
 

@@ -22,15 +22,13 @@ PROGRAM = 'make_synthetic.py'  # How its errors name it.
 
 def main(argv):
   if len(argv) > 1:
-    print(f'make_synthetic.py: error: unexpected arguments {" ".join(argv[1:])}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail(PROGRAM, f'unexpected arguments {" ".join(argv[1:])}')
   try:
-    with cli.writes_to('make_synthetic.py', f'--out_dir={_OUT_DIR.value}'):
+    with cli.writes_to(PROGRAM, f'--out_dir={_OUT_DIR.value}'):
       synthetic.make_dataset(_OUT_DIR.value, _NUM_TRAIN.value, _NUM_TEST.value, _SEED.value,
                              overwrite=_OVERWRITE.value)
   except ValueError as e:
-    print(f'make_synthetic.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail(PROGRAM, e)
   print(f'wrote {_NUM_TRAIN.value} train and {_NUM_TEST.value} test patches to {_OUT_DIR.value}')
 
 

@@ -27,7 +27,7 @@ def main(argv):
     from pcam_tfdata.training import verify  # pylint: disable=g-import-not-at-top
     total = verify.verify(records)
   except ValueError as e:  # schema.ManifestError and verify.VerifyError are ones.
-    cli.fail('verify_records.py', e)
+    cli.fail(PROGRAM, e)
   print(f'{argv[1]}: all {total} records verified')
 
 
