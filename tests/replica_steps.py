@@ -4,6 +4,7 @@ Shared by tests/test_loop.py (in process, on 2 logical CPUs) and by the
 MultiWorkerMirroredStrategy workers it starts (`python tests/replica_steps.py`).
 """
 
+import importlib
 import json
 import os
 import sys
@@ -78,6 +79,53 @@ def train(name, strategy, images, labels, *, policy='float32', sync=False, jit=F
     keras.mixed_precision.set_global_policy('float32')
 
 
+def train_run(records, model_dir, name, strategy=None, datasets=None, sgd=False):
+  """`train.run` of `name` for 2 seeded epochs, with dropout off: (initial, last epoch's) weights.
+
+  Dropout is off, as each replica draws its own masks (models.ReplicaSeedGenerator),
+  which one device cannot draw. BatchNorm is synchronized on one device too:
+  Keras' synchronized moments are E[x^2] - E[x]^2, its plain ones two-pass,
+  and the two drift apart by 1e-4 in 4 steps here. With `sgd`, SGD(0.05)
+  replaces the run's Adam: where a gradient is zero by construction (a bias
+  before BatchNorm) Adam divides its rounding noise by its own size and
+  steps the weight by +-lr, on any two paths. Everything else is the
+  command's path. The last epoch's weights, before the chief (alone)
+  restores its best epoch's.
+  """
+  train = importlib.import_module('pcam_tfdata.train')  # The command's module.
+  from pcam_tfdata.training import epochs  # pylint: disable=g-import-not-at-top
+  weights, build, train_epochs = [], models.build_model, epochs.EpochLoop.train
+  adam = keras.optimizers.Adam
+
+  def without_dropout(*args, **kwargs):
+    model = build(*args, **kwargs)
+    model.get_layer('dropout').rate = 0.0
+    weights.append(model.get_weights())
+    return model
+
+  def keeping_the_last_weights(loop, *args):
+    train_epochs(loop, *args)
+    weights.append(loop.model.get_weights())
+
+  models.build_model, epochs.EpochLoop.train = without_dropout, keeping_the_last_weights
+  if sgd:
+    keras.optimizers.Adam = keras.optimizers.SGD
+  try:
+    # Without a strategy: one device (not `auto`, which takes every logical CPU).
+    train.run(train.Config(records_dir=records, model_dir=model_dir, model=name,
+                           strategy='default', learning_rate=0.05 if sgd else 1e-3,
+                           **RUN_SETTINGS), strategy=strategy, datasets=datasets)
+  finally:
+    models.build_model, epochs.EpochLoop.train = build, train_epochs
+    keras.optimizers.Adam = adam
+  return weights
+
+
+# Of `train_run`: batches of 4 per worker.
+RUN_SETTINGS = dict(epochs=2, batch_size=8, eval_batch_size=16, mixed_precision='off', seed=5,
+                    sync_batch_norm='on', progress=False)
+
+
 def _worker_main(out_dir, cases):
   """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the test), every case in turn.
 
@@ -93,6 +141,13 @@ def _worker_main(out_dir, cases):
       from pcam_tfdata.training import distribute  # pylint: disable=g-import-not-at-top
       mine = {'auc': 0.1 + index / 3, 'loss': float('nan') if index else 1e-300}
       _write_json(f'{out}.json', distribute.make_from_chief(strategy)(mine))
+      continue
+    if 'train_run' in case:
+      _, weights = train_run(case['records'], os.path.join(out_dir, name), case['train_run'],
+                             strategy, sgd=case['sgd'])
+      np.savez(f'{out}.tmp.npz', *weights)
+      os.replace(f'{out}.tmp.npz', f'{out}.npz')
+      _write_json(f'{out}.json', {'scales': None})
       continue
     images, labels = data(nan_in=case.get('nan_in'))
     weights, scales = train(case['model'], strategy, images, labels, policy=case['policy'],

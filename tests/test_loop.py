@@ -16,7 +16,9 @@ import pytest
 import tensorflow as tf
 
 from pcam_tfdata.commands import launch_local_cluster
-from conftest import ROOT, once_per_run
+from pcam_tfdata.convert import synthetic
+from pcam_tfdata.training import pipeline
+from conftest import ROOT, once_per_run, run_convert
 import replica_steps as rs
 
 
@@ -91,19 +93,30 @@ def test_jit_compiled_step_matches_the_plain_one():
 
 
 _HALF = rs.GLOBAL_BATCH // 2
-# Every case the two workers run, in one pair of processes for the whole module.
+# The cases two workers run, in one pair of processes for the whole run.
 _WORKER_CASES = {
-    'baseline': {'model': 'baseline', 'policy': 'float32', 'sync': True, 'steps': rs.STEPS},
-    'batchnorm': {'model': 'batchnorm', 'policy': 'float32', 'sync': True, 'steps': rs.STEPS},
     'nan_on_0': {'model': 'baseline', 'policy': 'mixed_float16', 'sync': False, 'steps': 1,
                  'nan_in': [0, _HALF]},
     'nan_on_1': {'model': 'baseline', 'policy': 'mixed_float16', 'sync': False, 'steps': 1,
                  'nan_in': [_HALF, 2 * _HALF]},
     'from_chief': {'from_chief': True},
 }
+# train.run itself, each worker its own input pipeline (records made by the
+# fixture): the slow tier's pair.
+_TRAINING_CASES = {
+    'run_baseline': {'train_run': 'baseline', 'sgd': False},
+    'run_batchnorm': {'train_run': 'batchnorm', 'sgd': True},
+}
 
 
-def _run_two_workers(out_dir):
+def _run_two_workers(out_dir, cases):
+  if any('train_run' in case for case in cases.values()):
+    records = out_dir / 'records'
+    synthetic.make_dataset(str(out_dir / 'kaggle'), num_train=20, num_test=0, seed=2,
+                           show_progress=False)
+    # Two train shards of 8: each worker's pipeline 2 steps of 4 an epoch, one device 2 of 8.
+    run_convert(out_dir / 'kaggle', records, val_fraction=0.2, num_shards=2)
+    cases = {name: dict(case, records=str(records)) for name, case in cases.items()}
   ports = launch_local_cluster.free_ports(2)
   procs = []
   for index in range(2):
@@ -113,7 +126,7 @@ def _run_two_workers(out_dir):
     with open(out_dir / f'worker{index}.log', 'w') as log:  # Files: no pipe can fill and block.
       procs.append(subprocess.Popen(
           [sys.executable, os.path.join('tests', 'replica_steps.py'), str(out_dir),
-           json.dumps(_WORKER_CASES)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
+           json.dumps(cases)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
   try:
     for index, proc in enumerate(procs):
       # A hang (workers that disagree on a collective) fails here, not forever.
@@ -125,17 +138,17 @@ def _run_two_workers(out_dir):
         proc.wait()
 
 
-@pytest.fixture(scope='session')
-def two_workers(tmp_path_factory):
+def _two_workers(tmp_path_factory, name, cases):
   """Runs tests/replica_steps.py as 2 local MultiWorkerMirroredStrategy workers, every case.
 
   Once per test run, however the tests are spread over test processes.
   Returns fn(case) -> [worker 0's result, worker 1's]: (weights, loss
-  scales), or the chief's figures for 'from_chief'.
+  scales), or the chief's figures for 'from_chief'; fn.records, the
+  records the `train_run` cases read.
   """
-  with once_per_run(tmp_path_factory, 'two_workers') as (out_dir, first):
+  with once_per_run(tmp_path_factory, name) as (out_dir, first):
     if first:
-      _run_two_workers(out_dir)
+      _run_two_workers(out_dir, cases)
 
   def results(case):
     out = []
@@ -148,17 +161,18 @@ def two_workers(tmp_path_factory):
         out.append(([saved[k] for k in saved.files], figures['scales']))
     return out
 
+  results.records = out_dir / 'records'
   return results
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('name', ['baseline', 'batchnorm'])
-def test_two_workers_compute_what_one_device_does(name, two_workers):
-  images, labels = rs.data()
-  one, _ = rs.train(name, _one(), images, labels, sync=True)
-  (first, _), (second, _) = two_workers(name)
-  _assert_close(first, one[0])
-  _assert_close(second, first, rtol=0, atol=0)
+@pytest.fixture(scope='session')
+def two_workers(tmp_path_factory):
+  return _two_workers(tmp_path_factory, 'two_workers', _WORKER_CASES)
+
+
+@pytest.fixture(scope='session')
+def two_workers_training(tmp_path_factory):
+  return _two_workers(tmp_path_factory, 'two_workers_training', _TRAINING_CASES)
 
 
 @pytest.mark.parametrize('bad', [0, 1])
@@ -168,6 +182,43 @@ def test_a_non_finite_gradient_on_one_worker_is_skipped_by_both(bad, two_workers
   for weights, _ in results:
     _assert_close(weights, start, rtol=0, atol=0)
   assert [scales for _, scales in results] == [[16384.0], [16384.0]]
+
+
+def _both_pipelines(records):
+  """Datasets for one device whose global batches are the two workers' batches side by side."""
+  settings = rs.RUN_SETTINGS
+
+  def train_fn(_, first_epoch, batches_per_epoch, first_batch=0):
+    halves = [pipeline.make_dataset(
+        str(records), 'train', batch_size=settings['batch_size'] // 2, training=True,
+        seed=settings['seed'], input_context=tf.distribute.InputContext(2, index, 2),
+        first_epoch=first_epoch, num_epochs=settings['epochs'] - first_epoch + 1,
+        batches_per_epoch=batches_per_epoch, first_batch=first_batch) for index in range(2)]
+    return tf.data.Dataset.zip(*halves).map(lambda a, b: (tf.concat([a[0], b[0]], 0),
+                                                          tf.concat([a[1], b[1]], 0)))
+
+  evaluation = lambda split, cache: pipeline.make_dataset(
+      str(records), split, batch_size=settings['eval_batch_size'], training=False, cache=cache,
+      with_ids=True)
+  return {'train': train_fn, 'val': evaluation('val', True),
+          'train_eval': evaluation('train', False)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['baseline', 'batchnorm'])
+def test_train_run_on_two_workers_ends_as_one_device_on_their_global_batches(
+    name, two_workers_training, tmp_path):
+  """The command's own multi-worker path: one replica per worker, each fed by its own input
+  pipeline (its half of the shards), BatchNorm synchronized; two epochs (BatchNorm with SGD:
+  see rs.train_run)."""
+  (first, _), (second, _) = two_workers_training(f'run_{name}')
+  records = two_workers_training.records
+  start, one = rs.train_run(str(records), str(tmp_path / 'one'), name,
+                            datasets=_both_pipelines(records),
+                            sgd=_TRAINING_CASES[f'run_{name}']['sgd'])
+  assert _max_change(one, start) > 1e-3  # It trained.
+  _assert_close(first, one, rtol=1e-4, atol=1e-5)
+  _assert_close(second, first, rtol=0, atol=0)
 
 
 def test_every_worker_takes_the_chiefs_figures(two_workers):

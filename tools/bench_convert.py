@@ -17,8 +17,13 @@ warm in the page cache, in one run:
     (--workers, all cores by default), in a fresh process whose own and
     workers' peak RSS are reported;
   * converter with --drop_duplicates: the same plus its scan, which reads
-    and keys every patch before planning (the data holds no duplicates, so
-    this is the cost of looking).
+    every patch and keys it and its stored crop before planning (the data
+    holds no duplicates, so this is the cost of looking).
+The PCam HDF5 part (--h5_patches) times the same on a generated train
+split: without duplicates, with and without --drop_duplicates; with every
+patch one of 256; and with every stored crop one of 256 under distinct
+borders, where every crop is read again to confirm its group (counted, and
+dropped down to 256).
 Each figure is the median of --repeats runs, interleaved; ratios are against
 the same run. The table says how many processes each method used.
 """
@@ -98,11 +103,14 @@ print(json.dumps({'seconds': time.perf_counter() - start,
 '''
 
 
-def make_h5(folder, count, gz, distinct=True):
+def make_h5(folder, count, gz, marks='crop'):
   """A PCam-layout train split of `count` synthetic patches, written in blocks.
 
-  The patches repeat 256 drawn ones; `distinct` marks each with its index, so
-  there are no duplicates; without it every patch is one.
+  The patches repeat 256 drawn ones, each labelled as drawn. `marks` says
+  where two bytes of each patch's index go: 'crop', in the centre pixel
+  (inside every crop): no duplicate of either kind; 'border', in a corner
+  only: no identical patches, but every stored crop is one of 256; 'none':
+  every patch is one of 256.
   """
   import gzip  # pylint: disable=g-import-not-at-top
   import h5py  # pylint: disable=g-import-not-at-top
@@ -111,16 +119,19 @@ def make_h5(folder, count, gz, distinct=True):
   pool = np.stack([synthetic.make_patch(np.random.default_rng(i), i % 2) for i in range(256)])
   x_path = os.path.join(folder, 'camelyonpatch_level_2_split_train_x.h5')
   y_path = os.path.join(folder, 'camelyonpatch_level_2_split_train_y.h5')
+  drawn = rng.integers(0, len(pool), count)
   with h5py.File(x_path, 'w') as f:
     x = f.create_dataset('x', (count, 96, 96, 3), np.uint8, chunks=(32, 96, 96, 3))
     for lo in range(0, count, 1024):
       hi = min(lo + 1024, count)
-      block = pool[rng.integers(0, len(pool), hi - lo)]
-      if distinct:  # Two bytes of the index in a corner.
-        block[:, 0, 0, 0], block[:, 0, 0, 1] = np.arange(lo, hi) % 256, np.arange(lo, hi) // 256
+      block = pool[drawn[lo:hi]]
+      if marks != 'none':
+        at = 48 if marks == 'crop' else 0
+        block[:, at, at, 0], block[:, at, at, 1] = np.arange(lo, hi) % 256, np.arange(lo, hi) // 256
       x[lo:hi] = block
   with h5py.File(y_path, 'w') as f:
-    f.create_dataset('y', data=rng.integers(0, 2, (count, 1, 1, 1)).astype(np.uint8))
+    # Labels as drawn: copies agree, so --drop_duplicates keeps one of each.
+    f.create_dataset('y', data=(drawn % 2).astype(np.uint8).reshape(-1, 1, 1, 1))
   if gz:
     for path in (x_path, y_path):
       with open(path, 'rb') as src, gzip.open(path + '.gz', 'wb', compresslevel=1) as dst:
@@ -151,19 +162,23 @@ def h5_converter(folder, out_dir, crop, drop=False):
 def bench_h5(work, count, crop, repeats):
   """images/s of plain h5py reads and of the HDF5 source (plain and gzipped)."""
   plain, zipped = os.path.join(work, 'h5'), os.path.join(work, 'h5gz')
-  repeated = os.path.join(work, 'h5dup')
+  repeated, bordered = os.path.join(work, 'h5dup'), os.path.join(work, 'h5border')
   make_h5(plain, count, gz=False)
   make_h5(zipped, count, gz=True)
-  make_h5(repeated, count, gz=False, distinct=False)
+  make_h5(repeated, count, gz=False, marks='none')
+  make_h5(bordered, count, gz=False, marks='border')
   cases = (('plain .h5', plain), ('gzip .h5.gz', zipped),
            ('plain .h5, --drop_duplicates', plain),
-           ('plain .h5, every patch one of 256 (all confirmed)', repeated))
+           ('plain .h5, every patch one of 256 (all confirmed)', repeated),
+           ('plain .h5, other borders, every stored crop one of 256 (all confirmed)', bordered),
+           ('plain .h5, other borders, every stored crop one of 256, --drop_duplicates',
+            bordered))
   reads, runs = [], {name: [] for name, _ in cases}
   for _ in range(repeats):
     reads.append(read_h5_arrays(plain))
     for name, folder in cases:
       runs[name].append(h5_converter(folder, os.path.join(work, 'h5rec'), crop,
-                                     drop='drop' in name))
+                                     drop='--drop_duplicates' in name))
   x_mib = count * 96 * 96 * 3 / 2**20
   print(f'\nPCam HDF5 source: {count} patches ({x_mib:,.0f} MiB of x), crop {crop}, '
         f'median of {repeats}')

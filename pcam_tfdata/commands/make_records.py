@@ -60,9 +60,12 @@ _SKIP_BAD = flags.DEFINE_bool(
     'skip_bad', False, 'Skip unreadable or malformed patches (and ids with no file), '
     'listing each in the manifest, instead of stopping at the first.')
 _DROP_DUPLICATES = flags.DEFINE_bool(
-    'drop_duplicates', False, 'Keep one patch of each group of pixel-identical patches '
-    '(found by hashing every full patch), chosen before the split, so no pixels sit on both '
-    'sides; the rest are listed in the manifest. Without it duplicates are only counted.')
+    'drop_duplicates', False, 'Before the split, keep one patch of each group whose stored '
+    'crops are identical (the model sees only the crop; this covers identical full patches '
+    'too), so no stored image sits in two splits or folds: a test patch if the group has one, '
+    'else the smallest id; a group whose labels conflict keeps none of its labelled patches. '
+    'Every left-out id is listed in the manifest with the id it copies and why. Without it '
+    'identical patches and crops are only counted.')
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Replace a finished conversion of other inputs or settings (stale). '
     'Only a folder holding this tool\'s manifest.json is ever replaced.')
@@ -129,7 +132,7 @@ def _summarize(manifest, out_dir):
           f'{len(info["shards"])} shards' + (f', {info["skipped"]} skipped' if info['skipped'] else '')
           + (f', {info["slides"]} slides' if 'slides' in info else ''))
   if 'duplicates' in manifest:
-    print(duplicates.summary_line(manifest['duplicates'], written))
+    print(duplicates.summary_line(manifest['duplicates'], written, manifest['image_shape'][0]))
   else:  # A conversion made before duplicates were counted.
     print('duplicates: not counted in this output (made by an earlier version); '
           '--overwrite rebuilds it and counts them')

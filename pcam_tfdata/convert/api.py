@@ -66,7 +66,10 @@ def make_records(data_dir, out_dir, *, source='kaggle', crop_size=32, per_class=
     workers: processes writing shards. None: every core this process may use.
     skip_bad: skip (and list in the manifest) unreadable patches and ids
       without a file, instead of stopping at the first.
-    drop_duplicates: keep one patch of each group of pixel-identical ones.
+    drop_duplicates: keep one patch of each group of patches whose stored
+      crops are identical (which holds every group of identical patches):
+      a test patch if the group has one, else the smallest id; none of the
+      labelled ones if their labels conflict (see `duplicates.drop_plan`).
     overwrite: replace a finished conversion of other inputs or settings
       (only a folder holding this tool's manifest.json is ever replaced).
     replace_stale: replace a finished conversion only if it is stale (of

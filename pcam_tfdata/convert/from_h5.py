@@ -62,13 +62,18 @@ def _plan(source, *, crop_size, per_class, val_fraction, seed, resplit, num_shar
   sizes = {ours: sum(len(i) for _, i in parts) for ours, parts in targets.items()}
   for ours, size in sizes.items():
     if not size:  # As TFDS's writer: a split with no example is an error.
-      why = ' (--drop_duplicates left out every one as a copy)' if dropped else ''
+      why = ' (--drop_duplicates left out every one)' if dropped else ''
       raise plan_lib.ConvertError(f'split {ours}: no example to write{why}')
   return targets, plan_lib.count_shards(sizes, crop_size, num_shards)
 
 
-def _fingerprint(source, settings, shard_counts):
+def _fingerprint(source, settings, shard_counts, dropped=None):
   digest = hashlib.sha256(json.dumps([settings, shard_counts], sort_keys=True).encode())
+  if dropped is not None:
+    # What --drop_duplicates left out, as the Kaggle plan's ids cover it: an
+    # output of another rule (an earlier version's) is then stale.
+    digest.update(json.dumps({s: sorted(map(int, i)) for s, i in dropped.items()},
+                             sort_keys=True).encode())
   for split in sorted(source):
     # The meta CSVs decide the slides, and so a re-split.
     for path in filter(None, (source[split].x_path, source[split].y_path,
@@ -106,10 +111,13 @@ def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, see
   2,048 patches a seeded permutation deals them to the split's shards in
   turn, so every shard spans the whole file and mixes classes.
 
-  `drop_duplicates` first streams every x once more to find pixel-identical
-  groups, and keeps one patch of each: in test if the group has one there,
-  else in valid, else train (the evaluation splits lose the least), the
-  lowest index within a split.
+  `drop_duplicates` first streams every x once more to find the groups of
+  identical stored crops (which hold every group of identical patches),
+  and keeps one patch of each: in test if the group has one there, else in
+  valid, else train (the evaluation splits lose the least), the lowest
+  index within a split. Every split here is labelled, test too: a group
+  whose labels disagree keeps none of its patches, in test as well (see
+  `duplicates.drop_plan`).
 
   Returns:
     The manifest (dict).
@@ -122,7 +130,7 @@ def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, see
   plan_lib.check_settings(crop_size, per_class, val_fraction, num_shards, 1)
   for split in source.values():  # The folder of the files: no output inside it.
     outdir.check_paths(os.path.dirname(split.x_path), out_dir)
-  dropped = _find_duplicates(source, show_progress) if drop_duplicates else None
+  dropped = _find_duplicates(source, crop_size, show_progress) if drop_duplicates else None
   targets, shard_counts = _plan(source, crop_size=crop_size, per_class=per_class,
                                 val_fraction=val_fraction, seed=seed, resplit=resplit,
                                 num_shards=num_shards, dropped=dropped and dropped['indices'])
@@ -132,7 +140,8 @@ def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, see
               'format_version': schema.FORMAT_VERSION}
   if drop_duplicates:  # (Absent otherwise: earlier conversions keep their fingerprint.)
     settings['drop_duplicates'] = True
-  fingerprint = _fingerprint(source, settings, shard_counts)
+  fingerprint = _fingerprint(source, settings, shard_counts,
+                             dropped and dropped['indices'])
   # Shards are written side by side, all open at once: nothing to resume.
   out_dir, work_dir, existing = outdir.prepare(out_dir, fingerprint, overwrite=overwrite,
                                                replace_stale=replace_stale, resume=False,
@@ -147,13 +156,13 @@ def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, see
     for ours, parts in targets.items():
       shard_set = _ShardSet(work_dir, ours, shard_counts[ours])
       for pcam, indices in parts:
-        for index, key in _stream_split(source[pcam], indices, crop_size, rng, shard_set,
-                                        samples, bar):
-          written.append((ours, pcam, index, key))
+        for index, keys in _stream_split(source[pcam], indices, crop_size, rng, shard_set,
+                                         samples, bar):
+          written.append((ours, pcam, index, *keys))
       split_stats[ours] = shard_set.close()
 
   manifest = _manifest(source, targets, split_stats, settings, fingerprint, crop_size, flags)
-  manifest['duplicates'] = _written_duplicates(source, written)
+  manifest['duplicates'] = _written_duplicates(source, written, crop_size)
   if dropped is not None:
     manifest['duplicates']['dropped'] = dropped['info']
   if eda:
@@ -165,23 +174,26 @@ def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, see
 
 
 def _stream_split(split, indices, crop_size, rng, shard_set, samples, bar):
-  """Deals the crops of x[`indices`] (sorted) to shards; yields (index, patch key)."""
+  """Deals the crops of x[`indices`] (sorted) to shards; yields (index, (patch key, crop key))."""
   c = (schema.PATCH_SIZE - crop_size) // 2
+  cropped = crop_size != schema.PATCH_SIZE
   for lo, block, wanted in pcam_h5.blocks(split, indices):
     crops = block[:, c:c + crop_size, c:c + crop_size]
     for i in rng.permutation(wanted):
       label = int(split.labels[i])
       ident = pcam_h5.example_id(split.name, int(i))
-      shard_set.write(crops[i - lo].tobytes(), label, ident)
-      yield int(i), duplicates.patch_key(block[i - lo])
+      crop = crops[i - lo].tobytes()
+      shard_set.write(crop, label, ident)
+      key = duplicates.patch_key(block[i - lo])
+      yield int(i), (key, duplicates.patch_key(crop) if cropped else key)
       if len(samples[label]) < 8:
         samples[label].append((ident, block[i - lo].copy()))
     bar.advance(len(wanted))
 
 
-def _find_duplicates(source, show_progress):
+def _find_duplicates(source, crop_size, show_progress):
   """What --drop_duplicates leaves out: {'indices': {PCam split: indices}, 'info'}."""
-  refs, keys = [], []
+  refs, keys, crop_keys = [], [], []
   total = sum(s.count for s in source.values())
   with progress.Progress(total, 'duplicate scan', images_per_step=None, unit='img',
                          leave=True, enabled=show_progress) as bar:
@@ -189,29 +201,32 @@ def _find_duplicates(source, show_progress):
       if name in source:
         for lo, block, wanted in pcam_h5.blocks(source[name], np.arange(source[name].count)):
           refs.extend((name, int(i)) for i in wanted)
-          keys.extend(duplicates.patch_key(p) for p in block)
+          for patch in block:
+            key, crop_key = duplicates.patch_keys(patch, crop_size)
+            keys.append(key)
+            crop_keys.append(crop_key)
           bar.advance(len(wanted))
-  groups = duplicates.find_groups(keys, lambda idx: pcam_h5.read_patches(source, refs, idx))
-  dropped, same_as = duplicates.drop_plan(groups, np.zeros(len(refs)))
-  ids = np.asarray([pcam_h5.example_id(s, i) for s, i in refs])
+  patch_groups, crop_groups = duplicates.find_groups(
+      keys, lambda idx: pcam_h5.read_patches(source, refs, idx), crop_size, crop_keys)
   labels = np.asarray([source[s].labels[i] for s, i in refs])
-  summary = duplicates.summarize(groups, ids, np.asarray([pcam_h5.PCAM_SPLITS[s] for s, _ in refs]),
-                                 labels)
+  plan = duplicates.drop_plan(crop_groups, patch_groups, np.zeros(len(refs)), labels)
   indices = {}
-  for d in dropped:
+  for d in plan.dropped:
     indices.setdefault(refs[d][0], []).append(refs[d][1])
-  info = duplicates.describe_dropped(ids, dropped, same_as, summary)
-  return {'indices': indices, 'info': info}
+  ids = np.asarray([pcam_h5.example_id(s, i) for s, i in refs])
+  return {'indices': indices, 'info': duplicates.describe_dropped(ids, plan)}
 
 
-def _written_duplicates(source, written):
-  """The manifest's `duplicates` for `written`: (our split, PCam split, index, key)."""
+def _written_duplicates(source, written, crop_size):
+  """The manifest's `duplicates` for `written`: (our split, PCam split, index, key, crop key)."""
   written = sorted(written, key=lambda w: pcam_h5.example_id(w[1], w[2]))  # By id.
   refs = [w[1:3] for w in written]
-  groups = duplicates.find_groups([w[3] for w in written],
-                                  lambda idx: pcam_h5.read_patches(source, refs, idx))
+  patch_groups, crop_groups = duplicates.find_groups(
+      [w[3] for w in written], lambda idx: pcam_h5.read_patches(source, refs, idx), crop_size,
+      [w[4] for w in written])
   return duplicates.summarize(
-      groups, np.asarray([pcam_h5.example_id(w[1], w[2]) for w in written]),
+      patch_groups, crop_groups, crop_size,
+      np.asarray([pcam_h5.example_id(w[1], w[2]) for w in written]),
       np.asarray([w[0] for w in written]),
       np.asarray([source[w[1]].labels[w[2]] for w in written]))
 

@@ -24,18 +24,21 @@ from pcam_tfdata import schema
 _KEY_CHUNK = 1024  # Files per task of the duplicate scan.
 
 
-def find_source_duplicates(source, *, workers=1, skip_bad=False, show_progress=True):
+def find_source_duplicates(source, *, crop_size, workers=1, skip_bad=False,
+                           show_progress=True):
   """Every labelled and test patch file keyed, and what --drop_duplicates leaves out.
 
-  One patch of each pixel-identical group is kept: a test patch when the
-  group holds any (the submission needs every test id; then all labelled
-  copies go), else the labelled one of smallest id. Labels play no part, so
+  Patches are grouped by their stored crop (the model sees nothing else),
+  which also groups every set of identical full patches. Each group keeps
+  its test patches when it holds any (the submission needs every test id;
+  then all labelled members go), else its labelled member of smallest id;
+  a group whose labelled members' labels disagree keeps none of them (see
+  `duplicates.drop_plan`). Neither the seed nor the fold plays a part, so
   every fold's conversion drops the same ids.
 
   Returns:
     (dropped_ids, info): array of labelled ids to leave out, and the
-    manifest's record of them (`count`, `groups`, `label_conflicts`, and
-    every dropped id with the id it duplicates).
+    manifest's record of them (`duplicates.describe_dropped`).
 
   Raises:
     tiff.BadImageError: an unreadable patch, unless `skip_bad`.
@@ -46,20 +49,20 @@ def find_source_duplicates(source, *, workers=1, skip_bad=False, show_progress=T
   # Chunks of up to 1,024 files, at least 4 per worker (load balance).
   chunk = max(1, min(_KEY_CHUNK, -(-len(paths) // (4 * workers))))
   tasks = [{'start': s, 'paths': paths[s:s + chunk], 'patch_size': schema.PATCH_SIZE,
-            'skip_bad': skip_bad} for s in range(0, len(paths), chunk)]
-  keys = np.zeros(len(paths), np.int64)
+            'crop_size': crop_size, 'skip_bad': skip_bad} for s in range(0, len(paths), chunk)]
+  keys, crop_keys = np.zeros(len(paths), np.int64), np.zeros(len(paths), np.int64)
   for result in pool.run_tasks(shards.key_patches, tasks, workers, len(paths), 0, show_progress,
                            desc='duplicate scan'):
-    keys[result['start']:result['start'] + len(result['keys'])] = result['keys']
-  groups = duplicates.find_groups(keys, lambda idx: _read_files(paths, idx))
+    at = slice(result['start'], result['start'] + len(result['keys']))
+    keys[at], crop_keys[at] = result['keys'], result['crop_keys']
+  patch_groups, crop_groups = duplicates.find_groups(
+      keys, lambda idx: _read_files(paths, idx), crop_size, crop_keys)
   is_test = np.arange(len(ids)) >= len(source.ids)
-  dropped, same_as = duplicates.drop_plan(groups, np.zeros(len(ids)), fixed=is_test)
   by_id = dict(zip(source.ids.tolist(), source.labels.tolist()))
   labels = np.asarray([by_id.get(i, schema.TEST_LABEL) for i in ids.tolist()])
-  summary = duplicates.summarize(groups, ids, np.where(is_test, 'test', 'labelled'), labels,
-                                 schema.TEST_LABEL)
-  info = duplicates.describe_dropped(ids, dropped, same_as, summary)
-  return ids[dropped], info
+  plan = duplicates.drop_plan(crop_groups, patch_groups, np.zeros(len(ids)), labels,
+                              fixed=is_test, unlabelled=schema.TEST_LABEL)
+  return ids[plan.dropped], duplicates.describe_dropped(ids, plan)
 
 
 def _read_files(paths, indices):
@@ -77,8 +80,9 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
     out_dir: the records folder to create.
     crop_size, per_class, val_fraction, seed, groups, num_shards, skip_bad,
       num_folds, fold: see `plan.make_plan`.
-    drop_duplicates: leave out all but one patch of each pixel-identical
-      group before balancing (see `find_source_duplicates`).
+    drop_duplicates: leave out all but one patch of each group of
+      identical stored crops (none of a group with conflicting labels)
+      before balancing (see `find_source_duplicates`).
     workers: processes that write shards.
     overwrite: rebuild a finished output (only one with this tool's manifest).
     replace_stale: rebuild a finished output only if it is of other inputs or
@@ -102,8 +106,8 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
   if drop_duplicates:
     # What can fail without the scan fails before it (a full read of the data).
     plan_lib.check_before_scan(source, per_class, num_folds, fold)
-    dropped_ids, dropped = find_source_duplicates(source, workers=workers, skip_bad=skip_bad,
-                                                  show_progress=show_progress)
+    dropped_ids, dropped = find_source_duplicates(source, crop_size=crop_size, workers=workers,
+                                                  skip_bad=skip_bad, show_progress=show_progress)
   plan = plan_lib.make_plan(source, crop_size=crop_size, per_class=per_class,
                             val_fraction=val_fraction, seed=seed, groups=groups,
                             num_shards=num_shards, skip_bad=skip_bad, num_folds=num_folds,
@@ -126,7 +130,7 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
     done[os.path.join(work_dir, stats['file'])] = stats
 
   manifest = _make_manifest(plan, tasks, done, source, flags)
-  manifest['duplicates'] = _output_duplicates(tasks, done)
+  manifest['duplicates'] = _output_duplicates(tasks, done, crop_size)
   if dropped is not None:
     manifest['duplicates']['dropped'] = dropped
   if eda:
@@ -137,25 +141,29 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
   return manifest
 
 
-def _output_duplicates(tasks, done):
-  """The manifest's `duplicates`: pixel-identical groups among the examples written."""
-  ids, names, labels, paths, keys = [], [], [], [], []
+def _output_duplicates(tasks, done, crop_size):
+  """The manifest's `duplicates`: identical patches and stored crops among the examples written."""
+  ids, names, labels, paths, keys, crop_keys = [], [], [], [], [], []
   for t in tasks:
-    for (i, label, path), key in zip(t['examples'], done[t['path']]['keys']):
+    stats = done[t['path']]
+    for (i, label, path), key, crop_key in zip(t['examples'], stats['keys'], stats['crop_keys']):
       if key != duplicates.NO_KEY:  # Skipped: not written.
         ids.append(i)
         names.append(t['split'])
         labels.append(label)
         paths.append(path)
         keys.append(key)
-  groups = duplicates.find_groups(keys, lambda idx: _read_files(paths, idx))
+        crop_keys.append(crop_key)
+  found = duplicates.find_groups(keys, lambda idx: _read_files(paths, idx), crop_size, crop_keys)
   # Ordered by id within each group, so the examples shown do not depend on shards.
   order = np.argsort(ids, kind='stable')
   rank = np.empty(len(ids), np.int64)
   rank[order] = np.arange(len(ids))
-  groups = sorted((g[np.argsort(rank[g])] for g in groups), key=lambda g: rank[g[0]])
-  return duplicates.summarize(groups, np.asarray(ids), np.asarray(names), np.asarray(labels),
-                              schema.TEST_LABEL)
+  patch_groups, crop_groups = (
+      sorted((g[np.argsort(rank[g])] for g in groups), key=lambda g: rank[g[0]])
+      for groups in found)
+  return duplicates.summarize(patch_groups, crop_groups, crop_size, np.asarray(ids),
+                              np.asarray(names), np.asarray(labels), schema.TEST_LABEL)
 
 
 def _make_manifest(plan, tasks, done, source, flags):

@@ -90,8 +90,9 @@ def write_shard(task, progress=None):
 
   Returns:
     The shard's stats: file, count, sha256, label_counts, skipped, and
-    `keys`, the `duplicates.patch_key` of each example's full patch (NO_KEY
-    for a skipped one), aligned with `task['examples']`. With
+    `keys` and `crop_keys`, the `duplicates.patch_key` of each example's
+    full patch and of its stored crop (NO_KEY for a skipped one), aligned
+    with `task['examples']`. With
     `skip_bad` a shard may hold no record; the split as a whole may not
     (checked by the caller).
 
@@ -99,7 +100,8 @@ def write_shard(task, progress=None):
     tiff.BadImageError: a bad patch, unless `skip_bad`.
   """
   writer = ShardWriter(task['path'])
-  skipped, keys = [], []
+  skipped, keys, crop_keys = [], [], []
+  cropped = task['crop_size'] != task['patch_size']
   seen = 0
   def report():
     nonlocal seen
@@ -118,13 +120,18 @@ def write_shard(task, progress=None):
         raise tiff.BadImageError(str(e)) from None
       skipped.append({'id': example_id, 'reason': str(e)})
       keys.append(duplicates.NO_KEY)
+      crop_keys.append(duplicates.NO_KEY)
       continue
+    crop = tiff.center_crop(pixels, task['crop_size']).tobytes()
     keys.append(duplicates.patch_key(pixels))
-    writer.write(tiff.center_crop(pixels, task['crop_size']).tobytes(), label, example_id)
+    # At crop 96 the crop is the patch: its key is not taken twice.
+    crop_keys.append(duplicates.patch_key(crop) if cropped else keys[-1])
+    writer.write(crop, label, example_id)
   report()
   stats = writer.close()
   stats['skipped'] = skipped
   stats['keys'] = keys
+  stats['crop_keys'] = crop_keys
   write_json_atomic(task['path'] + '.done.json', stats)
   return stats
 
@@ -134,8 +141,9 @@ def load_done(path):
   try:
     with open(path + '.done.json') as f:
       stats = json.load(f)
-    if records.sha256_file(path) != stats['sha256'] or 'keys' not in stats:
-      return None  # (A sidecar of an older version, without keys, too.)
+    if (records.sha256_file(path) != stats['sha256'] or 'keys' not in stats
+        or 'crop_keys' not in stats):
+      return None  # (A sidecar of an older version, without keys or crop keys, too.)
   except (OSError, ValueError, KeyError):
     return None
   return stats
@@ -151,29 +159,33 @@ def write_json_atomic(path, obj):
 
 
 def key_patches(task, progress=None):
-  """`duplicates.patch_key` of each patch file of `task['paths']`.
+  """`duplicates.patch_keys` of each patch file of `task['paths']`.
 
   Args:
     task: dict with `start` (index of the first path, passed back), `paths`,
-      `patch_size`, `skip_bad`.
+      `patch_size`, `crop_size`, `skip_bad`.
     progress: optional shared counter of files done.
 
   Returns:
-    {'start', 'keys'}: NO_KEY for a bad patch when `skip_bad` (the shard
-    writer reports it if the example is kept).
+    {'start', 'keys', 'crop_keys'}: of the full patches and of their stored
+    crops; NO_KEY for a bad patch when `skip_bad` (the shard writer reports
+    it if the example is kept).
 
   Raises:
     tiff.BadImageError: a bad patch, unless `skip_bad`.
   """
-  keys = []
+  keys, crop_keys = [], []
   for path in task['paths']:
     try:
-      keys.append(duplicates.patch_key(tiff.read_patch(path, task['patch_size'])))
+      key, crop_key = duplicates.patch_keys(tiff.read_patch(path, task['patch_size']),
+                                            task['crop_size'])
     except (tiff.BadImageError, OSError) as e:
       if not task['skip_bad']:
         raise tiff.BadImageError(str(e)) from None
-      keys.append(duplicates.NO_KEY)
+      key = crop_key = duplicates.NO_KEY
+    keys.append(key)
+    crop_keys.append(crop_key)
   if progress is not None:
     with progress.get_lock():
       progress.value += len(task['paths'])
-  return {'start': task['start'], 'keys': keys}
+  return {'start': task['start'], 'keys': keys, 'crop_keys': crop_keys}

@@ -33,8 +33,9 @@ class Augment:
       concentrations scaled by U(1-s, 1+s) and shifted by U(-s, s)
       (`stain_jitter`); 0 for none.
     stain_on_device: with `stain_jitter`, the pipeline yields each batch's
-      draws (float32 [B, 2, 3]) as a last element instead of applying them,
-      and the training step applies them on its device (`apply_stain`).
+      stain maps (float32 [B, 4, 3], `stain_transform`) as a last element
+      instead of applying them, and the training step applies them on its
+      device (`apply_stain`): bit-identical images either way.
     variant_budget: with `dihedral`, bytes the 8 variants of an input
       pipeline's cached split may take, so that a batch is one gather;
       over it each batch is transformed after its gather (the same batches).
@@ -213,31 +214,17 @@ def random_dihedral(images, seed):
 
 
 # Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB optical
-# densities per R, G, B), as skimage.color.rgb_from_hed.
+# densities per R, G, B), as skimage.color.rgb_from_hed. HED here is
+# skimage's rgb2hed: optical density log(max(rgb, 1e-6)) / log(1e-6) times
+# HED_FROM_RGB, except that negative concentrations are kept (skimage clips
+# them at 0), so that the jitter is affine in HED and alpha 1, beta 0 gives
+# back the image.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
                          [0.07, 0.99, 0.11],
                          [0.27, 0.57, 0.78]], np.float64)
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 _LOG_FLOOR = np.log(1e-6)  # skimage's log_adjust: intensities floored at 1e-6.
-
-
-def rgb_to_hed(images):
-  """HED stain concentrations [..., 3] of uint8 or [0, 1] float RGB, as skimage.color.rgb2hed.
-
-  Unlike skimage, negative concentrations are kept (not clipped at 0), so
-  that `hed_to_rgb` inverts this exactly and a jitter is affine in HED.
-  """
-  x = tf.convert_to_tensor(images)
-  if x.dtype == tf.uint8:
-    x = tf.cast(x, tf.float32) / 255.0
-  od = tf.math.log(tf.maximum(x, 1e-6)) / _LOG_FLOOR  # Optical density, scaled.
-  return tf.tensordot(od, tf.constant(HED_FROM_RGB, tf.float32), 1)  # One [N, 3] x [3, 3].
-
-
-def hed_to_rgb(hed):
-  """[0, 1] float RGB of HED concentrations, as skimage.color.hed2rgb."""
-  od = tf.tensordot(hed, tf.constant(RGB_FROM_HED, tf.float32), 1)
-  return tf.clip_by_value(tf.exp(od * _LOG_FLOOR), 0.0, 1.0)
+_FLOOR_255 = 255e-6  # The same floor on 0..255 values.
 
 
 def draw_stain(batch_size, strength, seed):
@@ -248,18 +235,56 @@ def draw_stain(batch_size, strength, seed):
   return tf.stack([alpha, beta], 1)
 
 
-def apply_stain(images, params):
-  """Images with each stain concentration c -> alpha * c + beta (`draw_stain`), as uint8."""
-  alpha, beta = params[:, None, None, 0], params[:, None, None, 1]
-  rgb = hed_to_rgb(rgb_to_hed(images) * alpha + beta)
-  return tf.cast(tf.round(rgb * 255.0), tf.uint8)
+def stain_transform(draws):
+  """What `apply_stain` applies for draws (alpha, beta) [B, 2, 3]: float32 [B, 4, 3].
+
+  The jitter c -> alpha * c + beta is affine in HED, and HED is linear in
+  optical density, so per image it is one affine map of the log of the
+  pixel values: with L = log(max(v, 255e-6)) for v in 0..255 (skimage's
+  1e-6 floor on v / 255), the jittered v' = exp(L @ A + c), where
+
+    A = HED_FROM_RGB diag(alpha) RGB_FROM_HED,
+    c = log(1e-6) * beta @ RGB_FROM_HED + log(255) * (1 - column sums of A).
+
+  Rows 0-2 of the result hold A, row 3 holds c; computed in float64.
+
+  Why a map per image rather than the two conversions: every constant of
+  the formula is folded in here, once per batch, so that `apply_stain`
+  holds none that a compiler could combine. Grappler's constant folding
+  runs on a training step's graph but not on tf.data's functions, and it
+  rounded the same formula differently on the two paths (58 of 4.9M
+  values per epoch a level apart): with the map made here for both paths,
+  the pipeline and the step compute bit-identical images.
+  """
+  draws = tf.cast(draws, tf.float64)
+  alpha, beta = draws[:, 0], draws[:, 1]
+  hed_from_rgb = tf.constant(HED_FROM_RGB, tf.float64)
+  rgb_from_hed = tf.constant(RGB_FROM_HED, tf.float64)
+  a = tf.einsum('ij,bj,jk->bik', hed_from_rgb, alpha, rgb_from_hed)
+  log255 = np.log(255.0)
+  c = _LOG_FLOOR * tf.matmul(beta, rgb_from_hed) + log255 * (1 - tf.reduce_sum(a, 1))
+  return tf.cast(tf.concat([a, c[:, None]], 1), tf.float32)
+
+
+def apply_stain(images, transform):
+  """uint8 images [B, H, W, 3] with each image's `stain_transform` [B, 4, 3] applied.
+
+  Elementwise ops on tensors only (no constant but the floor and the
+  clip), each rounded once in float32, so the result is the same in a
+  tf.data function and in a compiled training step (`stain_transform`).
+  """
+  log = tf.math.log(tf.maximum(tf.cast(images, tf.float32), _FLOOR_255))
+  t = transform[:, None, None]  # [B, 1, 1, 4, 3]
+  out = log[..., 0:1] * t[..., 0, :] + log[..., 1:2] * t[..., 1, :]
+  out = out + log[..., 2:3] * t[..., 2, :] + t[..., 3, :]
+  return tf.cast(tf.round(tf.clip_by_value(tf.exp(out), 0.0, 255.0)), tf.uint8)
 
 
 def stain_jitter(images, strength, seed):
   """Perturbs each image's haematoxylin, eosin and DAB concentrations (Tellez et al. 2019).
 
   Per image and stain channel: c -> alpha * c + beta, alpha ~ U(1 - s, 1 + s),
-  beta ~ U(-s, s), in the HED space of `rgb_to_hed`, then back to RGB,
+  beta ~ U(-s, s), in HED (skimage's rgb2hed, unclipped: see RGB_FROM_HED), back to RGB,
   rounded to uint8. The colour variation between labs and scanners, drawn
   afresh for every image.
 
@@ -273,4 +298,4 @@ def stain_jitter(images, strength, seed):
   """
   if not strength:
     return images
-  return apply_stain(images, draw_stain(tf.shape(images)[0], strength, seed))
+  return apply_stain(images, stain_transform(draw_stain(tf.shape(images)[0], strength, seed)))

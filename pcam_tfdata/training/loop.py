@@ -62,8 +62,9 @@ def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=Fal
   Returns:
     fn(iterator, n) -> (sum of per-example losses, correct predictions), both
     summed over the n steps and all replicas. The iterator yields (images,
-    labels) or (images, labels, stain draws): the stain jitter is then
-    applied here, on the replica's device (`augment.apply_stain`).
+    labels) or (images, labels, stain maps): the stain jitter is then
+    applied here, on the replica's device (`augment.apply_stain`), to the
+    same bits as in the pipeline.
   """
   loss_fn = keras.losses.BinaryCrossentropy(reduction=None)
   loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)

@@ -7,8 +7,46 @@ since the loss that follows it cannot be computed in float16.
 """
 
 import keras
+import tensorflow as tf
 
 MODELS = ('baseline', 'batchnorm')
+
+
+class ReplicaSeedGenerator(keras.random.SeedGenerator):
+  """A Keras SeedGenerator whose seeds differ on each replica of a tf.distribute strategy.
+
+  Keras keeps a dropout layer's random state in one variable, mirrored on
+  every replica, so under MirroredStrategy or MultiWorkerMirroredStrategy
+  each replica drew the same seed, and the k-th example of every replica
+  the same mask: with 8 replicas one pattern eight times per step. Here
+  replica r of several draws with the layer's seed folded with r (as
+  big_vision and the Flax examples fold the device index into their RNG
+  key): independent masks, still a function of the state alone, so
+  `--seed` and a resumed run draw them again bit for bit. On one replica
+  the seeds are Keras' own.
+  """
+
+  def next(self, ordered=True):
+    seed = super().next(ordered=ordered)
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+      return seed
+    return tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
+
+
+def per_replica_dropout(layer):
+  """Makes a Keras Dropout layer draw its own mask on each replica (`ReplicaSeedGenerator`).
+
+  The generator is not part of a saved model (Keras saves the layer's
+  `seed` argument, not its generator), so model.keras holds a stock
+  Dropout and loads with stock Keras. Keras locks a built layer's state,
+  hence the generator's class is swapped in place: the same state variable,
+  the same seeds on one replica.
+  """
+  generator = getattr(layer, 'seed_generator', None)  # (None at rate 0.)
+  if generator is not None:
+    generator.__class__ = ReplicaSeedGenerator
+  return layer
 
 
 def _block(x, filters, batch_norm, sync, name):
@@ -41,6 +79,8 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False):
     sync_batch_norm: BatchNorm statistics over the global batch (all
       replicas, Keras' `synchronized=True`) rather than each replica's part.
       The same weights; a saved model loads and predicts on one device.
+      (Under any strategy each replica draws its own dropout masks:
+      `ReplicaSeedGenerator`.)
 
   Returns:
     A keras.Model mapping uint8 [B, H, W, 3] to float32 probabilities [B, 1].
@@ -61,6 +101,6 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False):
   if batch_norm:
     x = keras.layers.BatchNormalization(synchronized=sync_batch_norm, name='dense_bn')(x)
   x = keras.layers.ReLU(name='dense_relu')(x)
-  x = keras.layers.Dropout(dropout, name='dropout')(x)
+  x = per_replica_dropout(keras.layers.Dropout(dropout, name='dropout'))(x)
   outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='probability')(x)
   return keras.Model(inputs, outputs, name=name)

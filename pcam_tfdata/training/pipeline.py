@@ -115,7 +115,7 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
 
   Returns:
     A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches (plus
-    string ids [B], plus the stain draws float32 [B, 2, 3] with
+    string ids [B], plus the stain maps float32 [B, 4, 3] with
     `augment.stain_on_device`). Training: `num_epochs` epochs of
     `batches_per_epoch` batches, less the `first_batch` skipped.
 
@@ -258,9 +258,10 @@ class _EpochPlan:
       # With variants, the transform is folded into the image's index.
       draws['image'] = transforms * self.count + index if self.variants else transforms
     if self.augment.stain_jitter:
-      draws['stain'] = tf.reshape(
+      # As the map each image's draws make (for either path: bit-identical images).
+      draws['stain'] = tf.reshape(augment_lib.stain_transform(
           augment_lib.draw_stain(self.steps * self.batch_size, self.augment.stain_jitter,
-                                 stain_key), [self.steps, self.batch_size, 2, 3])
+                                 stain_key)), [self.steps, self.batch_size, 4, 3])
     return draws
 
   def gather(self, draws, fields):
