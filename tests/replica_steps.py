@@ -126,6 +126,20 @@ RUN_SETTINGS = dict(epochs=2, batch_size=8, eval_batch_size=16, mixed_precision=
                     sync_batch_norm='on', progress=False)
 
 
+def dropout_masks(strategy, seed=1, calls=2):
+  """The BatchNorm CNN's dropout masks, `calls` times: [call][replica (here)] bool [8, 256].
+
+  Every replica is given the same inputs (ones), so only the seeds differ.
+  """
+  keras.utils.set_random_seed(seed)
+  with strategy.scope():
+    layer = models.build_model('batchnorm').get_layer('dropout')
+  ones = tf.ones([8, 256])
+  draw = tf.function(lambda: strategy.run(lambda: layer(ones, training=True)))
+  return [[m.numpy() != 0 for m in strategy.experimental_local_results(draw())]
+          for _ in range(calls)]
+
+
 def _worker_main(out_dir, cases):
   """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the test), every case in turn.
 
@@ -141,6 +155,11 @@ def _worker_main(out_dir, cases):
       from pcam_tfdata.training import distribute  # pylint: disable=g-import-not-at-top
       mine = {'auc': 0.1 + index / 3, 'loss': float('nan') if index else 1e-300}
       _write_json(f'{out}.json', distribute.make_from_chief(strategy)(mine))
+      continue
+    if case.get('dropout_masks'):
+      np.savez(f'{out}.tmp.npz', *[m for call in dropout_masks(strategy) for m in call])
+      os.replace(f'{out}.tmp.npz', f'{out}.npz')
+      _write_json(f'{out}.json', {'scales': None})
       continue
     if 'train_run' in case:
       _, weights = train_run(case['records'], os.path.join(out_dir, name), case['train_run'],

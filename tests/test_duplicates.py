@@ -24,9 +24,10 @@ def test_groups_are_exactly_the_identical_patches():
   patches = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(6)]
   patches[3] = patches[0].copy()
   patches[5] = patches[0].copy()
-  # 1 and 2 share a key but not their pixels (a CRC collision, forced); 4 is
-  # unreadable (NO_KEY), like 2 with an equal key would be.
-  keys = [7, 9, 9, 7, duplicates.NO_KEY, 7]
+  # 1 and 2 share a key but not their pixels (a CRC collision, forced); 4 and
+  # 6 are unreadable (NO_KEY): two of them share that key, and are no candidates.
+  patches.append(None)
+  keys = [7, 9, 9, 7, duplicates.NO_KEY, 7, duplicates.NO_KEY]
   read = []
   def read_patches(indices):  # In any order (here reversed), as a stream.
     read.extend(indices.tolist())

@@ -100,6 +100,7 @@ _WORKER_CASES = {
     'nan_on_1': {'model': 'baseline', 'policy': 'mixed_float16', 'sync': False, 'steps': 1,
                  'nan_in': [_HALF, 2 * _HALF]},
     'from_chief': {'from_chief': True},
+    'dropout': {'dropout_masks': True},
 }
 # train.run itself, each worker its own input pipeline (records made by the
 # fixture): the slow tier's pair.
@@ -219,6 +220,17 @@ def test_train_run_on_two_workers_ends_as_one_device_on_their_global_batches(
   assert _max_change(one, start) > 1e-3  # It trained.
   _assert_close(first, one, rtol=1e-4, atol=1e-5)
   _assert_close(second, first, rtol=0, atol=0)
+
+
+def test_each_worker_draws_its_own_dropout_mask_as_each_mirrored_replica(two_workers, mirrored):
+  """MultiWorkerMirroredStrategy folds in the global replica id: worker k draws what replica
+  k of MirroredStrategy draws from the same seed, and the two workers' masks differ."""
+  (first, _), (second, _) = two_workers('dropout')
+  assert (first[0] != second[0]).mean() > 0.3 and (first[1] != second[1]).mean() > 0.3
+  mirrored_masks = rs.dropout_masks(mirrored)
+  for call in range(2):
+    np.testing.assert_array_equal(first[call], mirrored_masks[call][0])
+    np.testing.assert_array_equal(second[call], mirrored_masks[call][1])
 
 
 def test_every_worker_takes_the_chiefs_figures(two_workers):

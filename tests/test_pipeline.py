@@ -555,6 +555,13 @@ def test_apply_stain_is_tellez_alpha_c_plus_beta_in_hed_to_one_level():
   drawn = augment.draw_stain(4, 0.05, seed).numpy().astype(np.float64)
   out = augment.stain_jitter(tf.constant(images), 0.05, seed).numpy().astype(np.float64)
   assert np.abs(out - _stain_reference(images, drawn[:, 0], drawn[:, 1])).max() <= 1
+  # Near-white pixels pushed past white (exp(...) over 255) stay white: clipped, not wrapped.
+  bright = np.full((1, 4, 4, 3), 250, np.uint8)
+  lighter = tf.constant([[[1.0, 1.0, 1.0], [-0.05, -0.05, -0.05]]], tf.float32)
+  reference = _stain_reference(bright, np.ones((1, 3)), np.full((1, 3), -0.05))
+  assert (reference == 255).all()
+  np.testing.assert_array_equal(
+      augment.apply_stain(bright, augment.stain_transform(lighter)).numpy(), reference)
 
 
 def test_apply_stain_is_bit_identical_in_a_dataset_and_in_a_compiled_step():

@@ -36,6 +36,7 @@ from pcam_tfdata.training import resume
 from pcam_tfdata.training import trainer
 from pcam_tfdata.training import verify
 from conftest import ROOT, cut_after_first_record, error_lines, flip_a_byte, run_convert, run_tool
+import replica_steps as rs
 
 
 @pytest.fixture(autouse=True)
@@ -87,26 +88,17 @@ def test_sync_batch_norm_keeps_the_weights_and_loads_on_one_device(tmp_path, mir
   np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-6)
 
 
-def _dropout_masks(strategy, seed=1, calls=2):
-  """The BatchNorm CNN's dropout masks, `calls` times, each replica given the same inputs."""
-  keras.utils.set_random_seed(seed)
-  with strategy.scope():
-    layer = models.build_model('batchnorm').get_layer('dropout')
-  ones = tf.ones([8, 256])
-  draw = tf.function(lambda: strategy.run(lambda: layer(ones, training=True)))
-  return [[m.numpy() != 0 for m in strategy.experimental_local_results(draw())]
-          for _ in range(calls)]
-
-
 def test_each_replica_draws_its_own_dropout_mask_reproducibly(mirrored, tmp_path, monkeypatch):
   """Keras seeds dropout from one mirrored state: without the replica folded in, every
   replica drew one mask."""
-  masks = _dropout_masks(mirrored)
+  masks = rs.dropout_masks(mirrored)
   for first, second in masks:
     assert 0.4 < first.mean() < 0.6 and 0.4 < second.mean() < 0.6  # Rate 0.5, kept/dropped.
     assert (first != second).mean() > 0.3  # Independent: half the entries differ.
   assert (masks[0][0] != masks[1][0]).mean() > 0.3  # A new mask each step,
-  again = _dropout_masks(mirrored)
+  # and not a shifted sequence (replica 1's at one step as replica 0's at the next).
+  assert (masks[0][1] != masks[1][0]).mean() > 0.3
+  again = rs.dropout_masks(mirrored)
   for drawn, redrawn in zip(masks, again):  # and the same ones from the same seed.
     np.testing.assert_array_equal(drawn, redrawn)
   # Saved, the layer is stock Keras: the generator is not part of the model.
@@ -122,9 +114,9 @@ def test_each_replica_draws_its_own_dropout_mask_reproducibly(mirrored, tmp_path
   loaded = keras.saving.load_model(tmp_path / 'model.keras').get_layer('dropout')
   assert type(loaded.seed_generator) is keras.random.SeedGenerator
   # One device draws Keras' own masks.
-  one = _dropout_masks(tf.distribute.get_strategy())
+  one = rs.dropout_masks(tf.distribute.get_strategy())
   monkeypatch.setattr(models, 'per_replica_dropout', lambda layer: layer)
-  np.testing.assert_array_equal(one, _dropout_masks(tf.distribute.get_strategy()))
+  np.testing.assert_array_equal(one, rs.dropout_masks(tf.distribute.get_strategy()))
 
 
 @pytest.mark.parametrize('mode, replicas, expected', [

@@ -63,7 +63,8 @@ _DROP_DUPLICATES = flags.DEFINE_bool(
     'drop_duplicates', False, 'Before the split, keep one patch of each group whose stored '
     'crops are identical (the model sees only the crop; this covers identical full patches '
     'too), so no stored image sits in two splits or folds: a test patch if the group has one, '
-    'else the smallest id; a group whose labels conflict keeps none of its labelled patches. '
+    'else the smallest id (HDF5: test, then valid, then train); a group whose labels conflict '
+    'keeps none of its labelled patches. '
     'Every left-out id is listed in the manifest with the id it copies and why. Without it '
     'identical patches and crops are only counted.')
 _OVERWRITE = flags.DEFINE_bool(
