@@ -30,7 +30,8 @@ def table(model_dirs):
         m = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
       raise ValueError(f'{path}: no finished run here ({e.__class__.__name__})') from None
-    name = {'baseline': 'Baseline', 'batchnorm': 'BatchNorm'}.get(m['model'], m['model'])
+    name = {'baseline': 'Baseline', 'batchnorm': 'BatchNorm', 'resnet50v2': 'ResNet50V2',
+            'efficientnetv2b0': 'EfficientNetV2B0'}.get(m['model'], m['model'])
     values = ' | '.join(f'{m[k]:.4f}' for _, k in _COLUMNS)
     lines.append(f'| {name} | {values} | {m["best_epoch"]} | {m["precision_policy"]} | '
                  f'{m["num_replicas_in_sync"]} |')

@@ -27,7 +27,14 @@ check_config = config_lib.check_config
 
 _RECORDS_DIR = flags.DEFINE_string('records_dir', 'records/demo', 'Records folder.')
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'Where checkpoints, logs and results go.')
-_MODEL = flags.DEFINE_enum('model', 'baseline', config_lib.MODEL_NAMES, 'Architecture.')
+_MODEL = flags.DEFINE_enum(
+    'model', 'baseline', config_lib.MODEL_NAMES,
+    "Architecture: the seed's baseline or batchnorm CNN, or a Keras application without its "
+    'top (resnet50v2, efficientnetv2b0; images of at least 32x32).')
+_WEIGHTS = flags.DEFINE_enum(
+    'weights', 'none', config_lib.WEIGHTS,
+    "Initial weights of resnet50v2 or efficientnetv2b0: none (random) or imagenet (Keras' "
+    'published weights, fetched once into ~/.keras/models).')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Maximum epochs (early stopping may end sooner).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Global batch, over all replicas.')
 _LEARNING_RATE = flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
@@ -130,6 +137,7 @@ def _config_from_flags():
     raise ValueError('--model_dir is required')
   return Config(
       records_dir=_RECORDS_DIR.value, model_dir=_MODEL_DIR.value, model=_MODEL.value,
+      weights=_WEIGHTS.value,
       epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
       mixed_precision=_MIXED_PRECISION.value, strategy=_STRATEGY.value,
       num_cpu_devices=_NUM_CPU_DEVICES.value, sync_batch_norm=_SYNC_BATCH_NORM.value,

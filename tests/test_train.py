@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import pcam_tfdata
 from pcam_tfdata.convert import synthetic
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import report
@@ -65,14 +66,75 @@ def _config(records, model_dir, **kwargs):
   return train.Config(records_dir=str(records), model_dir=str(model_dir), **kwargs)
 
 
-@pytest.mark.parametrize('name, params', [('baseline', 355649), ('batchnorm', 1422721)])
+@pytest.mark.parametrize('name, params', [('baseline', 355649), ('batchnorm', 1422721),
+                                          ('resnet50v2', 23566849),
+                                          ('efficientnetv2b0', 5920593)])
 def test_parameter_counts(name, params):
+  # (The applications without their top, plus a 1-unit head: 2,049 and 1,281 parameters.)
   assert models.build_model(name).count_params() == params
 
 
 def test_unknown_model_is_refused():
   with pytest.raises(ValueError, match="unknown model 'resnet'"):
     models.build_model('resnet')
+
+
+@pytest.mark.parametrize('name', models.APPLICATIONS)
+def test_an_application_takes_uint8_and_synchronizes_every_batch_norm(name, mirrored):
+  with mirrored.scope():
+    model = models.build_model(name, (40, 40, 3), sync_batch_norm=True)
+  norms = [l for l in models.sublayers(model)
+           if isinstance(l, keras.layers.BatchNormalization)]
+  assert norms and all(l.synchronized for l in norms)
+  assert model.inputs[0].dtype == 'uint8' and model.outputs[0].dtype == 'float32'
+  probs = model(np.zeros((2, 40, 40, 3), np.uint8), training=False).numpy()
+  assert probs.shape == (2, 1) and ((0 < probs) & (probs < 1)).all()
+
+
+@pytest.fixture(scope='module')
+def records_96(tmp_path_factory):
+  """24 synthetic patches stored whole (--crop_size=96): 16 train, 4 val, 4 test."""
+  base = tmp_path_factory.mktemp('records96')
+  synthetic.make_dataset(str(base / 'kaggle'), num_train=20, num_test=4, seed=3,
+                         show_progress=False)
+  run_convert(base / 'kaggle', base / 'rec', crop_size=96, per_class=0)
+  return base / 'rec'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('strategy', ['default', 'mirrored'])
+@pytest.mark.parametrize('name', models.APPLICATIONS)
+def test_an_application_trains_at_96_px_and_predicts_with_tta(records_96, tmp_path, name,
+                                                               strategy, request):
+  dist = request.getfixturevalue('mirrored') if strategy == 'mirrored' else None
+  run_dir = tmp_path / 'run'
+  metrics = train.run(_config(records_96, run_dir, model=name, epochs=1, batch_size=8,
+                              augment=True, strategy=strategy), strategy=dist)
+  assert metrics['model'] == name and metrics['num_replicas_in_sync'] == (
+      2 if strategy == 'mirrored' else 1)
+  assert metrics['sync_batch_norm'] is (strategy == 'mirrored')
+  assert json.loads((run_dir / 'metrics.json').read_text())['params'] == (
+      models.build_model(name, (96, 96, 3)).count_params())
+  ids, probs = pcam_tfdata.predict(str(run_dir), str(records_96), tta=True)
+  assert len(ids) == 4 and probs.shape == (4,) and ((0 < probs) & (probs < 1)).all()
+
+
+def test_an_application_refuses_small_images_and_weights_it_cannot_fetch(monkeypatch):
+  with pytest.raises(ValueError, match=r'^--model=resnet50v2 needs images of at least 32x32; '
+                     r'the records hold 16x16 \(--crop_size\)$'):
+    models.build_model('resnet50v2', (16, 16, 3))
+  from keras.src.utils import file_utils  # pylint: disable=g-import-not-at-top
+
+  def offline(fname, origin=None, **_):
+    raise Exception(f'URL fetch failure on {origin}: None -- [Errno -3] no network')
+
+  monkeypatch.setattr(file_utils, 'get_file', offline)
+  with pytest.raises(ValueError, match=r'^--weights=imagenet: could not fetch the '
+                     r'efficientnetv2b0 ImageNet weights \(URL fetch failure on https://\S+'
+                     r'efficientnetv2-b0_notop.h5: None -- \[Errno -3\] no network\)$'):
+    models.build_model('efficientnetv2b0', (32, 32, 3), weights='imagenet')
+  with pytest.raises(ValueError, match='--weights=imagenet: --model=baseline has no published'):
+    models.build_model('baseline', weights='imagenet')
 
 
 def test_sync_batch_norm_keeps_the_weights_and_loads_on_one_device(tmp_path, mirrored):
@@ -487,6 +549,8 @@ def test_bad_flags_fail_with_one_line(records, tmp_path, flags, message):
     (dict(reduce_lr_patience=0), '--reduce_lr_patience=0: must be >= 1'),
     (dict(num_cpu_devices=0), '--num_cpu_devices=0: must be >= 1'),
     (dict(data_service_address='host:5050'), 'expected grpc://host:port'),
+    (dict(weights='imagenet'), '--weights=imagenet: only the Keras applications'),
+    (dict(model='resnet50v2', weights='random'), '--weights=random: choose one of none, imagenet'),
 ])
 def test_bad_settings_are_refused_naming_the_flag_before_anything_is_written(
     records, tmp_path, setting, message):

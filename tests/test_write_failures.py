@@ -147,7 +147,7 @@ def test_a_full_disk_mid_run_is_one_line_and_leaves_no_finished_looking_output(t
 
 @pytest.mark.parametrize('flag, message', [
     ('--batch_size=abc', "flag --batch_size=abc: invalid literal for int() with base 10: 'abc'"),
-    ('--model=resnet', 'flag --model=resnet: value should be one of <baseline|batchnorm>'),
+    ('--model=resnet', 'flag --model=resnet: value should be one of <baseline|batchnorm|resnet50v2|efficientnetv2b0>'),
     ('--flagfile=/nonexistent/x.flags',
      "Unable to open flagfile: [Errno 2] No such file or directory: '/nonexistent/x.flags'"),
     ('--no_such_flag=1', "Unknown command line flag 'no_such_flag'"),

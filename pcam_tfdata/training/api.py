@@ -40,7 +40,8 @@ def train(records_dir, model_dir, *, strategy=None, **options):
       `tf.distribute.MirroredStrategy()` made in the notebook); None builds
       one as the `strategy` option says.
     **options: the command's flags as keyword arguments, with its defaults:
-      model='baseline', epochs=10, batch_size=64 (global), learning_rate=1e-3,
+      model='baseline', weights='none', epochs=10, batch_size=64 (global),
+      learning_rate=1e-3,
       mixed_precision='auto', strategy='auto' (as a name, when no
       `strategy` object is given), num_cpu_devices=1, sync_batch_norm='auto',
       jit_compile='auto', augment=False, stain_jitter=0.0,

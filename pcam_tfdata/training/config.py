@@ -8,7 +8,9 @@ import dataclasses
 
 from pcam_tfdata import records as records_lib
 
-MODEL_NAMES = ('baseline', 'batchnorm')  # models.MODELS, without importing Keras here.
+MODEL_NAMES = ('baseline', 'batchnorm', 'resnet50v2', 'efficientnetv2b0')  # models.MODELS.
+BATCH_NORM_MODELS = ('batchnorm', 'resnet50v2', 'efficientnetv2b0')  # (TF-free here.)
+WEIGHTS = ('none', 'imagenet')
 
 
 @dataclasses.dataclass
@@ -21,6 +23,7 @@ class Config:
   records_dir: str | records_lib.Records
   model_dir: str
   model: str = 'baseline'
+  weights: str = 'none'  # Initial weights of the Keras applications: none or imagenet.
   epochs: int = 10
   batch_size: int = 64
   learning_rate: float = 1e-3
@@ -49,6 +52,11 @@ def check_config(config):
   """Raises ValueError naming the flag for a bad value."""
   checks = [
       (config.model in MODEL_NAMES, f'--model={config.model}: choose one of {MODEL_NAMES}'),
+      (config.weights in WEIGHTS,
+       f'--weights={config.weights}: choose one of {", ".join(WEIGHTS)}'),
+      (config.weights == 'none' or config.model in ('resnet50v2', 'efficientnetv2b0'),
+       f'--weights={config.weights}: only the Keras applications (resnet50v2, '
+       f'efficientnetv2b0) have published weights, not --model={config.model}'),
       (config.epochs >= 1, f'--epochs={config.epochs}: must be >= 1'),
       (config.batch_size >= 1, f'--batch_size={config.batch_size}: must be >= 1'),
       (config.learning_rate > 0, f'--learning_rate={config.learning_rate}: must be > 0'),

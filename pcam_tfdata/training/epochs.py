@@ -19,6 +19,7 @@ from pcam_tfdata.training import backup as backup_lib
 from pcam_tfdata.training import distribute
 from pcam_tfdata.training import evaluate
 from pcam_tfdata.training import loop
+from pcam_tfdata.training import models
 from pcam_tfdata.training import preemption
 from pcam_tfdata.training import resume
 from pcam_tfdata import progress
@@ -326,7 +327,8 @@ class EpochLoop:
         'num_replicas_in_sync': setup.replicas,
         'precision_policy': setup.policy,
         'global_batch_size': config.batch_size,
-        'sync_batch_norm': any(getattr(l, 'synchronized', False) for l in self.model.layers),
+        'sync_batch_norm': any(getattr(l, 'synchronized', False)
+                               for l in models.sublayers(self.model)),
         'augment': bool(config.augment),
         'stain_jitter': config.stain_jitter,
         'stain_jitter_on': ('device' if setup.stain_on_device else 'host'

@@ -1,15 +1,19 @@
-"""The seed's two CNNs: Baseline and BatchNorm.
+"""The seed's two CNNs (Baseline, BatchNorm) and two Keras applications (ResNet50V2,
+EfficientNetV2B0).
 
-Both take uint8 images and scale them inside, so the input pipeline and the
-host-to-device copy move a quarter of float32's bytes. Layers follow the
-global Keras precision policy; the sigmoid runs in float32 under any policy,
-since the loss that follows it cannot be computed in float16.
+All take uint8 images and scale them inside (each family its own
+preprocessing), so the input pipeline and the host-to-device copy move a
+quarter of float32's bytes. Layers follow the global Keras precision policy;
+the sigmoid runs in float32 under any policy, since the loss that follows it
+cannot be computed in float16.
 """
 
 import keras
 import tensorflow as tf
 
-MODELS = ('baseline', 'batchnorm')
+MODELS = ('baseline', 'batchnorm', 'resnet50v2', 'efficientnetv2b0')
+APPLICATIONS = ('resnet50v2', 'efficientnetv2b0')
+_MIN_SIDE = 32  # What both applications accept without their top.
 
 
 class ReplicaSeedGenerator(keras.random.SeedGenerator):
@@ -32,6 +36,14 @@ class ReplicaSeedGenerator(keras.random.SeedGenerator):
     if context is None or context.num_replicas_in_sync == 1:
       return seed
     return tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
+
+
+def sublayers(model):
+  """Every layer of `model`, those of the models nested in it (an application) included."""
+  for layer in model.layers:
+    yield layer
+    if isinstance(layer, keras.Model):
+      yield from sublayers(layer)
 
 
 def per_replica_dropout(layer):
@@ -57,7 +69,7 @@ def _block(x, filters, batch_norm, sync, name):
   return keras.layers.MaxPooling2D(2, name=f'{name}_pool')(x)
 
 
-def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False):
+def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False, weights='none'):
   """Builds an uncompiled model.
 
   Example, compiled as the seed trains it:
@@ -71,10 +83,14 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False):
   Baseline: conv 32/64/128 (3x3 same, ReLU, 2x2 max pool), flatten, dense 128
   + ReLU, dropout 0.2, dense 1 sigmoid. BatchNorm: conv 64/128/256 each with
   batch normalization before the ReLU, dense 256 + batch normalization + ReLU,
-  dropout 0.5, dense 1 sigmoid.
+  dropout 0.5, dense 1 sigmoid. resnet50v2 and efficientnetv2b0: the Keras
+  applications without their top, global average pooling, dense 1 sigmoid;
+  ResNet50V2's inputs scaled to [-1, 1] as its `preprocess_input`,
+  EfficientNetV2B0's own preprocessing layer kept; any image of at least
+  32x32.
 
   Args:
-    name: 'baseline' or 'batchnorm'.
+    name: one of MODELS.
     image_shape: (H, W, 3) of the uint8 images: the records' `image_shape`.
     sync_batch_norm: BatchNorm statistics over the global batch (all
       replicas, Keras' `synchronized=True`) rather than each replica's part.
@@ -85,11 +101,19 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False):
   Returns:
     A keras.Model mapping uint8 [B, H, W, 3] to float32 probabilities [B, 1].
 
+    weights: 'none' or, for the applications, 'imagenet' (Keras' published
+      weights, fetched once into ~/.keras/models).
+
   Raises:
-    ValueError: unknown name.
+    ValueError: unknown name; images too small for an application; ImageNet
+      weights that cannot be fetched (one line naming what).
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
+  if name in APPLICATIONS:
+    return _application(name, tuple(image_shape), sync_batch_norm, weights)
+  if weights != 'none':
+    raise ValueError(f'--weights={weights}: --model={name} has no published weights')
   batch_norm = name == 'batchnorm'
   filters, dense, dropout = ((64, 128, 256), 256, 0.5) if batch_norm else ((32, 64, 128), 128, 0.2)
   inputs = keras.Input(tuple(image_shape), dtype='uint8', name='image')
@@ -103,4 +127,36 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False):
   x = keras.layers.ReLU(name='dense_relu')(x)
   x = per_replica_dropout(keras.layers.Dropout(dropout, name='dropout'))(x)
   outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='probability')(x)
+  return keras.Model(inputs, outputs, name=name)
+
+
+def _application(name, image_shape, sync_batch_norm, weights):
+  """A Keras application without its top, as a binary classifier of uint8 images."""
+  if min(image_shape[:2]) < _MIN_SIDE:
+    raise ValueError(f'--model={name} needs images of at least {_MIN_SIDE}x{_MIN_SIDE}; '
+                     f'the records hold {image_shape[0]}x{image_shape[1]} (--crop_size)')
+  inputs = keras.Input(image_shape, dtype='uint8', name='image')
+  common = dict(include_top=False, weights=None if weights == 'none' else weights,
+                input_shape=image_shape, pooling='avg')
+  try:
+    if name == 'resnet50v2':
+      x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name='scale')(inputs)
+      base = keras.applications.ResNet50V2(**common)
+    else:  # EfficientNetV2 rescales [0, 255] itself (include_preprocessing).
+      x = keras.layers.Rescaling(1.0, name='scale')(inputs)  # (uint8 to floats.)
+      base = keras.applications.EfficientNetV2B0(include_preprocessing=True, **common)
+  except Exception as e:  # pylint: disable=broad-except
+    if weights == 'none':
+      raise
+    # Keras' get_file: "URL fetch failure on https://...: None -- [Errno -3] ...".
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'--weights={weights}: could not fetch the {name} ImageNet weights '
+                     f'({detail})') from None
+  for layer in sublayers(base):
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.synchronized = sync_batch_norm  # Read when called; saved in the config.
+    if isinstance(layer, keras.layers.Dropout):
+      per_replica_dropout(layer)
+  outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32',
+                               name='probability')(base(x))
   return keras.Model(inputs, outputs, name=name)

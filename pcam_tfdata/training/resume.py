@@ -8,10 +8,13 @@ stays): each epoch's batches derive from (seed, epoch) alone; it may not
 fall below the epochs already trained.
 """
 
+from pcam_tfdata.training import config as config_lib
+
 # Each checked setting, and how the command line names it.
 _NAMES = {
     'records': '--records_dir',
     'model': '--model',
+    'weights': '--weights',
     'batch_size': '--batch_size',
     'learning_rate': '--learning_rate',
     'seed': '--seed',
@@ -29,14 +32,15 @@ def settings(config, records, setup):
   """This run's checked settings (and --epochs), as the backup records them."""
   return {
       'records': {'path': records.path, 'fingerprint': records.manifest.get('fingerprint')},
-      'model': config.model, 'batch_size': config.batch_size,
+      'model': config.model, 'weights': config.weights, 'batch_size': config.batch_size,
       'learning_rate': config.learning_rate, 'seed': config.seed,
       'augment': bool(config.augment),  # (True and 'dihedral' ask for the same.)
       'stain_jitter': config.stain_jitter,
       'stain_jitter_on': 'device' if setup.stain_on_device else 'host',
       'precision': setup.policy,
       # Only where there is BatchNorm to synchronize.
-      'sync_batch_norm': setup.sync_batch_norm if config.model == 'batchnorm' else None,
+      'sync_batch_norm': (setup.sync_batch_norm if config.model in config_lib.BATCH_NORM_MODELS
+                          else None),
       'replicas': setup.replicas, 'input_pipelines': setup.pipelines,
       'epochs': config.epochs,
   }

@@ -13,6 +13,7 @@ from tensorflow.python.framework import config as tf_config  # pylint: disable=g
 
 from pcam_tfdata import records as records_lib
 from pcam_tfdata.training import augment
+from pcam_tfdata.training import config as config_lib
 from pcam_tfdata.training import distribute
 from pcam_tfdata.training import epochs as epochs_lib
 from pcam_tfdata.training import models
@@ -105,7 +106,7 @@ def _check_compilation(config, setup):
     # determinism on (what --seed needs on GPUs) the first step fails.
     raise ValueError(f'--jit_compile={config.jit_compile} with --seed on GPUs: XLA has no '
                      'deterministic form of these models\' max-pool gradient; drop one of the two')
-  if setup.sync_batch_norm and setup.replicas > 1 and config.model == 'batchnorm':
+  if setup.sync_batch_norm and setup.replicas > 1 and config.model in config_lib.BATCH_NORM_MODELS:
     # Its cross-replica sums would sit inside the XLA function, which
     # tf.distribute cannot synchronize (a merge_call inside a tf.function).
     raise ValueError(f'--jit_compile={config.jit_compile} cannot compile synchronized '
@@ -184,7 +185,7 @@ def build_model(config, records, setup):
   """The model and its optimizer, built in the strategy's scope."""
   with setup.strategy.scope():
     model = models.build_model(config.model, records.image_shape,
-                               sync_batch_norm=setup.sync_batch_norm)
+                               sync_batch_norm=setup.sync_batch_norm, weights=config.weights)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     if setup.policy == 'mixed_float16':
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
