@@ -91,6 +91,31 @@ def test_an_application_takes_uint8_and_synchronizes_every_batch_norm(name, mirr
   assert probs.shape == (2, 1) and ((0 < probs) & (probs < 1)).all()
 
 
+def test_a_run_with_a_backup_to_resume_does_not_fetch_imagenet_weights(tmp_path, monkeypatch):
+  """The backup replaces them: a preempted run resumes offline (and --restart fetches)."""
+  from keras.src.utils import file_utils  # pylint: disable=g-import-not-at-top
+  fetched = []
+
+  def offline(fname, origin=None, **_):
+    fetched.append(origin)
+    raise Exception(f'URL fetch failure on {origin}: no network')
+
+  monkeypatch.setattr(file_utils, 'get_file', offline)
+  backup_dir = tmp_path / 'run' / 'backup'
+  backup_dir.mkdir(parents=True)
+  (backup_dir / 'checkpoint').write_text('model_checkpoint_path: "ckpt-6"\n')
+  (backup_dir / 'ckpt-6.index').write_bytes(b'')
+  config = _config('unused', tmp_path / 'run', model='efficientnetv2b0', weights='imagenet')
+  setup = types.SimpleNamespace(strategy=tf.distribute.get_strategy(), sync_batch_norm=False,
+                                policy='float32')
+  records = types.SimpleNamespace(image_shape=(32, 32, 3))
+  model, _ = trainer.build_model(config, records, setup)
+  assert model.name == 'efficientnetv2b0' and fetched == []
+  with pytest.raises(ValueError, match='could not fetch or load the efficientnetv2b0'):
+    trainer.build_model(dataclasses.replace(config, restart=True), records, setup)
+  assert len(fetched) == 1
+
+
 @pytest.fixture(scope='module')
 def records_96(tmp_path_factory):
   """24 synthetic patches stored whole (--crop_size=96): 16 train, 4 val, 4 test."""
@@ -129,7 +154,7 @@ def test_an_application_refuses_small_images_and_weights_it_cannot_fetch(monkeyp
     raise Exception(f'URL fetch failure on {origin}: None -- [Errno -3] no network')
 
   monkeypatch.setattr(file_utils, 'get_file', offline)
-  with pytest.raises(ValueError, match=r'^--weights=imagenet: could not fetch the '
+  with pytest.raises(ValueError, match=r'^--weights=imagenet: could not fetch or load the '
                      r'efficientnetv2b0 ImageNet weights \(URL fetch failure on https://\S+'
                      r'efficientnetv2-b0_notop.h5: None -- \[Errno -3\] no network\)$'):
     models.build_model('efficientnetv2b0', (32, 32, 3), weights='imagenet')

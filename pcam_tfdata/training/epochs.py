@@ -319,6 +319,7 @@ class EpochLoop:
     config, setup = self.config, self.setup
     return {
         'model': config.model,
+        'weights': config.weights,
         'params': int(self.model.count_params()),
         'best_epoch': self.state.best_epoch,
         'epochs_run': self.last_epoch,

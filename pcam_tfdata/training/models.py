@@ -98,11 +98,11 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False, weights='n
       (Under any strategy each replica draws its own dropout masks:
       `ReplicaSeedGenerator`.)
 
-  Returns:
-    A keras.Model mapping uint8 [B, H, W, 3] to float32 probabilities [B, 1].
-
     weights: 'none' or, for the applications, 'imagenet' (Keras' published
       weights, fetched once into ~/.keras/models).
+
+  Returns:
+    A keras.Model mapping uint8 [B, H, W, 3] to float32 probabilities [B, 1].
 
   Raises:
     ValueError: unknown name; images too small for an application; ImageNet
@@ -150,8 +150,8 @@ def _application(name, image_shape, sync_batch_norm, weights):
       raise
     # Keras' get_file: "URL fetch failure on https://...: None -- [Errno -3] ...".
     detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f'--weights={weights}: could not fetch the {name} ImageNet weights '
-                     f'({detail})') from None
+    raise ValueError(f'--weights={weights}: could not fetch or load the {name} ImageNet '
+                     f'weights ({detail})') from None
   for layer in sublayers(base):
     if isinstance(layer, keras.layers.BatchNormalization):
       layer.synchronized = sync_batch_norm  # Read when called; saved in the config.

@@ -5,6 +5,7 @@ object with one job, and gets what it needs from the phases before it.
 """
 
 import dataclasses
+import os
 import time
 
 import keras
@@ -12,6 +13,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
 from pcam_tfdata import records as records_lib
+from pcam_tfdata import rundir
 from pcam_tfdata.training import augment
 from pcam_tfdata.training import config as config_lib
 from pcam_tfdata.training import distribute
@@ -183,9 +185,16 @@ def _datasets(config, records, setup):
 
 def build_model(config, records, setup):
   """The model and its optimizer, built in the strategy's scope."""
+  # A backup to resume replaces the initial weights: ImageNet's are not
+  # fetched for it (a preempted run resumes offline), and the resume check
+  # names a changed --weights rather than a failed fetch.
+  weights = config.weights
+  if not config.restart and tf.train.latest_checkpoint(
+      os.path.join(config.model_dir, rundir.BACKUP_DIR)):
+    weights = 'none'
   with setup.strategy.scope():
     model = models.build_model(config.model, records.image_shape,
-                               sync_batch_norm=setup.sync_batch_norm, weights=config.weights)
+                               sync_batch_norm=setup.sync_batch_norm, weights=weights)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     if setup.policy == 'mixed_float16':
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
