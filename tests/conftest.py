@@ -111,6 +111,14 @@ def run_convert(data_dir, out_dir, **kwargs):
   return from_kaggle.convert(source, str(out_dir), show_progress=False, **kwargs)
 
 
+def synthetic_records(base, *, num_train, num_test, seed, **convert):
+  """A synthetic Kaggle folder made in `base`/kaggle, converted to `base`/rec (returned)."""
+  synthetic.make_dataset(str(base / 'kaggle'), num_train=num_train, num_test=num_test,
+                         seed=seed, show_progress=False)
+  run_convert(base / 'kaggle', base / 'rec', **convert)
+  return base / 'rec'
+
+
 def read_records(records_dir):
   """{id: (split, label, image bytes)} of every record of a records folder."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

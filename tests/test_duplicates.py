@@ -175,6 +175,17 @@ def _splits_of_crops(stored):
   return splits
 
 
+def _recount(groups):
+  """(within, across) counted again from each group's splits: within its one split, or
+  across every pair of splits it spans."""
+  within, across = collections.Counter(), collections.Counter()
+  for group in groups:
+    names = sorted(set(group['splits']), key=schema.split_rank)
+    within.update(names if len(names) == 1 else [])
+    across.update(f'{a}/{b}' for i, a in enumerate(names) for b in names[i + 1:])
+  return dict(within), dict(across)
+
+
 def test_planted_duplicates_are_counted(kaggle_copy, tmp_path):
   copies, test_id = _plant(kaggle_copy)
   manifest = run_convert(kaggle_copy, tmp_path / 'rec', crop_size=96, workers=2)
@@ -195,12 +206,7 @@ def test_planted_duplicates_are_counted(kaggle_copy, tmp_path):
   test_group = next(g for g in info['first'] if test_id in g['ids'])
   assert test_group['labels_agree'] and sorted(test_group['labels']) == [schema.TEST_LABEL, 0]
   # Each group is counted within its one split or across every pair it spans.
-  within, across = collections.Counter(), collections.Counter()
-  for group in info['first']:
-    names = sorted(set(group['splits']), key=schema.split_rank)
-    within.update(names if len(names) == 1 else [])
-    across.update(f'{a}/{b}' for i, a in enumerate(names) for b in names[i + 1:])
-  assert info['within'] == dict(within) and info['across'] == dict(across)
+  assert (info['within'], info['across']) == _recount(info['first'])
   assert 'test' in ''.join(info['across'])  # The test copy always crosses.
   # At crop 96 the stored crop is the patch: the same groups, under the crop entry too.
   assert {k: v for k, v in info['crop'].items() if k != 'method'} == {
@@ -227,12 +233,7 @@ def test_identical_crops_are_counted_beside_identical_patches(kaggle_copy, tmp_p
   for group in crop['first']:
     assert group['splits'] == [stored[i][0] for i in group['ids']]
     assert len({stored[i][1] for i in group['ids']}) == 1  # One stored crop.
-  within, across = collections.Counter(), collections.Counter()
-  for group in crop['first']:
-    names = sorted(set(group['splits']), key=schema.split_rank)
-    within.update(names if len(names) == 1 else [])
-    across.update(f'{a}/{b}' for i, a in enumerate(names) for b in names[i + 1:])
-  assert crop['within'] == dict(within) and crop['across'] == dict(across)
+  assert (crop['within'], crop['across']) == _recount(crop['first'])
   assert crop['across'].get('train/val')  # The leak the crop key is for.
   spanning = sum(len(set(g['splits'])) > 1 for g in crop['first'])
   lines = []

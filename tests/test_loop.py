@@ -16,9 +16,8 @@ import pytest
 import tensorflow as tf
 
 from pcam_tfdata.commands import launch_local_cluster
-from pcam_tfdata.convert import synthetic
 from pcam_tfdata.training import pipeline
-from conftest import ROOT, once_per_run, run_convert
+from conftest import ROOT, once_per_run, synthetic_records
 import replica_steps as rs
 
 
@@ -112,11 +111,9 @@ _TRAINING_CASES = {
 
 def _run_two_workers(out_dir, cases):
   if any('train_run' in case for case in cases.values()):
-    records = out_dir / 'records'
-    synthetic.make_dataset(str(out_dir / 'kaggle'), num_train=20, num_test=0, seed=2,
-                           show_progress=False)
     # Two train shards of 8: each worker's pipeline 2 steps of 4 an epoch, one device 2 of 8.
-    run_convert(out_dir / 'kaggle', records, val_fraction=0.2, num_shards=2)
+    records = synthetic_records(out_dir, num_train=20, num_test=0, seed=2, val_fraction=0.2,
+                                num_shards=2)
     cases = {name: dict(case, records=str(records)) for name, case in cases.items()}
   ports = launch_local_cluster.free_ports(2)
   procs = []
@@ -162,7 +159,7 @@ def _two_workers(tmp_path_factory, name, cases):
         out.append(([saved[k] for k in saved.files], figures['scales']))
     return out
 
-  results.records = out_dir / 'records'
+  results.records = out_dir / 'rec'
   return results
 
 

@@ -14,7 +14,7 @@ from pcam_tfdata import schema
 from pcam_tfdata.training import augment
 from pcam_tfdata.training import pipeline
 from pcam_tfdata.training import split_cache
-from conftest import run_convert
+from conftest import run_convert, synthetic_records
 
 
 @pytest.fixture(scope='module')
@@ -214,12 +214,8 @@ def test_augmentation_keeps_pixels_and_labels(records, kaggle_dir, truth, cache)
 @pytest.fixture(scope='module')
 def small_records(tmp_path_factory):
   """200 labelled patches at crop 8: enough for batches of 64, cheap to compare."""
-  from pcam_tfdata.convert import synthetic  # pylint: disable=g-import-not-at-top
-  base = tmp_path_factory.mktemp('small')
-  synthetic.make_dataset(str(base / 'kaggle'), num_train=200, num_test=0, seed=5,
-                         show_progress=False)
-  run_convert(base / 'kaggle', base / 'rec', crop_size=8, val_fraction=0.1)
-  return base / 'rec'
+  return synthetic_records(tmp_path_factory.mktemp('small'), num_train=200, num_test=0, seed=5,
+                           crop_size=8, val_fraction=0.1)
 
 
 def _originals(records_dir):

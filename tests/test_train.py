@@ -21,7 +21,6 @@ import pytest
 import tensorflow as tf
 
 import pcam_tfdata
-from pcam_tfdata.convert import synthetic
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import report
 train = importlib.import_module('pcam_tfdata.train')  # The command's module.
@@ -36,7 +35,8 @@ from pcam_tfdata.training import preemption
 from pcam_tfdata.training import resume
 from pcam_tfdata.training import trainer
 from pcam_tfdata.training import verify
-from conftest import ROOT, cut_after_first_record, error_lines, flip_a_byte, run_convert, run_tool
+from conftest import (ROOT, cut_after_first_record, error_lines, flip_a_byte, run_convert,
+                      run_tool, synthetic_records)
 import replica_steps as rs
 
 
@@ -49,11 +49,8 @@ def float32_policy():
 @pytest.fixture(scope='module')
 def learnable_records(tmp_path_factory):
   """400 synthetic patches: enough for a model to learn the center cluster."""
-  base = tmp_path_factory.mktemp('learnable')
-  synthetic.make_dataset(str(base / 'kaggle'), num_train=400, num_test=0, seed=11,
-                         show_progress=False)
-  run_convert(base / 'kaggle', base / 'rec', per_class=0, val_fraction=0.25)
-  return base / 'rec'
+  return synthetic_records(tmp_path_factory.mktemp('learnable'), num_train=400, num_test=0,
+                           seed=11, per_class=0, val_fraction=0.25)
 
 
 def _config(records, model_dir, **kwargs):
@@ -119,11 +116,8 @@ def test_a_run_with_a_backup_to_resume_does_not_fetch_imagenet_weights(tmp_path,
 @pytest.fixture(scope='module')
 def records_96(tmp_path_factory):
   """24 synthetic patches stored whole (--crop_size=96): 16 train, 4 val, 4 test."""
-  base = tmp_path_factory.mktemp('records96')
-  synthetic.make_dataset(str(base / 'kaggle'), num_train=20, num_test=4, seed=3,
-                         show_progress=False)
-  run_convert(base / 'kaggle', base / 'rec', crop_size=96, per_class=0)
-  return base / 'rec'
+  return synthetic_records(tmp_path_factory.mktemp('records96'), num_train=20, num_test=4,
+                           seed=3, crop_size=96, per_class=0)
 
 
 @pytest.mark.slow

@@ -50,12 +50,16 @@ def patch_key(pixels):
   return google_crc32c.value(pixels)
 
 
-def patch_keys(pixels, crop_size):
-  """(key of the full patch, key of its stored centre crop); one key when the crop is the patch."""
+def patch_keys(pixels, crop_size, crop=None):
+  """(key of the full patch, key of its stored centre crop); one key when the crop is the patch.
+
+  `crop`: the crop's pixels or bytes when the caller has made them already
+  (the shard writers): not cut again.
+  """
   full = patch_key(pixels)
   if crop_size == pixels.shape[0]:
     return full, full
-  return full, patch_key(tiff.center_crop(pixels, crop_size))
+  return full, patch_key(tiff.center_crop(pixels, crop_size) if crop is None else crop)
 
 
 def _shared(keys):

@@ -176,7 +176,6 @@ def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, see
 def _stream_split(split, indices, crop_size, rng, shard_set, samples, bar):
   """Deals the crops of x[`indices`] (sorted) to shards; yields (index, (patch key, crop key))."""
   c = (schema.PATCH_SIZE - crop_size) // 2
-  cropped = crop_size != schema.PATCH_SIZE
   for lo, block, wanted in pcam_h5.blocks(split, indices):
     crops = block[:, c:c + crop_size, c:c + crop_size]
     for i in rng.permutation(wanted):
@@ -184,8 +183,7 @@ def _stream_split(split, indices, crop_size, rng, shard_set, samples, bar):
       ident = pcam_h5.example_id(split.name, int(i))
       crop = crops[i - lo].tobytes()
       shard_set.write(crop, label, ident)
-      key = duplicates.patch_key(block[i - lo])
-      yield int(i), (key, duplicates.patch_key(crop) if cropped else key)
+      yield int(i), duplicates.patch_keys(block[i - lo], crop_size, crop)
       if len(samples[label]) < 8:
         samples[label].append((ident, block[i - lo].copy()))
     bar.advance(len(wanted))

@@ -101,7 +101,6 @@ def write_shard(task, progress=None):
   """
   writer = ShardWriter(task['path'])
   skipped, keys, crop_keys = [], [], []
-  cropped = task['crop_size'] != task['patch_size']
   seen = 0
   def report():
     nonlocal seen
@@ -123,9 +122,9 @@ def write_shard(task, progress=None):
       crop_keys.append(duplicates.NO_KEY)
       continue
     crop = tiff.center_crop(pixels, task['crop_size']).tobytes()
-    keys.append(duplicates.patch_key(pixels))
-    # At crop 96 the crop is the patch: its key is not taken twice.
-    crop_keys.append(duplicates.patch_key(crop) if cropped else keys[-1])
+    key, crop_key = duplicates.patch_keys(pixels, task['crop_size'], crop)
+    keys.append(key)
+    crop_keys.append(crop_key)
     writer.write(crop, label, example_id)
   report()
   stats = writer.close()
