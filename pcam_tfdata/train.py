@@ -54,6 +54,12 @@ _JIT_COMPILE = flags.DEFINE_enum(
     "XLA for the training step's forward and backward pass; auto: as Keras decides "
     '(on with one GPU, off on CPU hosts and under op determinism).')
 _AUGMENT = flags.DEFINE_bool('augment', False, 'A random dihedral flip/rotation per image.')
+_AUGMENT_ON = flags.DEFINE_enum(
+    'augment_on', 'auto', ['auto', 'host', 'device'],
+    'Where --augment\'s flips/rotations run: host (in the input pipeline) or device (in the '
+    'training step, from the transform ids the pipeline draws; the host then only gathers, '
+    'and never holds the 8 variants of the split); auto: device with a GPU or TPU, else '
+    'host. Bit-identical images either way.')
 _STAIN_JITTER = flags.DEFINE_float(
     'stain_jitter', 0.0, 'HED stain augmentation strength s in [0, 1): each image\'s '
     'haematoxylin, eosin and DAB scaled by U(1-s, 1+s) and shifted by U(-s, s), in '
@@ -69,7 +75,7 @@ _AUGMENT_CACHE_GIB = flags.DEFINE_float(
     'hold all 8 flips/rotations of every image, so a batch costs one gather (8x the split: '
     '1.8 GiB for 80,000 patches at 32x32). Over it, each batch is transformed after its '
     'gather instead (the same batches, more host time). Building them holds the split once '
-    'more for a moment (9x at peak). 0: never.')
+    'more for a moment (9x at peak). 0: never. Unused with --augment_on=device.')
 _SEED = flags.DEFINE_integer(
     'seed', None, 'Seed of weights, data order, augmentation and dropout: a rerun, or a '
     'resumed run, ends with bit-identical weights (on GPU hosts, with TF op determinism).')
@@ -141,7 +147,7 @@ def _config_from_flags():
       epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
       mixed_precision=_MIXED_PRECISION.value, strategy=_STRATEGY.value,
       num_cpu_devices=_NUM_CPU_DEVICES.value, sync_batch_norm=_SYNC_BATCH_NORM.value,
-      jit_compile=_JIT_COMPILE.value, augment=_AUGMENT.value,
+      jit_compile=_JIT_COMPILE.value, augment=_AUGMENT.value, augment_on=_AUGMENT_ON.value,
       stain_jitter=_STAIN_JITTER.value, stain_jitter_on=_STAIN_JITTER_ON.value,
       augment_cache_gib=_AUGMENT_CACHE_GIB.value, seed=_SEED.value,
       steps_per_execution=_STEPS_PER_EXECUTION.value,

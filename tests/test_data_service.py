@@ -15,6 +15,7 @@ import tensorflow as tf
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
 train = importlib.import_module('pcam_tfdata.train')  # The command's module.
+from pcam_tfdata.training import augment as augment_lib
 from pcam_tfdata.training import pipeline
 from pcam_tfdata.training import service as service_lib
 from conftest import ROOT, user_env
@@ -61,6 +62,15 @@ def test_the_service_workers_pipeline_augments_when_asked(records):
     views = [np.rot90(v, k) for v in (image, image[:, ::-1]) for k in range(4)]
     assert any(np.array_equal(flipped[example_id], v) for v in views), example_id
   assert sum(not np.array_equal(plain[i], flipped[i]) for i in plain) > len(plain) / 2
+
+
+@pytest.mark.parametrize('where', ['stain_on_device', 'dihedral_on_device'])
+def test_the_service_refuses_to_leave_augmentation_to_the_step(records, where):
+  """Its workers build whole batches, with no place for draws the step would apply."""
+  options = augment_lib.Augment(dihedral=True, stain_jitter=0.05, **{where: True})
+  with pytest.raises(ValueError, match=f'{where}=True: the tf.data service workers augment'):
+    service_lib.make_service_dataset(records, 'train', 'grpc://localhost:1', batch_size=8,
+                                     augment=options)
 
 
 def test_training_reads_through_the_service(records, service, tmp_path, monkeypatch):

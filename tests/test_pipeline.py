@@ -341,6 +341,65 @@ def test_every_augmentation_path_gives_the_same_batches(small_records, tmp_path,
   assert len(said) == 1 and 'over the' in said[0] and str(records) in said[0], said
 
 
+@pytest.mark.parametrize('cache', [True, False])
+def test_transform_ids_for_the_device_give_the_pipelines_own_batches(small_records, cache,
+                                                                      monkeypatch, caplog):
+  """augment_on=device: the pipeline gathers the plain images and yields each one's transform
+  id (in a dict after the ids, beside the stain maps); the step's `apply_dihedral_ids` then
+  makes the host path's batches bit for bit. The split is never held 8 times for it."""
+  common = dict(batch_size=12, training=True, seed=9, with_ids=True, num_epochs=3, cache=cache)
+  host = pipeline.make_dataset(str(small_records), 'train', **common, augment=augment.Augment(
+      dihedral=True, stain_jitter=0.05))
+  plain = pipeline.make_dataset(str(small_records), 'train', **common)
+  held = []
+  real_load = split_cache.load_split
+  monkeypatch.setattr(split_cache, 'load_split',
+                      lambda *a: held.append(a[-1]) or real_load(*a))
+  with caplog.at_level(logging.WARNING):
+    drawn = pipeline.make_dataset(str(small_records), 'train', **common, augment=augment.Augment(
+        dihedral=True, stain_jitter=0.05, stain_on_device=True, dihedral_on_device=True,
+        variant_budget=1))  # (Variants would be over budget: nothing to say of them.)
+    device_batches = list(drawn)
+  assert held == ([False] if cache else []) and not caplog.records
+  step = tf.function(lambda images, t, maps: augment.apply_stain(
+      augment.apply_dihedral_ids(images, t), maps))
+  n, seen = 0, collections.Counter()
+  for (images, labels, ids), (raw, *_), (raw2, labels2, ids2, drawn_here) in zip(
+      host, plain, device_batches):
+    assert sorted(drawn_here) == ['dihedral', 'stain']
+    t, maps = drawn_here['dihedral'], drawn_here['stain']
+    assert t.dtype == tf.int32 and t.shape == (12,) and maps.shape == (12, 4, 3)
+    np.testing.assert_array_equal(raw2, raw)  # The host only gathers.
+    np.testing.assert_array_equal(step(raw2, t, maps), images)
+    np.testing.assert_array_equal(labels2, labels)
+    np.testing.assert_array_equal(ids2, ids)
+    seen.update(t.numpy().tolist())
+    n += 1
+  assert n == len(device_batches) == 3 * (records_lib.Records.open(small_records).count('train')
+                                          // 12)
+  assert sorted(seen) == list(range(8))
+  # Ids apply per position: a replica's half of the batch with its half of the ids.
+  halves = [step(raw2[i:i + 6], t[i:i + 6], maps[i:i + 6]) for i in (0, 6)]
+  np.testing.assert_array_equal(np.concatenate(halves), images)
+  with pytest.raises(ValueError, match='dihedral_on_device=True needs dihedral=True'):
+    augment.Augment(dihedral_on_device=True)
+
+
+def test_keras_fit_refuses_draws_left_for_the_device(small_records):
+  """Keras takes a batch's third element for sample weights: the draws must make `fit` fail,
+  not weigh each image by its transform id and train on unaugmented images."""
+  import keras  # pylint: disable=g-import-not-at-top
+  for options in (augment.Augment(dihedral=True, dihedral_on_device=True),
+                  augment.Augment(stain_jitter=0.05, stain_on_device=True)):
+    ds = pipeline.make_dataset(str(small_records), 'train', batch_size=16, training=True,
+                               seed=0, augment=options)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(1, activation='sigmoid')])
+    model.compile('adam', 'binary_crossentropy')
+    with pytest.raises(TypeError):
+      model.fit(ds, epochs=1, verbose=0)
+
+
 def test_load_split_with_variants_holds_transform_t_of_image_i_at_t_count_plus_i(records):
   opened = records_lib.Records.open(records)
   paths, count, shape = opened.shard_paths('train'), opened.count('train'), opened.image_shape
@@ -581,7 +640,9 @@ def test_stain_maps_for_the_device_are_the_maps_the_pipeline_applies(small_recor
   drawn = pipeline.make_dataset(str(small_records), 'train', **common, augment=augment.Augment(
       dihedral=True, stain_jitter=0.1, stain_on_device=True))
   n = 0
-  for (images, labels), (raw, raw_labels, maps) in zip(applied, drawn):
+  for (images, labels), (raw, raw_labels, drawn_maps) in zip(applied, drawn):
+    assert list(drawn_maps) == ['stain']
+    maps = drawn_maps['stain']
     assert maps.shape == (16, 4, 3) and maps.dtype == tf.float32
     assert len({m.tobytes() for m in maps.numpy()}) == 16  # Drawn per image.
     np.testing.assert_array_equal(tf.function(augment.apply_stain)(raw, maps), images)

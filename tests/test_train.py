@@ -335,51 +335,69 @@ def _steps_from(records, options, strategy, steps=6):
   return model.get_weights()
 
 
-def test_stain_jitter_in_the_training_step_trains_as_in_the_pipeline(records, mirrored,
+def test_augmentation_in_the_training_step_trains_as_in_the_pipeline(records, mirrored,
                                                                       monkeypatch):
   """The same draws applied in each replica's compiled step or in the pipeline: the same
-  weights, bit for bit. (That the jitter changes the images, and so the training:
-  tests/test_pipeline.py.)"""
-  in_step = []  # Traces of the training step's stain jitter.
+  weights, bit for bit, for the stain jitter, the dihedral transform and both. (That each
+  changes the images, and so the training: tests/test_pipeline.py.)"""
+  in_step = []  # Traces of the training step's augmentations.
   monkeypatch.setattr(loop, 'augment', types.SimpleNamespace(
-      apply_stain=lambda *a: in_step.append(1) or augment.apply_stain(*a)))
+      apply_stain=lambda *a: in_step.append('stain') or augment.apply_stain(*a),
+      apply_dihedral_ids=lambda *a: in_step.append('dihedral') or augment.apply_dihedral_ids(*a)))
   runs = {}
-  for name, options in (
-      ('host', augment.Augment(dihedral=True, stain_jitter=0.05)),
-      ('device', augment.Augment(dihedral=True, stain_jitter=0.05, stain_on_device=True))):
+  for name, device in (('host', ()), ('stain', ('stain',)), ('dihedral', ('dihedral',)),
+                       ('both', ('dihedral', 'stain'))):
     in_step.clear()
-    runs[name] = _steps_from(records, options, mirrored)
-    assert bool(in_step) == (name == 'device')
-  for host, device in zip(runs['host'], runs['device']):
-    np.testing.assert_array_equal(host, device)
+    runs[name] = _steps_from(records, augment.Augment(
+        dihedral=True, stain_jitter=0.05, stain_on_device='stain' in device,
+        dihedral_on_device='dihedral' in device), mirrored)
+    # Traced once per replica, in this order.
+    assert in_step == [*device] * mirrored.num_replicas_in_sync, name
+  for name in ('stain', 'dihedral', 'both'):
+    for host, device in zip(runs['host'], runs[name]):
+      np.testing.assert_array_equal(host, device)
 
 
 @pytest.mark.parametrize('model', ['baseline', 'batchnorm'])
-def test_seeded_runs_with_the_stain_jitter_on_host_or_device_end_with_equal_weights(
-    records, tmp_path, model):
-  """Two epochs through `train.run`, dropout and all: only where the jitter runs differs."""
+def test_seeded_runs_augmented_on_host_or_device_end_with_equal_weights(records, tmp_path, model):
+  """Two epochs through `train.run`, dropout and all: only where the dihedral transform
+  (--augment_on) and the stain jitter (--stain_jitter_on) run differs."""
   weights, history = {}, {}
-  for where in ('host', 'device'):
-    run_dir = tmp_path / where
+  for dihedral, stain in (('host', 'host'), ('device', 'host'), ('device', 'device')):
+    run_dir = tmp_path / f'{dihedral}-{stain}'
     metrics = train.run(_config(records, run_dir, model=model, epochs=2, augment=True,
-                                stain_jitter=0.05, stain_jitter_on=where, seed=7))
-    assert metrics['stain_jitter_on'] == where
-    weights[where] = keras.saving.load_model(run_dir / 'model.keras').get_weights()
+                                augment_on=dihedral, stain_jitter=0.05, stain_jitter_on=stain,
+                                seed=7))
+    assert (metrics['augment_on'], metrics['stain_jitter_on']) == (dihedral, stain)
+    weights[run_dir.name] = keras.saving.load_model(run_dir / 'model.keras').get_weights()
     with open(run_dir / 'history.csv') as f:
-      history[where] = [{k: v for k, v in row.items() if k not in ('seconds', 'images_per_second')}
-                        for row in csv.DictReader(f)]
-  for host, device in zip(weights['host'], weights['device']):
-    np.testing.assert_array_equal(host, device)
-  assert history['host'] == history['device']
+      history[run_dir.name] = [
+          {k: v for k, v in row.items() if k not in ('seconds', 'images_per_second')}
+          for row in csv.DictReader(f)]
+  for name in ('device-host', 'device-device'):
+    for host, device in zip(weights['host-host'], weights[name]):
+      np.testing.assert_array_equal(host, device)
+    assert history['host-host'] == history[name]
 
 
 @pytest.mark.parametrize('where, expected', [('host', 'host'), ('device', 'device'),
                                              ('auto', 'host')])
-def test_the_run_records_where_the_stain_jitter_ran(records, tmp_path, where, expected):
-  """On this CPU-only host, `auto` is the pipeline."""
-  config = _config(records, tmp_path / 'run', stain_jitter=0.05, stain_jitter_on=where)
+def test_where_the_augmentations_run(records, tmp_path, where, expected, monkeypatch):
+  """On this CPU-only host, `auto` is the pipeline; with a GPU, the step. Never the step
+  with the tf.data service, nor for an augmentation that is off."""
+  config = _config(records, tmp_path / 'run', augment=True, augment_on=where, stain_jitter=0.05,
+                   stain_jitter_on=where)
   assert trainer.stain_on_device(config) == (expected == 'device')
+  assert trainer.dihedral_on_device(config) == (expected == 'device')
   assert trainer.stain_on_device(dataclasses.replace(config, stain_jitter=0.0)) is False
+  assert trainer.dihedral_on_device(dataclasses.replace(config, augment=False)) is False
+  served = dataclasses.replace(config, data_service_address='grpc://localhost:1')
+  assert not trainer.stain_on_device(served) and not trainer.dihedral_on_device(served)
+  real = tf.config.list_logical_devices
+  monkeypatch.setattr(tf.config, 'list_logical_devices',
+                      lambda kind=None: ['GPU:0'] if kind == 'GPU' else real(kind))
+  assert trainer.stain_on_device(config) == (where != 'host')
+  assert trainer.dihedral_on_device(config) == (where != 'host')
 
 
 def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path, monkeypatch):
@@ -419,7 +437,7 @@ def test_the_trainers_pipelines_are_what_the_flags_say(records, monkeypatch):
   config = _config(records, 'unused', augment=True, stain_jitter=0.02, augment_cache_gib=0.5,
                    seed=7, epochs=5, eval_batch_size=24)
   data = trainer._datasets(config, records_lib.Records.open(records),  # pylint: disable=protected-access
-                           types.SimpleNamespace(stain_on_device=False))
+                           types.SimpleNamespace(stain_on_device=False, dihedral_on_device=True))
   assert (data['val'], data['train_eval']) == ('val', 'train')
   for _, kw in made:  # Evaluation: every example once, with ids.
     assert (kw['training'], kw['with_ids'], kw['batch_size']) == (False, True, 24)
@@ -427,7 +445,8 @@ def test_the_trainers_pipelines_are_what_the_flags_say(records, monkeypatch):
   split, kw = made[-1]
   assert split == 'train' and kw['training']
   assert kw['augment'] == augment.Augment(dihedral=True, stain_jitter=0.02,
-                                          stain_on_device=False, variant_budget=2**29)
+                                          stain_on_device=False, variant_budget=2**29,
+                                          dihedral_on_device=True)
   assert (kw['seed'], kw['first_epoch'], kw['num_epochs'], kw['batches_per_epoch'],
           kw['batch_size']) == (7, 3, 3, 4, 8)
 
@@ -536,6 +555,7 @@ def test_callback_state_follows_keras_semantics():
     (['--profile_steps=5'], '--profile_steps=5: expected START,STOP'),  # Parsing the flags.
     (['--epochs=0'], '--epochs=0: must be >= 1'),  # train.check_config.
     (['--stain_jitter_on=gpu'], 'stain_jitter_on'),
+    (['--augment_on=gpu'], 'augment_on'),
 ])
 def test_bad_flags_fail_with_one_line(records, tmp_path, flags, message):
   """Through the CLI, as a user runs it: every kind of flag error is one line, before TF starts.
@@ -562,6 +582,7 @@ def test_bad_flags_fail_with_one_line(records, tmp_path, flags, message):
     (dict(augment_cache_gib=float('inf')), '--augment_cache_gib=inf: must be a number of GiB'),
     (dict(augment_cache_gib=float('nan')), '--augment_cache_gib=nan: must be a number of GiB'),
     (dict(stain_jitter_on='gpu'), '--stain_jitter_on=gpu: choose one of auto, host, device'),
+    (dict(augment_on='tpu'), '--augment_on=tpu: choose one of auto, host, device'),
     (dict(jit_compile='yes'), '--jit_compile=yes: choose one of auto, on, off'),
     (dict(steps_per_execution=0), '--steps_per_execution=0: must be >= 1'),
     (dict(early_stopping_patience=0), '--early_stopping_patience=0: must be >= 1'),
@@ -735,16 +756,20 @@ def _history(model_dir):
 # in per-replica batches of 9 are 5 batches, of which each epoch's 2 steps of
 # 18 take 4: the fifth must not open the next epoch. SIGTERM in call 2 (the
 # last of epoch 1) is acted on at the next check, after call 3: a backup at
-# epoch 2, step 1, then exit.
+# epoch 2, step 1, then exit. efficientnetv2b0: as default over 2 epochs (its
+# BatchNorm, its own dropout and stochastic depth), the killed run augmenting
+# on the host, the whole one and the resumed one in the step (--augment_on).
 @pytest.mark.slow
-@pytest.mark.parametrize('strategy, epochs, batch_size, sig, at, flag, stopped, resumed_at', [
+@pytest.mark.parametrize('strategy, epochs, batch_size, sig, at, flag, stopped, resumed_at, model', [
     ('default', 3, 8, 'SIGKILL', 9, '--backup_every_steps=2', -signal.SIGKILL,
-     'resuming epoch 2 at step 2'),
+     'resuming epoch 2 at step 2', 'baseline'),
     ('mirrored', 2, 18, 'SIGTERM', 2, '--backup_every_steps=0', 42,
-     'resuming epoch 2 at step 1')])
+     'resuming epoch 2 at step 1', 'baseline'),
+    ('default', 2, 8, 'SIGKILL', 9, '--backup_every_steps=2', -signal.SIGKILL,
+     'resuming epoch 2 at step 2', 'efficientnetv2b0')])
 def test_a_seeded_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(
-    records, tmp_path, strategy, epochs, batch_size, sig, at, flag, stopped, resumed_at, capsys,
-    request):
+    records, tmp_path, strategy, epochs, batch_size, sig, at, flag, stopped, resumed_at, model,
+    capsys, request):
   """One run whole; the same command killed (or preempted) in epoch 2, then run again.
 
   The resumed run starts mid-epoch and ends with the uninterrupted run's
@@ -752,9 +777,11 @@ def test_a_seeded_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_o
   history: epoch 2 came from two processes, so this also shows that a rerun agrees.
   """
   dist = request.getfixturevalue('mirrored') if strategy == 'mirrored' else None
+  application = model != 'baseline'
   settings = dict(epochs=epochs, batch_size=batch_size, seed=5, augment=True,
                   early_stopping_patience=5, progress=False, strategy=strategy,
-                  eval_batch_size=512)  # As the CLI.
+                  eval_batch_size=512, model=model,
+                  augment_on='device' if application else 'auto')  # As the CLI.
   train.run(_config(records, tmp_path / 'whole', **settings), strategy=dist)
   whole = capsys.readouterr().out
   killed_dir = tmp_path / 'killed'
@@ -762,7 +789,8 @@ def test_a_seeded_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_o
   # environment: the same kernels).
   flags = [f'--epochs={epochs}', f'--batch_size={batch_size}', '--mixed_precision=off', '--seed=5',
            '--augment', '--noprogress', f'--records_dir={records}',
-           '--early_stopping_patience=5', f'--strategy={strategy}', '--num_cpu_devices=2', flag]
+           '--early_stopping_patience=5', f'--strategy={strategy}', '--num_cpu_devices=2', flag,
+           f'--model={model}', '--augment_on=host']
   killed = subprocess.run([sys.executable, '-c', _SIGNAL_AT_STEP, sig, str(at),
                            f'--model_dir={killed_dir}', *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=dict(os.environ))

@@ -44,7 +44,7 @@ def train(records_dir, model_dir, *, strategy=None, **options):
       learning_rate=1e-3,
       mixed_precision='auto', strategy='auto' (as a name, when no
       `strategy` object is given), num_cpu_devices=1, sync_batch_norm='auto',
-      jit_compile='auto', augment=False, stain_jitter=0.0,
+      jit_compile='auto', augment=False, augment_on='auto', stain_jitter=0.0,
       stain_jitter_on='auto', augment_cache_gib=4.0, seed=None,
       steps_per_execution=1, backup_every_steps=0, early_stopping_patience=3,
       reduce_lr_patience=2,

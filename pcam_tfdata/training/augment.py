@@ -29,13 +29,20 @@ class Augment:
   Attributes:
     dihedral: one of the 8 flips and 90-degree rotations per image, uniform
       and independent (`draw_dihedral_ids`).
+    dihedral_on_device: with `dihedral`, the pipeline yields each batch's
+      transform ids (int32 [B]) as 'dihedral' of a dict after the labels
+      (and ids) instead of applying them, and the training step applies
+      them on its device (`apply_dihedral_ids`): bit-identical images
+      either way (the maps only move pixels). The split is then never held
+      8 times: a batch costs the host one gather, as without augmentation.
+      For pcam_tfdata's training step: with Keras `fit`, augment on the host.
     stain_jitter: s in [0, 1): each image's haematoxylin, eosin and DAB
       concentrations scaled by U(1-s, 1+s) and shifted by U(-s, s)
       (`stain_jitter`); 0 for none.
     stain_on_device: with `stain_jitter`, the pipeline yields each batch's
-      stain maps (float32 [B, 4, 3], `stain_transform`) as a last element
-      instead of applying them, and the training step applies them on its
-      device (`apply_stain`): bit-identical images either way.
+      stain maps (float32 [B, 4, 3], `stain_transform`) as 'stain' of that
+      dict instead of applying them, and the training step applies them on
+      its device (`apply_stain`): bit-identical images either way.
     variant_budget: with `dihedral`, bytes the 8 variants of an input
       pipeline's cached split may take, so that a batch is one gather;
       over it each batch is transformed after its gather (the same batches).
@@ -44,12 +51,15 @@ class Augment:
   stain_jitter: float = 0.0
   stain_on_device: bool = False
   variant_budget: int = DEFAULT_VARIANT_BUDGET
+  dihedral_on_device: bool = False
 
   def __post_init__(self):
     if not 0 <= self.stain_jitter < 1:
       raise ValueError(f'stain_jitter={self.stain_jitter}: must be in [0, 1)')
     if self.stain_on_device and not self.stain_jitter:
       raise ValueError('stain_on_device=True needs stain_jitter > 0')
+    if self.dihedral_on_device and not self.dihedral:
+      raise ValueError('dihedral_on_device=True needs dihedral=True')
     if self.variant_budget < 0:
       raise ValueError(f'variant_budget={self.variant_budget}: must be >= 0')
 
@@ -149,39 +159,33 @@ def draw_dihedral_ids(shape, seed):
 
 
 def group_dihedral(transforms):
-  """(order, bounds) of `draw_dihedral` for given per-position transforms [B]."""
+  """Groups a batch's positions by their transform, for `apply_dihedral`.
+
+  The images are then transformed in groups, one per transform, each group
+  with a few static whole-slice ops: the draws decide the group sizes, so
+  every batch size (even 1 or 4) draws from all 8, unlike a fixed B/8
+  images per transform.
+
+  Args:
+    transforms: int32 [B], each position's transform (`draw_dihedral_ids`).
+
+  Returns:
+    (order, bounds): `order` [B] int32 lists the positions grouped by
+    transform; positions order[bounds[k]:bounds[k+1]] get transform k.
+    `bounds` is [9] int32.
+  """
   order = tf.argsort(transforms, stable=True)
   counts = tf.math.bincount(transforms, minlength=NUM_DIHEDRAL, maxlength=NUM_DIHEDRAL)
   return order, tf.concat([[0], tf.cumsum(counts)], 0)
 
 
-def draw_dihedral(batch_size, seed):
-  """Draws a transform per batch position, uniform over the 8 and independent.
-
-  The images are then transformed in groups, one per transform, each group
-  with a few static whole-slice ops (`apply_dihedral`): the draw decides the
-  group sizes, so every batch size (even 1 or 4) draws from all 8, unlike a
-  fixed B/8 images per transform.
-
-  Args:
-    batch_size: images in the batch (a Python int or scalar tensor).
-    seed: [2] int tensor, a stateless seed (`tf.random.stateless_*`).
-
-  Returns:
-    (order, bounds): `order` [batch_size] int32 lists the positions grouped by
-    transform; positions order[bounds[k]:bounds[k+1]] get transform k.
-    `bounds` is [9] int32.
-  """
-  return group_dihedral(draw_dihedral_ids([batch_size], seed))
-
-
 def apply_dihedral(grouped, order, bounds):
-  """Transforms images grouped by `draw_dihedral` and puts each back in its position.
+  """Transforms images grouped by `group_dihedral` and puts each back in its position.
 
   Args:
     grouped: [B, S, S, C], the batch's images in `order` (images[order]); the
       training pipeline gathers them so from the cached split directly.
-    order, bounds: from `draw_dihedral`.
+    order, bounds: from `group_dihedral`.
 
   Returns:
     [B, S, S, C]: position order[j] holds image j with its transform. One
@@ -198,6 +202,21 @@ def apply_dihedral(grouped, order, bounds):
   return out
 
 
+def apply_dihedral_ids(images, transforms):
+  """Image i of a batch with dihedral transform transforms[i], still at position i.
+
+  What the training step does with the ids the pipeline yields under
+  `Augment.dihedral_on_device`: the same ops as the pipeline's own path
+  (`apply_dihedral`), on the replica's share of the batch.
+
+  Args:
+    images: [B, S, S, C].
+    transforms: int [B], each in 0..7 (`draw_dihedral_ids`).
+  """
+  order, bounds = group_dihedral(tf.cast(transforms, tf.int32))
+  return apply_dihedral(tf.gather(images, order), order, bounds)
+
+
 def random_dihedral(images, seed):
   """A uniform, independent dihedral transform for each image of a batch.
 
@@ -209,8 +228,7 @@ def random_dihedral(images, seed):
     [B, S, S, C]: image i transformed, still at position i (labels and ids
     need no change).
   """
-  order, bounds = draw_dihedral(tf.shape(images)[0], seed)
-  return apply_dihedral(tf.gather(images, order), order, bounds)
+  return apply_dihedral_ids(images, draw_dihedral_ids([tf.shape(images)[0]], seed))
 
 
 # Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB optical

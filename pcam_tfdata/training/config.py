@@ -33,6 +33,7 @@ class Config:
   sync_batch_norm: str = 'auto'
   jit_compile: str = 'auto'
   augment: bool = False
+  augment_on: str = 'auto'
   stain_jitter: float = 0.0
   stain_jitter_on: str = 'auto'
   augment_cache_gib: float = 4.0  # As pipeline.DEFAULT_VARIANT_BUDGET (TF-free here).
@@ -71,6 +72,8 @@ def check_config(config):
        f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
       (0 <= config.stain_jitter < 1,
        f'--stain_jitter={config.stain_jitter}: must be in [0, 1)'),
+      (config.augment_on in ('auto', 'host', 'device'),
+       f'--augment_on={config.augment_on}: choose one of auto, host, device'),
       (config.stain_jitter_on in ('auto', 'host', 'device'),
        f'--stain_jitter_on={config.stain_jitter_on}: choose one of auto, host, device'),
       (0 <= config.augment_cache_gib < 2**20,  # (Also refuses inf and nan.)

@@ -331,6 +331,8 @@ class EpochLoop:
         'sync_batch_norm': any(getattr(l, 'synchronized', False)
                                for l in models.sublayers(self.model)),
         'augment': bool(config.augment),
+        'augment_on': ('device' if setup.dihedral_on_device else 'host'
+                       if config.augment else 'off'),
         'stain_jitter': config.stain_jitter,
         'stain_jitter_on': ('device' if setup.stain_on_device else 'host'
                             if config.stain_jitter else 'off'),

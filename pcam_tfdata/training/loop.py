@@ -62,9 +62,12 @@ def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=Fal
   Returns:
     fn(iterator, n) -> (sum of per-example losses, correct predictions), both
     summed over the n steps and all replicas. The iterator yields (images,
-    labels) or (images, labels, stain maps): the stain jitter is then
-    applied here, on the replica's device (`augment.apply_stain`), to the
-    same bits as in the pipeline.
+    labels), or (images, labels, drawn): `drawn`, what the pipeline drew
+    for the device to apply (`pipeline.make_dataset`), holds 'dihedral'
+    transform ids (int32 [B]) and/or 'stain' maps (float32 [B, 4, 3]).
+    Each is applied here, on the replica's share of the batch
+    (`augment.apply_dihedral_ids`, `augment.apply_stain`), to the same bits
+    as in the pipeline.
   """
   loss_fn = keras.losses.BinaryCrossentropy(reduction=None)
   loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -81,9 +84,12 @@ def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=Fal
   if jit_compile:
     forward_backward = tf.function(forward_backward, jit_compile=True)
 
-  def step(images, labels, stain=None):
-    if stain is not None:
-      images = augment.apply_stain(images, stain)
+  def step(images, labels, drawn=None):
+    drawn = drawn or {}
+    if 'dihedral' in drawn:
+      images = augment.apply_dihedral_ids(images, drawn['dihedral'])
+    if 'stain' in drawn:
+      images = augment.apply_stain(images, drawn['stain'])
     labels = tf.reshape(labels, [-1, 1])
     probs, per_example, grads = forward_backward(images, labels)
     if loss_scaled and strategy.num_replicas_in_sync > 1:

@@ -8,9 +8,9 @@ variants of every image) -> per epoch, from the seed and the epoch number, a
 permutation cut into batches and every random draw of the epoch, made while
 the epoch before is consumed -> each batch gathered from the cache (with the
 variants, its transforms folded into the gather's index; without, applied as
-static flips and transposes to the groups that drew each one) -> optional HED
-stain jitter per image (or its draws passed on, for the training step) ->
-prefetch.
+static flips and transposes to the groups that drew each one; or its
+transform ids passed on, for the training step) -> optional HED stain jitter
+per image (or its maps passed on, for the training step) -> prefetch.
 
 Why the cache holds one tensor: a per-example cache -> shuffle -> batch chain
 pays tf.data's per-element cost on every image and tops out at 140-170k
@@ -90,8 +90,8 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
     batch_size: per input pipeline (per replica batch x replicas per worker).
     training: shuffle each epoch, drop the last partial batch, augment. Else
       every example exactly once, in manifest order, last batch kept.
-    augment: training: an augment.Augment (dihedral, stain jitter, where the
-      jitter runs, the variant cache's budget); True or 'dihedral' for the
+    augment: training: an augment.Augment (dihedral, stain jitter, where
+      each runs, the variant cache's budget); True or 'dihedral' for the
       dihedral transform alone; None or False for none.
     seed: training: epoch e's order and augmentation derive from (seed, e,
       input pipeline) alone, so a run resumed at epoch e sees what the
@@ -114,9 +114,13 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
       epoch e's leftovers, and a resumed run lines up with an uninterrupted one.
 
   Returns:
-    A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches (plus
-    string ids [B], plus the stain maps float32 [B, 4, 3] with
-    `augment.stain_on_device`). Training: `num_epochs` epochs of
+    A tf.data.Dataset of (uint8 [B, H, W, 3], float32 [B]) batches, plus
+    string ids [B] with `with_ids`, plus with `augment.dihedral_on_device`
+    or `augment.stain_on_device` a dict of what the training step applies
+    (`loop.make_train_fn`): 'dihedral', the transform ids int32 [B];
+    'stain', the stain maps float32 [B, 4, 3]. (Keras `fit` would take
+    that dict for sample weights and refuses it: with `fit`, augment on
+    the host.) Training: `num_epochs` epochs of
     `batches_per_epoch` batches, less the `first_batch` skipped.
 
   Raises:
@@ -142,7 +146,9 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
     raise ValueError(f'{records.path}: split {split!r} holds {count} examples for this input '
                      f'pipeline, fewer than one batch of {batch_size}')
   steps = _batches_per_epoch(count, batch_size, batches_per_epoch, first_batch)
-  variants = augment.dihedral and cache and _variants_fit(records, count, augment.variant_budget)
+  # The device transforms from ids: the host gathers, never holds 8 copies.
+  variants = (augment.dihedral and not augment.dihedral_on_device and cache
+              and _variants_fit(records, count, augment.variant_budget))
   whole = _whole_split(paths, count, parse, cache, variants)
   epochs = _EpochPlan(count, batch_size, steps, augment, variants, pipeline_id)
   ds = _train_dataset(whole, epochs, seed, first_epoch, num_epochs, first_batch)
@@ -270,16 +276,19 @@ class _EpochPlan:
     index = draws['index']
     if self.variants:
       images = tf.gather(images, draws['image'])
-    elif self.augment.dihedral:
+    elif self.augment.dihedral and not self.augment.dihedral_on_device:
       images = _gather_augmented(images, index, draws['image'])
     else:
       images = tf.gather(images, index)
     rest = [tf.gather(f, index) for f in rest]
+    drawn = {}  # What the training step applies (`loop.make_train_fn`).
+    if self.augment.dihedral_on_device:
+      drawn['dihedral'] = draws['image']
     if self.augment.stain_on_device:
-      rest.append(draws['stain'])
+      drawn['stain'] = draws['stain']
     elif self.augment.stain_jitter:
       images = augment_lib.apply_stain(images, draws['stain'])
-    return (images, *rest)
+    return (images, *rest, drawn) if drawn else (images, *rest)
 
 
 def _iteration_numbers():

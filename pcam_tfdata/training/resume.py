@@ -36,6 +36,9 @@ def settings(config, records, setup):
       'learning_rate': config.learning_rate, 'seed': config.seed,
       'augment': bool(config.augment),  # (True and 'dihedral' ask for the same.)
       'stain_jitter': config.stain_jitter,
+      # (Where the stain jitter runs can round a pixel differently on a GPU;
+      # where --augment_on runs the dihedral maps cannot: those only move
+      # pixels, so it is free to change on resume and not recorded.)
       'stain_jitter_on': 'device' if setup.stain_on_device else 'host',
       'precision': setup.policy,
       # Only where there is BatchNorm to synchronize.

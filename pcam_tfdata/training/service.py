@@ -78,8 +78,10 @@ def make_service_dataset(records, split, address, *, batch_size, augment=None, s
     A tf.data.Dataset of batches, read from the service.
   """
   augment = augment_lib.Augment.of(augment)
-  if augment.stain_on_device:
-    raise ValueError('stain_on_device=True: the tf.data service applies the stain jitter itself')
+  for where in ('stain_on_device', 'dihedral_on_device'):
+    if getattr(augment, where):
+      raise ValueError(f'{where}=True: the tf.data service workers augment the batches '
+                       'themselves')
   ds = make_streaming_dataset(records, split, batch_size=batch_size, augment=augment,
                               seed=seed, with_ids=with_ids, repeat=repeat)
   dataset_id = tf.data.experimental.service.register_dataset(address, ds)

@@ -35,6 +35,7 @@ class Setup:
   sync_batch_norm: bool
   jit_compile: bool
   stain_on_device: bool  # The training step applies the stain jitter (else the pipeline).
+  dihedral_on_device: bool  # The training step applies --augment's flips and rotations.
 
 
 def train_and_evaluate(config, strategy=None, datasets=None):
@@ -95,7 +96,8 @@ def set_up(config, strategy=None):
                 sync_batch_norm=distribute.resolve_sync_batch_norm(config.sync_batch_norm,
                                                                    replicas),
                 jit_compile=distribute.resolve_jit_compile(config.jit_compile, strategy),
-                stain_on_device=stain_on_device(config))
+                stain_on_device=stain_on_device(config),
+                dihedral_on_device=dihedral_on_device(config))
   _check_compilation(config, setup)
   return setup
 
@@ -123,11 +125,26 @@ def stain_on_device(config):
   host's few cores would otherwise spend on every image. Not with the
   tf.data service, whose workers build whole batches.
   """
-  if not config.stain_jitter or config.data_service_address:
+  return bool(config.stain_jitter) and _on_device(config, config.stain_jitter_on)
+
+
+def dihedral_on_device(config):
+  """Whether the training step applies --augment's flips and rotations (else the pipeline).
+
+  On the accelerator when there is one: the host then gathers each batch
+  as if unaugmented, and holds the split once, not its 8 variants (which
+  at 96 px outgrow the default budget). Not with the tf.data service.
+  """
+  return bool(config.augment) and _on_device(config, config.augment_on)
+
+
+def _on_device(config, choice):
+  """A --*_on flag's verdict: `auto` is device when a GPU or TPU trains."""
+  if config.data_service_address:
     return False
-  if config.stain_jitter_on == 'auto':
+  if choice == 'auto':
     return bool(tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('TPU'))
-  return config.stain_jitter_on == 'device'
+  return choice == 'device'
 
 
 def make_data(config, records, setup, datasets=None):
@@ -156,7 +173,7 @@ def _datasets(config, records, setup):
     raise ValueError(f'{records.path}: no val split to monitor')
   options = augment.Augment(
       dihedral=config.augment, stain_jitter=config.stain_jitter,
-      stain_on_device=setup.stain_on_device,
+      stain_on_device=setup.stain_on_device, dihedral_on_device=setup.dihedral_on_device,
       variant_budget=int(config.augment_cache_gib * 2**30))
 
   def train_fn(context, first_epoch, batches_per_epoch, first_batch=0):
