@@ -146,9 +146,7 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
     raise ValueError(f'{records.path}: split {split!r} holds {count} examples for this input '
                      f'pipeline, fewer than one batch of {batch_size}')
   steps = _batches_per_epoch(count, batch_size, batches_per_epoch, first_batch)
-  # The device transforms from ids: the host gathers, never holds 8 copies.
-  variants = (augment.dihedral and not augment.dihedral_on_device and cache
-              and _variants_fit(records, count, augment.variant_budget))
+  variants = cache and _holds_variants(records, count, augment)
   whole = _whole_split(paths, count, parse, cache, variants)
   epochs = _EpochPlan(count, batch_size, steps, augment, variants, pipeline_id)
   ds = _train_dataset(whole, epochs, seed, first_epoch, num_epochs, first_batch)
@@ -183,6 +181,17 @@ def _whole_split(paths, count, parse, cache, variants):
                                    deterministic=True)
   # (unbatch -> batch copies each example once; ragged_batch ran at a fifth.)
   return chunks.unbatch().batch(count)
+
+
+def _holds_variants(records, count, augment):
+  """Whether the cached split holds the 8 dihedral variants of every image.
+
+  For the host's dihedral transform, within the budget. Not when the
+  training step transforms (`dihedral_on_device`): the host then gathers
+  each batch as if unaugmented and never needs the 8 copies.
+  """
+  return (augment.dihedral and not augment.dihedral_on_device
+          and _variants_fit(records, count, augment.variant_budget))
 
 
 def _variants_fit(records, count, budget):
