@@ -65,8 +65,11 @@ def test_the_service_workers_pipeline_augments_when_asked(records):
 
 
 @pytest.mark.parametrize('where', ['stain_on_device', 'dihedral_on_device'])
-def test_the_service_refuses_to_leave_augmentation_to_the_step(records, where):
+def test_the_service_refuses_to_leave_augmentation_to_the_step(records, where, monkeypatch):
   """Its workers build whole batches, with no place for draws the step would apply."""
+  def reached(*_):  # (Else a missing refusal would retry the dead address for ever.)
+    raise AssertionError('the dataset reached the service')
+  monkeypatch.setattr(tf.data.experimental.service, 'register_dataset', reached)
   options = augment_lib.Augment(dihedral=True, stain_jitter=0.05, **{where: True})
   with pytest.raises(ValueError, match=f'{where}=True: the tf.data service workers augment'):
     service_lib.make_service_dataset(records, 'train', 'grpc://localhost:1', batch_size=8,

@@ -385,6 +385,23 @@ def test_transform_ids_for_the_device_give_the_pipelines_own_batches(small_recor
     augment.Augment(dihedral_on_device=True)
 
 
+def test_the_steps_dihedral_uses_only_ops_gpu_determinism_allows():
+  """`apply_dihedral_ids` runs on the accelerator, where --seed turns TF's op determinism on:
+  an op TF refuses there (DenseBincount, as tf.math.bincount once grouped the ids; the
+  segment sums; scatters) would stop the first seeded step on a GPU. Every op here is a
+  data move, a comparison or an integer count."""
+  traced = tf.function(augment.apply_dihedral_ids).get_concrete_function(
+      tf.TensorSpec([None, 8, 8, 3], tf.uint8), tf.TensorSpec([None], tf.int32))
+  ops = {op.type for op in traced.graph.get_operations()}
+  allowed = {'Cast', 'Const', 'DynamicStitch', 'GatherV2', 'Identity', 'Less', 'Neg', 'Pack',
+             'Placeholder', 'Range', 'Reshape', 'ReverseV2', 'Shape', 'StridedSlice', 'Sub',
+             'Sum', 'TopKV2', 'Transpose'}
+  assert ops <= allowed, ops - allowed
+  order, bounds = augment.group_dihedral(tf.constant([3, 0, 7, 7, 1, 3, 3, 5]))
+  assert order.numpy().tolist() == [1, 4, 0, 5, 6, 7, 2, 3]
+  assert bounds.numpy().tolist() == [0, 1, 2, 2, 5, 5, 6, 6, 8]
+
+
 def test_keras_fit_refuses_draws_left_for_the_device(small_records):
   """Keras takes a batch's third element for sample weights: the draws must make `fit` fail,
   not weigh each image by its transform id and train on unaugmented images."""

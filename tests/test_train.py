@@ -394,10 +394,11 @@ def test_where_the_augmentations_run(records, tmp_path, where, expected, monkeyp
   served = dataclasses.replace(config, data_service_address='grpc://localhost:1')
   assert not trainer.stain_on_device(served) and not trainer.dihedral_on_device(served)
   real = tf.config.list_logical_devices
-  monkeypatch.setattr(tf.config, 'list_logical_devices',
-                      lambda kind=None: ['GPU:0'] if kind == 'GPU' else real(kind))
-  assert trainer.stain_on_device(config) == (where != 'host')
-  assert trainer.dihedral_on_device(config) == (where != 'host')
+  for accelerator in ('GPU', 'TPU'):
+    monkeypatch.setattr(tf.config, 'list_logical_devices',
+                        lambda kind=None, a=accelerator: [f'{a}:0'] if kind == a else real(kind))
+    assert trainer.stain_on_device(config) == (where != 'host'), accelerator
+    assert trainer.dihedral_on_device(config) == (where != 'host'), accelerator
 
 
 def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path, monkeypatch):
@@ -589,6 +590,10 @@ def test_bad_flags_fail_with_one_line(records, tmp_path, flags, message):
     (dict(reduce_lr_patience=0), '--reduce_lr_patience=0: must be >= 1'),
     (dict(num_cpu_devices=0), '--num_cpu_devices=0: must be >= 1'),
     (dict(data_service_address='host:5050'), 'expected grpc://host:port'),
+    (dict(data_service_address='grpc://h:1', augment=True, augment_on='device'),
+     '--augment_on=device: with --data_service_address the tf.data service workers augment'),
+    (dict(data_service_address='grpc://h:1', stain_jitter=0.1, stain_jitter_on='device'),
+     '--stain_jitter_on=device: with --data_service_address the tf.data service workers'),
     (dict(weights='imagenet'), '--weights=imagenet: only the Keras applications'),
     (dict(model='resnet50v2', weights='random'), '--weights=random: choose one of none, imagenet'),
 ])
@@ -806,6 +811,43 @@ def test_a_seeded_run_stopped_mid_epoch_ends_bit_identical_to_an_uninterrupted_o
   for a, b in zip(_saved_weights(killed_dir), _saved_weights(tmp_path / 'whole')):
     np.testing.assert_array_equal(a, b)
   assert _history(killed_dir) == _history(tmp_path / 'whole')
+
+
+def test_every_flag_reaches_the_runs_config():
+  """Each Config field is a flag of the same name (but the Python API's eval_batch_size), and
+  a value other than its default set on the command line is what the run gets (a flag parsed
+  but not passed on fails here)."""
+  fields = [f.name for f in dataclasses.fields(train.Config) if f.name != 'eval_batch_size']
+  argv = ['train']
+  expected = {}
+  for name in fields:
+    flag = flags.FLAGS[name]
+    if name == 'profile_steps':
+      argv.append('--profile_steps=2,3')
+      expected[name] = (2, 3)
+      continue
+    if isinstance(flag, flags.BooleanFlag) or isinstance(flag.default, bool):
+      value = not flag.default
+      argv.append(f'--{name}' if value else f'--no{name}')
+    elif getattr(flag.parser, 'enum_values', None):
+      value = next(v for v in flag.parser.enum_values if v != flag.default)
+      argv.append(f'--{name}={value}')
+    elif isinstance(flag.default, float):
+      value = flag.default + 0.25
+      argv.append(f'--{name}={value}')
+    elif isinstance(flag.default, int) or name == 'seed':
+      value = (flag.default or 0) + 3
+      argv.append(f'--{name}={value}')
+    else:
+      value = f'/tmp/{name}'
+      argv.append(f'--{name}={value}')
+    expected[name] = value
+  flags.FLAGS(argv)
+  try:
+    config = train._config_from_flags()  # pylint: disable=protected-access
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert {name: getattr(config, name) for name in fields} == expected
 
 
 def test_a_training_run_reads_its_manifest_once(records, tmp_path, monkeypatch):

@@ -175,8 +175,12 @@ def group_dihedral(transforms):
     `bounds` is [9] int32.
   """
   order = tf.argsort(transforms, stable=True)
-  counts = tf.math.bincount(transforms, minlength=NUM_DIHEDRAL, maxlength=NUM_DIHEDRAL)
-  return order, tf.concat([[0], tf.cumsum(counts)], 0)
+  # bounds[k]: the positions whose transform is below k. A count of
+  # comparisons, not tf.math.bincount and a cumsum: the training step runs
+  # this on the accelerator (`apply_dihedral_ids`), and under op determinism
+  # (--seed on GPUs) TensorFlow refuses DenseBincount's GPU kernel.
+  below = transforms[None, :] < tf.range(NUM_DIHEDRAL + 1, dtype=transforms.dtype)[:, None]
+  return order, tf.reduce_sum(tf.cast(below, tf.int32), 1)
 
 
 def apply_dihedral(grouped, order, bounds):

@@ -86,6 +86,14 @@ def check_config(config):
        f'--jit_compile={config.jit_compile}: choose one of auto, on, off'),
       (not config.data_service_address or config.data_service_address.startswith('grpc://'),
        f'--data_service_address={config.data_service_address}: expected grpc://host:port'),
+      # The service's workers build whole batches, augmented: no draws reach the step.
+      (not (config.data_service_address and config.augment and config.augment_on == 'device'),
+       '--augment_on=device: with --data_service_address the tf.data service workers '
+       'augment the batches; use --augment_on=auto or host'),
+      (not (config.data_service_address and config.stain_jitter
+            and config.stain_jitter_on == 'device'),
+       '--stain_jitter_on=device: with --data_service_address the tf.data service workers '
+       'augment the batches; use --stain_jitter_on=auto or host'),
   ]
   for ok, message in checks:
     if not ok:
