@@ -26,6 +26,7 @@ from pcam_tfdata import report
 train = importlib.import_module('pcam_tfdata.train')  # The command's module.
 from pcam_tfdata.training import augment
 from pcam_tfdata.training import backup
+from pcam_tfdata.training import config as config_lib
 from pcam_tfdata.training import distribute
 from pcam_tfdata.training import epochs as epochs_lib
 from pcam_tfdata.training import loop
@@ -68,7 +69,17 @@ def _config(records, model_dir, **kwargs):
                                           ('efficientnetv2b0', 5920593)])
 def test_parameter_counts(name, params):
   # (The applications without their top, plus a 1-unit head: 2,049 and 1,281 parameters.)
-  assert models.build_model(name).count_params() == params
+  model = models.build_model(name)
+  assert model.count_params() == params
+  # The TF-free copies the flags are checked against say the same of it.
+  assert (name in config_lib.APPLICATIONS) == (name in models.APPLICATIONS)
+  assert (name in config_lib.BATCH_NORM_MODELS) == any(
+      isinstance(l, keras.layers.BatchNormalization) for l in models.sublayers(model))
+
+
+def test_the_flags_name_every_model():
+  assert config_lib.MODEL_NAMES == models.MODELS
+  assert config_lib.APPLICATIONS == models.APPLICATIONS
 
 
 def test_unknown_model_is_refused():

@@ -190,12 +190,18 @@ def cache_cost(records_dir, augment=False):
           'retained': growth['retained'] * 2**20 / raw, 'peak': growth['peak'] * 2**20 / raw}
 
 
+def _variants_bytes(count, shape):
+  """Bytes the 8 dihedral variants of `count` images of `shape` take."""
+  from pcam_tfdata.training import augment  # pylint: disable=g-import-not-at-top
+  return augment.NUM_DIHEDRAL * count * int(np.prod(shape))
+
+
 def _variants_fit(records_dir):
   """Whether the 8 dihedral variants of the train split fit the default budget."""
   from pcam_tfdata import records  # pylint: disable=g-import-not-at-top
   from pcam_tfdata.training import augment  # pylint: disable=g-import-not-at-top
   opened = records.Records.open(records_dir)
-  need = augment.NUM_DIHEDRAL * opened.count('train') * int(np.prod(opened.image_shape))
+  need = _variants_bytes(opened.count('train'), opened.image_shape)
   return need <= augment.DEFAULT_VARIANT_BUDGET
 
 
@@ -368,7 +374,7 @@ def _sample(consume, batch, steps, min_seconds):
 
 def print_augment_table(ratios, rates, count, shape, rounds, min_seconds, per_call):
   from pcam_tfdata.training import augment  # pylint: disable=g-import-not-at-top
-  need = augment.NUM_DIHEDRAL * count * int(np.prod(shape))
+  need = _variants_bytes(count, shape)
   fit = 'fit' if need <= augment.DEFAULT_VARIANT_BUDGET else 'do not fit'
   print(f'\n{count} train examples of {list(shape)}; in graph, {per_call} batches per call; '
         f'{rounds} rounds, each sample at least {min_seconds:g} s; the 8 variants '

@@ -8,9 +8,12 @@ import dataclasses
 
 from pcam_tfdata import records as records_lib
 
-MODEL_NAMES = ('baseline', 'batchnorm', 'resnet50v2', 'efficientnetv2b0')  # models.MODELS.
-BATCH_NORM_MODELS = ('batchnorm', 'resnet50v2', 'efficientnetv2b0')  # (TF-free here.)
+# models.MODELS and models.APPLICATIONS, without importing Keras here.
+APPLICATIONS = ('resnet50v2', 'efficientnetv2b0')
+MODEL_NAMES = ('baseline', 'batchnorm', *APPLICATIONS)
+BATCH_NORM_MODELS = ('batchnorm', *APPLICATIONS)
 WEIGHTS = ('none', 'imagenet')
+PLACES = ('auto', 'host', 'device')  # Where an augmentation runs (--augment_on, --stain_jitter_on).
 
 
 @dataclasses.dataclass
@@ -49,15 +52,19 @@ class Config:
   restart: bool = False  # Discard the backup of an interrupted run instead of resuming it.
 
 
+# Each --*_on flag and the setting that turns its augmentation on.
+_PLACED = (('augment_on', 'augment'), ('stain_jitter_on', 'stain_jitter'))
+
+
 def check_config(config):
   """Raises ValueError naming the flag for a bad value."""
   checks = [
       (config.model in MODEL_NAMES, f'--model={config.model}: choose one of {MODEL_NAMES}'),
       (config.weights in WEIGHTS,
        f'--weights={config.weights}: choose one of {", ".join(WEIGHTS)}'),
-      (config.weights == 'none' or config.model in ('resnet50v2', 'efficientnetv2b0'),
-       f'--weights={config.weights}: only the Keras applications (resnet50v2, '
-       f'efficientnetv2b0) have published weights, not --model={config.model}'),
+      (config.weights == 'none' or config.model in APPLICATIONS,
+       f'--weights={config.weights}: only the Keras applications ({", ".join(APPLICATIONS)}) '
+       f'have published weights, not --model={config.model}'),
       (config.epochs >= 1, f'--epochs={config.epochs}: must be >= 1'),
       (config.batch_size >= 1, f'--batch_size={config.batch_size}: must be >= 1'),
       (config.learning_rate > 0, f'--learning_rate={config.learning_rate}: must be > 0'),
@@ -72,10 +79,9 @@ def check_config(config):
        f'--reduce_lr_patience={config.reduce_lr_patience}: must be >= 1'),
       (0 <= config.stain_jitter < 1,
        f'--stain_jitter={config.stain_jitter}: must be in [0, 1)'),
-      (config.augment_on in ('auto', 'host', 'device'),
-       f'--augment_on={config.augment_on}: choose one of auto, host, device'),
-      (config.stain_jitter_on in ('auto', 'host', 'device'),
-       f'--stain_jitter_on={config.stain_jitter_on}: choose one of auto, host, device'),
+      *[(getattr(config, flag) in PLACES,
+         f'--{flag}={getattr(config, flag)}: choose one of {", ".join(PLACES)}')
+        for flag, _ in _PLACED],
       (0 <= config.augment_cache_gib < 2**20,  # (Also refuses inf and nan.)
        f'--augment_cache_gib={config.augment_cache_gib}: must be a number of GiB, >= 0'),
       (config.seed is None or 0 <= config.seed < 2**32,
@@ -87,13 +93,11 @@ def check_config(config):
       (not config.data_service_address or config.data_service_address.startswith('grpc://'),
        f'--data_service_address={config.data_service_address}: expected grpc://host:port'),
       # The service's workers build whole batches, augmented: no draws reach the step.
-      (not (config.data_service_address and config.augment and config.augment_on == 'device'),
-       '--augment_on=device: with --data_service_address the tf.data service workers '
-       'augment the batches; use --augment_on=auto or host'),
-      (not (config.data_service_address and config.stain_jitter
-            and config.stain_jitter_on == 'device'),
-       '--stain_jitter_on=device: with --data_service_address the tf.data service workers '
-       'augment the batches; use --stain_jitter_on=auto or host'),
+      *[(not (config.data_service_address and getattr(config, used)
+              and getattr(config, flag) == 'device'),
+         f'--{flag}=device: with --data_service_address the tf.data service workers augment '
+         f'the batches; use --{flag}=auto or host')
+        for flag, used in _PLACED],
   ]
   for ok, message in checks:
     if not ok:
