@@ -79,8 +79,8 @@ def train(name, strategy, images, labels, *, policy='float32', sync=False, jit=F
     keras.mixed_precision.set_global_policy('float32')
 
 
-def train_run(records, model_dir, name, strategy=None, datasets=None, sgd=False):
-  """`train.run` of `name` for 2 seeded epochs, with dropout off: (initial, last epoch's) weights.
+def train_run(records, model_dir, name, strategy=None, datasets=None, sgd=False, seed=5):
+  """`train.run` of `name` for 2 seeded epochs, with dropout off: the weights after each step.
 
   Dropout is off, as each replica draws its own masks (models.ReplicaSeedGenerator),
   which one device cannot draw. BatchNorm is synchronized on one device too:
@@ -89,41 +89,50 @@ def train_run(records, model_dir, name, strategy=None, datasets=None, sgd=False)
   replaces the run's Adam: where a gradient is zero by construction (a bias
   before BatchNorm) Adam divides its rounding noise by its own size and
   steps the weight by +-lr, on any two paths. Everything else is the
-  command's path. The last epoch's weights, before the chief (alone)
-  restores its best epoch's.
+  command's path (one step per compiled call, --steps_per_execution=1).
+
+  Returns:
+    [initial weights, weights after step 1, ..., after the last step], each
+    a list of arrays (BatchNorm's moving statistics included); the last is
+    before the chief (alone) restores its best epoch's.
   """
   train = importlib.import_module('pcam_tfdata.train')  # The command's module.
-  from pcam_tfdata.training import epochs  # pylint: disable=g-import-not-at-top
-  weights, build, train_epochs = [], models.build_model, epochs.EpochLoop.train
+  weights, build, make_train_fn = [], models.build_model, loop.make_train_fn
   adam = keras.optimizers.Adam
 
   def without_dropout(*args, **kwargs):
     model = build(*args, **kwargs)
     model.get_layer('dropout').rate = 0.0
-    weights.append(model.get_weights())
     return model
 
-  def keeping_the_last_weights(loop, *args):
-    train_epochs(loop, *args)
-    weights.append(loop.model.get_weights())
+  def keeping_each_steps_weights(model, *args, **kwargs):
+    train_steps = make_train_fn(model, *args, **kwargs)
+    weights.append(model.get_weights())
 
-  models.build_model, epochs.EpochLoop.train = without_dropout, keeping_the_last_weights
+    def steps(iterator, n):
+      assert int(n) == 1, n  # (So that every step's weights are seen.)
+      out = train_steps(iterator, n)
+      weights.append(model.get_weights())
+      return out
+    return steps
+
+  models.build_model, loop.make_train_fn = without_dropout, keeping_each_steps_weights
   if sgd:
     keras.optimizers.Adam = keras.optimizers.SGD
   try:
     # Without a strategy: one device (not `auto`, which takes every logical CPU).
     train.run(train.Config(records_dir=records, model_dir=model_dir, model=name,
                            strategy='default', learning_rate=0.05 if sgd else 1e-3,
-                           **RUN_SETTINGS), strategy=strategy, datasets=datasets)
+                           seed=seed, **RUN_SETTINGS), strategy=strategy, datasets=datasets)
   finally:
-    models.build_model, epochs.EpochLoop.train = build, train_epochs
+    models.build_model, loop.make_train_fn = build, make_train_fn
     keras.optimizers.Adam = adam
   return weights
 
 
 # Of `train_run`: batches of 4 per worker.
-RUN_SETTINGS = dict(epochs=2, batch_size=8, eval_batch_size=16, mixed_precision='off', seed=5,
-                    sync_batch_norm='on', progress=False)
+RUN_SETTINGS = dict(epochs=2, batch_size=8, eval_batch_size=16, mixed_precision='off',
+                    sync_batch_norm='on', progress=False, steps_per_execution=1)
 
 
 def dropout_masks(strategy, seed=1, calls=2):
@@ -162,9 +171,10 @@ def _worker_main(out_dir, cases):
       _write_json(f'{out}.json', {'scales': None})
       continue
     if 'train_run' in case:
-      _, weights = train_run(case['records'], os.path.join(out_dir, name), case['train_run'],
-                             strategy, sgd=case['sgd'])
-      np.savez(f'{out}.tmp.npz', *weights)
+      steps = train_run(case['records'], os.path.join(out_dir, name), case['train_run'],
+                        strategy, sgd=case['sgd'], seed=case['seed'])
+      np.savez(f'{out}.tmp.npz', **{f'{step}/{i}': w for step, weights in enumerate(steps)
+                                    for i, w in enumerate(weights)})
       os.replace(f'{out}.tmp.npz', f'{out}.npz')
       _write_json(f'{out}.json', {'scales': None})
       continue
