@@ -5,6 +5,7 @@ stop) unless the test says how long it lasts, so a test that waits for the
 launcher to react can only pass if the launcher did react.
 """
 
+import contextlib
 import csv
 import os
 import re
@@ -167,17 +168,21 @@ def test_sigterm_to_one_worker_preempts_both_and_the_rerun_ends_as_an_uninterrup
 # argv[1] for its index (TF_CONFIG): 'preempt' = exit 42 on SIGINT, as a
 # real worker after its backup; 'die' = SIGKILL itself; 'exit42' = exit 42
 # at once (preempted on its own); 'stay' = note SIGINT and go on, until
-# killed or (given a number) that many seconds pass, then exit 42.
+# killed or (given a number) that many seconds pass, then exit 42. A role
+# ending in '+child' first starts a child process that sleeps an hour (as
+# a real worker's tf.data or compiler helpers would live on without it).
 _STAND_IN = r'''
-import json, os, signal, sys, time
+import json, os, signal, subprocess, sys, time
 index = json.loads(os.environ['TF_CONFIG'])['task']['index']
-role = sys.argv[1 + index]
+role, _, child = sys.argv[1 + index].partition('+')
+if child:
+  child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']).pid
 def on_sigint(*_):
   print(f'SIGINT {index}', flush=True)
   if role == 'preempt':
     sys.exit(42)
 signal.signal(signal.SIGINT, on_sigint)
-print(f'ready {index} pid {os.getpid()}', flush=True)
+print(f'ready {index} pid {os.getpid()} child {child or 0}', flush=True)
 if role == 'die':
   os.kill(os.getpid(), signal.SIGKILL)
 if role == 'exit42':
@@ -201,14 +206,31 @@ def _launch_stand_ins(*roles):
                           env=user_env())
 
 
-def _wait_until_ready(launcher):
-  """The stand-ins' pids, once both are ready."""
+def _wait_until_ready(launcher, children=None):
+  """The stand-ins' pids, once both are ready (their children's pids, if any, into `children`)."""
   ready = {}
   while len(ready) < 2:
     line = launcher.stdout.readline()
     assert line, launcher.stderr.read()
-    ready.update(re.findall(r'ready (\d) pid (\d+)', line))
-  return [int(pid) for pid in ready.values()]
+    for index, pid, child in re.findall(r'ready (\d) pid (\d+) child (\d+)', line):
+      ready[index] = int(pid)
+      if int(child) and children is not None:
+        children.append(int(child))
+  return list(ready.values())
+
+
+@contextlib.contextmanager
+def _children_end_with_their_worker(children):
+  """Fails unless every child in `children` has ended by the end of the block; kills leftovers."""
+  try:
+    yield
+    deadline = time.monotonic() + 60  # (A deadline for a failure, far below their hour.)
+    while any(map(_alive, children)):
+      assert time.monotonic() < deadline, 'a worker\'s child outlived it (not its group)'
+      time.sleep(0.05)
+  finally:
+    for pid in filter(_alive, children):
+      os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid):
@@ -242,10 +264,13 @@ def test_a_sigkilled_launcher_takes_its_workers_with_it():
 ])
 def test_ctrl_c_or_sigterm_on_the_launcher_reaches_every_worker_as_sigint(sig, status, said):
   """(Real workers preempted by it, beside two CPU hogs: BUILD.md, "Stopping a cluster".)"""
-  launcher = _launch_stand_ins('preempt', 'preempt')
-  _wait_until_ready(launcher)
-  launcher.send_signal(sig)
-  out, err = launcher.communicate(timeout=_TIMEOUT)
+  launcher = _launch_stand_ins('preempt+child', 'preempt+child')
+  children = []
+  with _children_end_with_their_worker(children):
+    _wait_until_ready(launcher, children)
+    assert len(children) == 2
+    launcher.send_signal(sig)  # Each worker's group is sent SIGINT: its child ends too.
+    out, err = launcher.communicate(timeout=_TIMEOUT)
   assert launcher.returncode == status
   assert sorted(re.findall(r'\[worker (\d)\] SIGINT', out)) == ['0', '1'], out
   assert err.splitlines()[-1] == (f'launch_local_cluster.py: error: {said}; stopped every '
@@ -277,8 +302,12 @@ def test_the_stop_policy_saves_when_it_can_and_kills_when_it_cannot():
 
 def test_a_dead_worker_takes_the_others_at_once_without_a_signal_to_save():
   """They cannot save without it: no SIGINT, no grace; SIGKILL."""
-  launcher = _launch_stand_ins('stay', 'die')
-  out, err = launcher.communicate(timeout=_TIMEOUT)
+  launcher = _launch_stand_ins('stay+child', 'die')
+  children = []
+  with _children_end_with_their_worker(children):
+    _wait_until_ready(launcher, children)
+    assert len(children) == 1
+    out, err = launcher.communicate(timeout=_TIMEOUT)
   assert launcher.returncode == 1  # (A signal's death is no status of its own.)
   assert 'worker 1 exited with status -9; stopped the others' in err
   assert 'SIGINT' not in out  # Worker 0 was killed, not asked to save.
@@ -295,20 +324,46 @@ def test_a_worker_preempted_on_its_own_lets_the_others_save_unsignalled():
                                   'to resume)')
 
 
-_DEAF = 'import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint("ready", flush=True)\ntime.sleep(600)'
+# Ignores SIGINT, as its child (started first, sleeping) does: SIG_IGN is inherited.
+_DEAF = r'''
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+print(child.pid, flush=True)
+time.sleep(600)
+'''
 
 
-def test_a_worker_that_does_not_stop_is_killed_after_the_grace_period():
-  deaf = subprocess.Popen([sys.executable, '-c', _DEAF], stdout=subprocess.PIPE, text=True,
+def _deaf():
+  proc = subprocess.Popen([sys.executable, '-c', _DEAF], stdout=subprocess.PIPE, text=True,
                           start_new_session=True)
+  return proc, int(proc.stdout.readline())  # Deaf to SIGINT from here on, and its child.
+
+
+def test_workers_that_do_not_stop_are_killed_with_their_children_after_one_grace_period(
+    monkeypatch):
+  """Both deaf: the grace period is one for all of them, not one each (the timeouts given to
+  their waits add up to it), and the kill takes each worker's group."""
+  deaf, children = zip(*(_deaf() for _ in range(2)))
+  timeouts = []
+  for proc in deaf:
+    real_wait = proc.wait
+
+    def wait(timeout=None, real_wait=real_wait):
+      timeouts.append(timeout)
+      return real_wait(timeout)
+    monkeypatch.setattr(proc, 'wait', wait)
   try:
-    assert deaf.stdout.readline() == 'ready\n'  # Deaf to SIGINT from here on.
-    launch_local_cluster.stop([deaf], signal.SIGINT, grace=0.5)
-    assert deaf.returncode == -signal.SIGKILL
+    with _children_end_with_their_worker(list(children)):
+      launch_local_cluster.stop(list(deaf), signal.SIGINT, grace=0.5)
+    assert [proc.returncode for proc in deaf] == [-signal.SIGKILL] * 2
+    graced = [t for t in timeouts if t is not None]
+    assert len(graced) == 2 and graced[0] <= 0.5 and graced[1] < 0.1, timeouts
   finally:
-    if deaf.poll() is None:
-      deaf.kill()
-    deaf.wait()
+    for proc in deaf:
+      if proc.poll() is None:
+        proc.kill()
+      proc.stdout.close()
 
 
 def test_free_ports_are_outside_the_ephemeral_range_and_bindable():

@@ -163,6 +163,30 @@ def test_two_input_pipelines_are_disjoint_and_cover_the_split(records, training)
   assert len(parts[0] | parts[1]) == records_lib.Records.open(records).count('train')
 
 
+def test_two_input_pipelines_with_one_seed_draw_their_own_augmentation(records):
+  """Each pipeline's keys fold in its id: the same seed and epoch, other draws (not only
+  other images); the same pipeline draws the same again."""
+  augment_options = augment.Augment(dihedral=True, dihedral_on_device=True, stain_jitter=0.1,
+                                    stain_on_device=True)
+
+  def draws(pipeline_id):
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
+                                         num_replicas_in_sync=2)
+    ds = pipeline.make_dataset(str(records), 'train', batch_size=4, training=True, seed=1,
+                               augment=augment_options, input_context=context,
+                               batches_per_epoch=4)
+    batches = [drawn for _, _, drawn in ds]
+    return (np.concatenate([b['dihedral'].numpy() for b in batches]),
+            np.concatenate([b['stain'].numpy() for b in batches]))
+
+  (ids0, stain0), (ids1, stain1) = draws(0), draws(1)
+  assert ids0.shape == ids1.shape == (16,) and stain0.shape == stain1.shape == (16, 4, 3)
+  assert (ids0 != ids1).any() and not np.isclose(stain0, stain1).all(axis=(1, 2)).any()
+  again = draws(0)
+  np.testing.assert_array_equal(again[0], ids0)
+  np.testing.assert_array_equal(again[1], stain0)
+
+
 def test_more_pipelines_than_shards_is_refused(records):
   context = tf.distribute.InputContext(num_input_pipelines=5, input_pipeline_id=0)
   with pytest.raises(ValueError, match="split 'val' has 4 shards, fewer than 5 input pipelines"):

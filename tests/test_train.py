@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,27 @@ def test_a_run_with_a_backup_to_resume_does_not_fetch_imagenet_weights(tmp_path,
   assert len(fetched) == 1
 
 
+def test_every_dropout_of_an_application_draws_its_own_mask_on_each_replica(mirrored):
+  """EfficientNetV2B0's stochastic depth (15 Dropout layers, one draw per image): each
+  replica its own draws, reproducibly (a replica's is a function of the seed)."""
+  def draws(seed):
+    keras.utils.set_random_seed(seed)
+    with mirrored.scope():
+      model = models.build_model('efficientnetv2b0', (32, 32, 3))
+    dropouts = [l for l in models.sublayers(model) if isinstance(l, keras.layers.Dropout)]
+    ones = tf.ones([1024, 1, 1, 1])  # (Per image: noise_shape (None, 1, 1, 1).)
+    run = tf.function(lambda: mirrored.run(lambda: [l(ones, training=True) for l in dropouts]))
+    per_replica = [mirrored.experimental_local_results(m) for m in run()]
+    return [[r.numpy().ravel() != 0 for r in replicas] for replicas in per_replica]
+
+  masks = draws(1)
+  assert len(masks) == 15
+  for first, second in masks:
+    assert not first.all() and (first != second).any()  # Dropped some, and not alike.
+  for drawn, redrawn in zip(masks, draws(1)):
+    np.testing.assert_array_equal(drawn, redrawn)
+
+
 @pytest.fixture(scope='module')
 def records_96(tmp_path_factory):
   """24 synthetic patches stored whole (--crop_size=96): 16 train, 4 val, 4 test."""
@@ -147,6 +169,16 @@ def test_an_application_trains_at_96_px_and_predicts_with_tta(records_96, tmp_pa
       models.build_model(name, (96, 96, 3)).count_params())
   ids, probs = pcam_tfdata.predict(str(run_dir), str(records_96), tta=True)
   assert len(ids) == 4 and probs.shape == (4,) and ((0 < probs) & (probs < 1)).all()
+  # The mean of the model's predictions on the 8 flips and rotations of each patch.
+  model = keras.models.load_model(run_dir / 'model.keras')
+  images, _, test_ids = next(iter(pipeline.make_dataset(str(records_96), 'test', batch_size=4,
+                                                        training=False, with_ids=True)))
+  assert [i.decode() for i in test_ids.numpy()] == list(ids)
+  views = [np.rot90(images.numpy(), k, axes=(1, 2)) for k in range(4)]
+  views += [v[:, :, ::-1] for v in views]
+  expected = np.mean([model.predict(np.ascontiguousarray(v), verbose=0)[:, 0] for v in views], 0)
+  assert len({v.tobytes() for v in views}) == 8  # (The 8 views differ.)
+  np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_an_application_refuses_small_images_and_weights_it_cannot_fetch(monkeypatch):
@@ -547,6 +579,35 @@ def test_a_signal_after_the_last_step_stops_the_chief_before_its_final_evaluatio
   assert json.loads((model_dir / 'metrics.json').read_text())['epochs_run'] == 1
 
 
+def test_a_worker_signalled_in_its_last_validation_ends_as_usual(records, tmp_path, monkeypatch,
+                                                                 capsys):
+  """Not the chief: its work is done, and a status of 42 would tell a launcher or a cluster
+  manager that the run stopped while the chief evaluates."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('signal handlers are the main thread\'s')
+  real_end_epoch = epochs_lib.EpochLoop._end_epoch  # pylint: disable=protected-access
+  calls = []
+
+  def signalled_in_validation(self, *args, **kwargs):
+    calls.append(self.setup.chief)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_end_epoch(self, *args, **kwargs)
+
+  monkeypatch.setattr(epochs_lib.EpochLoop, '_end_epoch', signalled_in_validation)
+  monkeypatch.setattr(distribute, 'is_chief', lambda strategy: False)
+  watches, real_init = [], preemption.Watch.__init__
+
+  def keep(self, *args):
+    real_init(self, *args)
+    watches.append(self)
+
+  monkeypatch.setattr(preemption.Watch, '__init__', keep)
+  assert train.run(_config(records, tmp_path / 'run', epochs=1)) == {}  # No Preempted.
+  assert calls == [False] and watches[0].signalled  # (Signalled, not the chief.)
+  assert 'final weights sha256' in capsys.readouterr().out
+  assert not (tmp_path / 'run' / 'metrics.json').exists()  # (The chief's to write.)
+
+
 def test_callback_state_follows_keras_semantics():
   state = loop.CallbackState()
   lr = 1e-3
@@ -902,8 +963,11 @@ def test_a_resume_with_other_settings_is_refused_naming_them_and_restart_starts_
     assert str(e.value).endswith('or add --restart to train from scratch')
     assert {p: p.read_bytes() for p in model_dir.rglob('*') if p.is_file()} == before
   # The same settings continue the finished run: --epochs may grow (and it
-  # says so), and --sync_batch_norm does not matter to a model without BatchNorm.
-  train.run(_config(records, model_dir, epochs=2, sync_batch_norm='on'))  # (No BatchNorm.)
+  # says so), --sync_batch_norm does not matter to a model without BatchNorm,
+  # and the same records may have moved (a copy elsewhere: the same fingerprint).
+  moved = tmp_path / 'moved' / 'rec'
+  shutil.copytree(records, moved)
+  train.run(_config(moved, model_dir, epochs=2, sync_batch_norm='on'))  # (No BatchNorm.)
   out = capsys.readouterr().out
   assert 'resuming after epoch 1' in out
   assert 'continuing with --epochs=2 (the run was started with --epochs=1)' in out
@@ -923,3 +987,123 @@ def test_a_resume_with_other_settings_is_refused_naming_them_and_restart_starts_
   with open(model_dir / 'history.csv') as f:
     assert [r['epoch'] for r in csv.DictReader(f)] == ['1']
   assert json.loads((model_dir / 'metrics.json').read_text())['global_batch_size'] == 16
+
+
+class _Killed(BaseException):
+  """A kill mid-epoch: nothing of the run's own handles it (as nothing handles SIGKILL)."""
+
+
+def _stopping_at_call(monkeypatch, at, how):
+  """From the run's `at`-th compiled call on: 'kill' raises _Killed before it; 'sigterm' sends
+  SIGTERM to this process before it (TensorFlow's handler notes it; the run backs up after the
+  call and raises Preempted)."""
+  watches, real_init, make_train_fn = [], preemption.Watch.__init__, loop.make_train_fn
+
+  def keep(self, *args):
+    real_init(self, *args)
+    watches.append(self)
+
+  def stopping_train_fn(*args, **kwargs):
+    train_steps, calls = make_train_fn(*args, **kwargs), [0]
+
+    def steps(iterator, n):
+      calls[0] += 1
+      if calls[0] == at:
+        if how == 'kill':
+          raise _Killed()
+        os.kill(os.getpid(), signal.SIGTERM)
+        while not watches[-1].signalled:  # (Python runs the handler between bytecodes.)
+          pass
+      return train_steps(iterator, n)
+    return steps
+
+  monkeypatch.setattr(preemption.Watch, '__init__', keep)
+  monkeypatch.setattr(loop, 'make_train_fn', stopping_train_fn)
+
+
+# 6 steps of 8 an epoch, 3 epochs; the 9th call is epoch 2's step 3. Killed
+# there, the backup of --backup_every_steps=2 at its step 2 is resumed (step
+# 3 trained again); signalled there, TensorFlow's handler saves at the next
+# check after the one it was signalled before (as in the slow tier): after
+# step 4, the only backup within the epoch (--backup_every_steps=0).
+@pytest.mark.parametrize('how, every, exits, resumed_at', [
+    ('kill', 2, _Killed, 'resuming epoch 2 at step 2'),
+    ('sigterm', 0, preemption.Preempted, 'resuming epoch 2 at step 4')])
+def test_a_baseline_run_stopped_mid_epoch_resumes_bit_identical(
+    records, tmp_path, monkeypatch, capsys, how, every, exits, resumed_at):
+  """The default tier's resume check (the slow tier kills real processes, and more models).
+
+  Adam's moments, the dropout layer's random state, the step position, the epoch's running
+  sums and the backup's timing each decide the last weights or the history.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('signal handlers are the main thread\'s')
+  settings = dict(epochs=3, seed=5, augment=True, stain_jitter=0.05, backup_every_steps=every,
+                  early_stopping_patience=5, progress=False)
+  train.run(_config(records, tmp_path / 'whole', **settings))
+  whole = capsys.readouterr().out
+  with monkeypatch.context() as patches:
+    _stopping_at_call(patches, 9, how)
+    with pytest.raises(exits):
+      train.run(_config(records, tmp_path / 'stopped', **settings))
+  assert not (tmp_path / 'stopped' / 'metrics.json').exists()
+  assert [row[0] for row in _history(tmp_path / 'stopped')] == ['1']
+  capsys.readouterr()
+  train.run(_config(records, tmp_path / 'stopped', **settings))
+  resumed = capsys.readouterr().out
+  assert resumed_at in resumed, resumed
+  assert _final_digest(resumed) == _final_digest(whole) and len(_final_digest(whole)) == 1
+  for a, b in zip(_saved_weights(tmp_path / 'stopped'), _saved_weights(tmp_path / 'whole')):
+    np.testing.assert_array_equal(a, b)  # The best epoch's model, too.
+
+  def rows(model_dir):  # All but the timings.
+    with open(model_dir / 'history.csv') as f:
+      return [{k: v for k, v in r.items() if k not in ('seconds', 'images_per_second')}
+              for r in csv.DictReader(f)]
+  assert rows(tmp_path / 'stopped') == rows(tmp_path / 'whole')
+  assert len(rows(tmp_path / 'whole')) == 3
+
+
+class _Setup(types.SimpleNamespace):
+  """What resume.settings reads of trainer.Setup."""
+
+
+# Every setting a resume checks: changed alone, and how the refusal names it.
+_CHECKED = [
+    ('records', '--records_dir'), ('model', '--model'), ('weights', '--weights'),
+    ('batch_size', '--batch_size'), ('learning_rate', '--learning_rate'), ('seed', '--seed'),
+    ('augment', '--augment'), ('stain_jitter', '--stain_jitter'),
+    ('stain_jitter_on', '--stain_jitter_on'), ('precision', '--mixed_precision'),
+    ('sync_batch_norm', '--sync_batch_norm'), ('replicas', 'the replicas in sync'),
+    ('input_pipelines', 'the input pipelines')]
+
+
+@pytest.mark.parametrize('setting, named', _CHECKED)
+def test_every_checked_setting_changed_alone_is_refused_naming_it(setting, named):
+  """Through resume.settings (what a backup records, as JSON) and resume.check."""
+  def settings(fingerprint='abc', setup=(), **config):
+    base = dict(model='batchnorm', batch_size=8, learning_rate=1e-3, seed=1, augment=False,
+                stain_jitter=0.1, sync_batch_norm='auto', epochs=2)
+    config = train.Config(records_dir='/r', model_dir='/m', **{**base, **config})
+    records = types.SimpleNamespace(path='/r', manifest={'fingerprint': fingerprint})
+    setup = _Setup(**{**dict(stain_on_device=False, policy='float32', sync_batch_norm=False,
+                             replicas=2, pipelines=1), **dict(setup)})
+    return resume.settings(config, records, setup)
+
+  changed = {
+      'records': dict(fingerprint='def'), 'model': dict(model='efficientnetv2b0'),
+      'weights': dict(weights='imagenet'), 'batch_size': dict(batch_size=16),
+      'learning_rate': dict(learning_rate=1e-4), 'seed': dict(seed=2),
+      'augment': dict(augment=True), 'stain_jitter': dict(stain_jitter=0.2),
+      'stain_jitter_on': dict(setup={'stain_on_device': True}),
+      'precision': dict(setup={'policy': 'mixed_float16'}),
+      'sync_batch_norm': dict(setup={'sync_batch_norm': True}),
+      'replicas': dict(setup={'replicas': 4}), 'input_pipelines': dict(setup={'pipelines': 2}),
+  }[setting]
+  saved = json.loads(json.dumps(settings()))  # As the backup holds it.
+  resume.check(saved, settings(), 'backup')  # The same: resumed.
+  with pytest.raises(ValueError) as e:
+    resume.check(saved, settings(**changed), 'backup')
+  differ = re.fullmatch(r'backup: the backup is of a run with other settings \((.*)\); rerun '
+                        r'the command .*', str(e.value))[1].split('; ')
+  assert len(differ) == 1 and named in differ[0], differ

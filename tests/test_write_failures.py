@@ -97,6 +97,13 @@ def test_predict_into_a_missing_folder_is_one_line(records, finished_run, tmp_pa
     # Errors on other paths are reads: an input the user must fix, not the output.
     (PermissionError(errno.EACCES, 'Permission denied', '/mnt/data/train_labels.csv'),
      'cannot read /mnt/data/train_labels.csv: permission denied'),
+    # A sibling whose name starts as the output's is not in it, nor its partial.
+    (PermissionError(errno.EACCES, 'Permission denied', '/mnt/ob/x'),
+     'cannot read /mnt/ob/x: permission denied'),
+    (PermissionError(errno.EACCES, 'Permission denied', '/mnt/ob'),
+     'cannot read /mnt/ob: permission denied'),
+    (PermissionError(errno.EACCES, 'Permission denied', '/mnt/o.partial'),  # (make_synthetic's.)
+     'cannot write --out_dir=/mnt/o: permission denied (/mnt/o.partial)'),
     (PermissionError(errno.EACCES, 'Permission denied'), None),  # Whose, unknown.
     (OSError(errno.ENOENT, 'No such file or directory', 'x.tif'), None),
     (ValueError('--out_dir=/mnt/o: not a records folder'), None),
