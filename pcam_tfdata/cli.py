@@ -173,8 +173,11 @@ def _of_output(path, output_path):
   if _is_within(path, output_path) or _is_within(output_path, path):
     return True
   name = os.path.basename(os.path.abspath(output_path))
+  base = os.path.basename(os.path.abspath(path))
+  # The partials written beside an output: outdir's '.rec.partial-1f2e…',
+  # make_synthetic's and predict's 'syn.partial' (a sibling 'ab' of 'a' is not one).
   return (os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(output_path))
-          and name in os.path.basename(path))  # ('.rec.partial-…', 'syn.partial')
+          and (base == f'{name}.partial' or base.startswith(f'.{name}.partial-')))
 
 
 def write_failure(error, output):
