@@ -174,10 +174,12 @@ def _of_output(path, output_path):
     return True
   name = os.path.basename(os.path.abspath(output_path))
   base = os.path.basename(os.path.abspath(path))
-  # The partials written beside an output: outdir's '.rec.partial-1f2e…',
-  # make_synthetic's and predict's 'syn.partial' (a sibling 'ab' of 'a' is not one).
+  # What is written beside an output: outdir's '.rec.partial-1f2e…' and its
+  # lock '.rec.lock', make_synthetic's and predict's 'syn.partial' (a sibling
+  # 'ab' of 'a' is not one).
   return (os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(output_path))
-          and (base == f'{name}.partial' or base.startswith(f'.{name}.partial-')))
+          and (base in (f'{name}.partial', f'.{name}.lock')
+               or base.startswith(f'.{name}.partial-')))
 
 
 def write_failure(error, output):

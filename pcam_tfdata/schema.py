@@ -145,8 +145,9 @@ def load_manifest(records_dir):
     The manifest as a dict.
 
   Raises:
-    ManifestError: the folder or its manifest is missing or malformed, or a
-      shard it names is absent.
+    ManifestError: the folder or its manifest is missing or malformed, a
+      shard it names is absent, or a split's count is not its shards' (nor
+      its labels') sum.
   """
   path = os.path.join(records_dir, MANIFEST_NAME)
   if not os.path.isdir(records_dir):
@@ -171,4 +172,13 @@ def load_manifest(records_dir):
     for shard in info.get('shards', ()):
       if not os.path.isfile(os.path.join(records_dir, shard['file'])):
         raise ManifestError(f'{path}: split {split!r} names missing shard {shard["file"]}')
+    # The totals a trainer sizes its epochs by, against what the shards hold
+    # (as pcam-verify-records checks, without reading them).
+    in_shards = sum(shard.get('count', 0) for shard in info.get('shards', ()))
+    by_label = sum(info.get('label_counts', {}).values())
+    if info.get('count') != in_shards or info.get('count') != by_label:
+      raise ManifestError(
+          f'{path}: split {split!r} counts {info.get("count")} examples, its shards '
+          f'{in_shards} and its labels {by_label}: edited or damaged; convert again '
+          '(tools/make_records.py --overwrite)')
   return manifest

@@ -1,10 +1,14 @@
 """The hand-written Example encoding and TFRecord framing against TensorFlow's own."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from pcam_tfdata.convert import shards
+from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
 
 
@@ -55,3 +59,25 @@ def test_load_manifest_refuses_a_folder_without_one(tmp_path):
     schema.load_manifest(str(tmp_path))
   with pytest.raises(schema.ManifestError, match='no such records folder'):
     schema.load_manifest(str(tmp_path / 'absent'))
+
+
+@pytest.mark.parametrize('field', ['count', 'label_counts'])
+def test_a_split_total_that_disagrees_with_its_shards_is_refused_in_one_line(records, tmp_path,
+                                                                              field):
+  """What a trainer sizes its epochs by must be what the shards hold (an edited manifest)."""
+  copy = tmp_path / 'rec'
+  shutil.copytree(records, copy)
+  manifest = json.loads((copy / schema.MANIFEST_NAME).read_text())
+  train = manifest['splits']['train']
+  if field == 'count':
+    train['count'] += 1
+  else:
+    train['label_counts']['0'] += 1
+  (copy / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+  count, by_label = train['count'], sum(train['label_counts'].values())
+  with pytest.raises(schema.ManifestError) as e:
+    records_lib.Records.open(str(copy))
+  assert str(e.value) == (
+      f"{copy / schema.MANIFEST_NAME}: split 'train' counts {count} examples, its shards "
+      f"{sum(s['count'] for s in train['shards'])} and its labels {by_label}: edited or damaged; "
+      'convert again (tools/make_records.py --overwrite)')

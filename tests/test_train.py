@@ -1107,3 +1107,21 @@ def test_every_checked_setting_changed_alone_is_refused_naming_it(setting, named
   differ = re.fullmatch(r'backup: the backup is of a run with other settings \((.*)\); rerun '
                         r'the command .*', str(e.value))[1].split('; ')
   assert len(differ) == 1 and named in differ[0], differ
+
+
+@pytest.mark.parametrize('epochs, stopped, runs', [(2, False, 2), (3, True, 2)])
+def test_stopped_early_only_when_early_stopping_ended_the_run_before_its_last_epoch(
+    records, tmp_path, monkeypatch, capsys, epochs, stopped, runs):
+  """Val AUC flat from epoch 1 on, patience 1: out of patience after epoch 2, which is the
+  last of 2 (trained all: not stopped early) or not of 3 (stopped early)."""
+  monkeypatch.setattr(epochs_lib.evaluate, 'binary_metrics',
+                      lambda labels, probs: {'auc': 0.5, 'loss': 0.7, 'accuracy': 0.5})
+  metrics = train.run(_config(records, tmp_path / 'run', epochs=epochs,
+                              early_stopping_patience=1, reduce_lr_patience=5))
+  assert metrics['stopped_early'] is stopped and metrics['epochs_run'] == runs
+  out = capsys.readouterr().out
+  assert ('early stopping: val AUC best at epoch 1' in out) is stopped
+  train.run(_config(records, tmp_path / 'run', epochs=epochs, early_stopping_patience=1,
+                    reduce_lr_patience=5))  # Again: evaluated, said why it has finished.
+  assert (f'has finished (early stopping after epoch 2)' if stopped else
+          'has finished (all 2 epochs)') in capsys.readouterr().out

@@ -97,7 +97,7 @@ def main(argv):
       if not os.path.isdir(data_dir):
         print(f'generating the synthetic demo set in {data_dir}')
         with cli.writes_to(PROGRAM, data_dir):
-          synthetic.make_dataset(data_dir)
+          synthetic.make_dataset(data_dir, exist_ok=True)  # (A second first run may race.)
       if per_class is None:  # The demo balances to its smaller class.
         labels = kaggle.read_source(data_dir).labels
         per_class = int(min((labels == 0).sum(), (labels == 1).sum()))

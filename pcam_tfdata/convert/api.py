@@ -15,6 +15,7 @@ from pcam_tfdata.convert import pcam_h5
 from pcam_tfdata.convert import plan
 from pcam_tfdata.convert import pool
 from pcam_tfdata.convert import tiff
+from pcam_tfdata import folderlock
 from pcam_tfdata import schema
 
 # The flags' defaults, for the command's help and for `make_records`'s.
@@ -24,7 +25,7 @@ SOURCES = ('kaggle', 'pcam_h5')
 # What `make_records` raises for bad settings or inputs (each a ValueError
 # with a one-line message): the command prints these; anything else is a bug.
 ERRORS = (kaggle.SourceError, pcam_h5.SourceError, plan.ConvertError, outdir.OutDirError,
-          tiff.BadImageError, schema.ManifestError)
+          tiff.BadImageError, schema.ManifestError, folderlock.FolderBusy)
 
 
 def make_records(data_dir, out_dir, *, source='kaggle', crop_size=32, per_class=None,

@@ -99,6 +99,7 @@ class _ShardSet:
     return [w.close() for w in self._writers]
 
 
+@outdir.one_writer(lambda source: [os.path.dirname(s.x_path) for s in source.values()])
 def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, seed=0,
             resplit=False, num_shards=0, overwrite=False, replace_stale=False, flags=None,
             eda=True, show_progress=True, log=print, drop_duplicates=False):
@@ -124,12 +125,11 @@ def convert(source, out_dir, *, crop_size=32, per_class=0, val_fraction=0.2, see
 
   Raises:
     plan.ConvertError, pcam_h5.SourceError, outdir.OutDirError: bad settings,
-    input or output folder, one line each.
+    input or output folder, one line each; folderlock.FolderBusy: another
+    conversion writes `out_dir`.
   """
   start = time.time()
   plan_lib.check_settings(crop_size, per_class, val_fraction, num_shards, 1)
-  for split in source.values():  # The folder of the files: no output inside it.
-    outdir.check_paths(os.path.dirname(split.x_path), out_dir)
   dropped = _find_duplicates(source, crop_size, show_progress) if drop_duplicates else None
   targets, shard_counts = _plan(source, crop_size=crop_size, per_class=per_class,
                                 val_fraction=val_fraction, seed=seed, resplit=resplit,

@@ -69,6 +69,7 @@ def _read_files(paths, indices):
   return ((i, tiff.read_patch(paths[i])) for i in indices)
 
 
+@outdir.one_writer(lambda source: [source.data_dir])
 def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2, seed=0,
             groups=None, num_shards=0, workers=1, skip_bad=False, overwrite=False,
             replace_stale=False, flags=None, eda=True, show_progress=True, log=print,
@@ -97,11 +98,11 @@ def convert(source, out_dir, *, crop_size=32, per_class=50000, val_fraction=0.2,
 
   Raises:
     plan.ConvertError: bad settings; outdir.OutDirError: an output folder
-      it may not use; tiff.BadImageError: a bad patch without `skip_bad`.
+      it may not use; tiff.BadImageError: a bad patch without `skip_bad`;
+    folderlock.FolderBusy: another conversion writes `out_dir`.
   """
   start = time.time()
   plan_lib.check_settings(crop_size, per_class, val_fraction, num_shards, workers)
-  outdir.check_paths(source.data_dir, out_dir)
   dropped_ids, dropped = None, None
   if drop_duplicates:
     # What can fail without the scan fails before it (a full read of the data).

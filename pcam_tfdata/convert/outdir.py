@@ -6,17 +6,51 @@ output; these helpers decide whether an existing folder may be replaced and
 do the replacing.
 """
 
+import functools
 import glob
 import json
 import os
 import shutil
 
 from pcam_tfdata.convert import shards
+from pcam_tfdata import folderlock
 from pcam_tfdata import schema
 
 
 class OutDirError(ValueError):
   """The output folder cannot be used or replaced as asked."""
+
+
+def lock(out_dir, log=print, what=None):
+  """The lock on `out_dir` (folderlock): a file beside it, as the folder itself is swapped.
+
+  Named by the folder's real path, so two names of one folder (a link) meet;
+  `what` names the folder in the refusal (default '--out_dir=OUT_DIR').
+  """
+  parent, name = os.path.split(os.path.realpath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  return folderlock.FolderLock(os.path.join(parent, f'.{name}.lock'),
+                               what or f'--out_dir={out_dir}', log)
+
+
+def one_writer(input_dirs):
+  """Decorates `convert(source, out_dir, ..., log=...)` to hold `lock(out_dir)` while it runs.
+
+  From before the first read of the inputs to the swap: a second
+  conversion into the same folder is refused in one line (folderlock.FolderBusy)
+  before it scans, plans or removes anything (the first one's work folder
+  above all). First `check_paths` against each of `input_dirs(source)`, so
+  that not even the lock file is written into an input.
+  """
+  def decorate(convert):
+    @functools.wraps(convert)
+    def locked(source, out_dir, *args, **kwargs):
+      for data_dir in input_dirs(source):
+        check_paths(data_dir, out_dir)
+      with lock(out_dir, kwargs.get('log', print)):
+        return convert(source, out_dir, *args, **kwargs)
+    return locked
+  return decorate
 
 
 def check_paths(data_dir, out_dir):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pcam_tfdata import progress
 from pcam_tfdata.convert import kaggle
+from pcam_tfdata.convert import outdir
 from pcam_tfdata.convert import pool as pool_lib
 
 # Class ratio of the Kaggle training set: 89,117 of 220,025 are positive.
@@ -138,7 +139,7 @@ def _write_patches(job):
 
 
 def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False,
-                 show_progress=True, workers=None):
+                 show_progress=True, workers=None, exist_ok=False):
   """Writes a synthetic PCam set in Kaggle's layout: train/, train_labels.csv, test/, sample_submission.csv.
 
   The patches are 96x96 RGB TIFFs named <40-hex id>.tif, as Kaggle's, with
@@ -160,15 +161,25 @@ def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False
     overwrite: replace an existing folder.
     show_progress: show a progress bar (a line every 30 s in a log file).
     workers: processes drawing patches (default: all cores).
+    exist_ok: an existing folder is left as it is (the demo's: made by
+      an earlier or a concurrent first run).
 
   Returns:
     The folder's path.
 
   Raises:
-    ValueError: bad sizes, or `out_dir` exists and not `overwrite`.
+    ValueError: bad sizes, or `out_dir` exists and not `overwrite`;
+      folderlock.FolderBusy: another process writes it.
   """
   if num_train < 2 or num_test < 0:
     raise ValueError(f'--num_train={num_train} must be >= 2 and --num_test={num_test} >= 0')
+  with outdir.lock(out_dir, what=out_dir):  # (Two first runs of the demo at once.)
+    if exist_ok and os.path.isdir(out_dir):
+      return out_dir
+    return _make_dataset(out_dir, num_train, num_test, seed, overwrite, show_progress, workers)
+
+
+def _make_dataset(out_dir, num_train, num_test, seed, overwrite, show_progress, workers):
   if os.path.lexists(out_dir) and not overwrite:
     raise ValueError(f'--out_dir={out_dir}: exists; pass --overwrite to replace it')
   tmp = out_dir.rstrip('/') + '.partial'

@@ -129,13 +129,13 @@ class EpochLoop:
     backup_dir = self._path(rundir.BACKUP_DIR)
     if self.first_step:
       print(f'resuming epoch {self.last_epoch + 1} at step {self.first_step} from {backup_dir}')
-    elif self.last_epoch and self.state.stopped_early:
-      print(f'the run in {self.model_dir} has finished (early stopping after epoch '
-            f'{self.last_epoch}): evaluating its best model again; --restart trains afresh')
     elif self.last_epoch >= self.config.epochs:
       print(f'the run in {self.model_dir} has finished (all {self.last_epoch} epochs): '
             'evaluating its best model again; a larger --epochs trains on, --restart '
             'trains afresh')
+    elif self.last_epoch and self.state.stopped_early:
+      print(f'the run in {self.model_dir} has finished (early stopping after epoch '
+            f'{self.last_epoch}): evaluating its best model again; --restart trains afresh')
     elif self.last_epoch:
       print(f'resuming after epoch {self.last_epoch} from {backup_dir}')
     if self.last_epoch or self.first_step:
@@ -172,7 +172,7 @@ class EpochLoop:
       # another worker is done anyway, and ends as usual, so that a launcher
       # or cluster manager does not take the chief's evaluation for a stop.
       raise preemption.Preempted(self.last_epoch, self.steps)
-    if self.state.stopped_early:
+    if self._stopped_early():
       print(f'early stopping: val AUC best at epoch {self.state.best_epoch} '
             f'({self.state.best:.4f})')
     self.backup.remove_scratch()
@@ -182,6 +182,10 @@ class EpochLoop:
           f'{distribute.worker_index(self.setup.strategy)})', flush=True)
     if not self.setup.chief:
       shutil.rmtree(self._path(f'.worker{self.setup.task_id}_tensorboard'), ignore_errors=True)
+
+  def _stopped_early(self):
+    """Whether early stopping ended the run before --epochs (not: ran out of patience at the last)."""
+    return self.state.stopped_early and self.last_epoch < self.config.epochs
 
   def _epoch(self, epoch, val_dataset, writer, watch, profile):
     """Trains, validates, logs and backs up one epoch (and stops there if preempted)."""
@@ -323,7 +327,7 @@ class EpochLoop:
         'params': int(self.model.count_params()),
         'best_epoch': self.state.best_epoch,
         'epochs_run': self.last_epoch,
-        'stopped_early': self.state.stopped_early,
+        'stopped_early': self._stopped_early(),
         'strategy': distribute.strategy_name(setup.strategy),
         'num_replicas_in_sync': setup.replicas,
         'precision_policy': setup.policy,

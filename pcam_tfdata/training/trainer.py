@@ -4,6 +4,7 @@
 object with one job, and gets what it needs from the phases before it.
 """
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -12,6 +13,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
+from pcam_tfdata import folderlock
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import rundir
 from pcam_tfdata.training import augment
@@ -43,17 +45,35 @@ def train_and_evaluate(config, strategy=None, datasets=None):
   start = time.time()
   records = records_lib.Records.of(config.records_dir)  # The manifest, read once.
   setup = set_up(config, strategy)
-  steps, datasets = make_data(config, records, setup, datasets)
-  model, optimizer = build_model(config, records, setup)
-  run = epochs_lib.EpochLoop(config, records, setup, model, optimizer, steps)
-  run.restore()
-  run.start(datasets)
-  run.train(datasets)
+  with one_writer(config, setup):
+    steps, datasets = make_data(config, records, setup, datasets)
+    model, optimizer = build_model(config, records, setup)
+    run = epochs_lib.EpochLoop(config, records, setup, model, optimizer, steps)
+    run.restore()
+    run.start(datasets)
+    run.train(datasets)
+    if not setup.chief:
+      return {}
+    # The backup stays: rerun, the same command evaluates again, a larger
+    # --epochs trains on, and another command is refused (resume.check).
+    return run.final_evaluation(datasets, time.time() - start)
+
+
+def one_writer(config, setup):
+  """The chief's lock on --model_dir for the whole run (folderlock); the other workers take none.
+
+  Taken before anything is restored or written, so a second run into the
+  folder (a second terminal, a restarted job whose old pod still runs) is
+  refused in one line instead of mixing its rows, curves and models in.
+
+  Raises:
+    folderlock.FolderBusy: a live run holds it.
+  """
   if not setup.chief:
-    return {}
-  # The backup stays: rerun, the same command evaluates again, a larger
-  # --epochs trains on, and another command is refused (resume.check).
-  return run.final_evaluation(datasets, time.time() - start)
+    return contextlib.nullcontext()
+  os.makedirs(config.model_dir, exist_ok=True)
+  return folderlock.FolderLock(os.path.join(config.model_dir, folderlock.LOCK_NAME),
+                               f'--model_dir={config.model_dir}')
 
 
 def set_up(config, strategy=None):
