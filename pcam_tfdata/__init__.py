@@ -27,6 +27,8 @@ import importlib
 import sys
 import types
 
+__version__ = '0.1.0'  # The package's (setup.cfg reads it here).
+
 __all__ = [
     'make_synthetic', 'make_records', 'Records', 'make_dataset', 'Augment', 'build_model',
     'train', 'predict', 'write_submission',
@@ -56,7 +58,8 @@ def __getattr__(name):
 
 
 def __dir__():
-  return sorted(list(globals()) + __all__)
+  # The public names (and the version), not the modules this file imports.
+  return sorted(__all__ + ['__version__'])
 
 
 class _Package(types.ModuleType):

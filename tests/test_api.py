@@ -45,6 +45,13 @@ def test_every_public_name_is_documented_with_an_example():
     assert f'pt.{name}' in doc, f'{name}: no example in its docstring'
 
 
+def test_dir_shows_the_public_names_and_the_version_is_the_installed_one():
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  assert dir(pt) == sorted(pt.__all__ + ['__version__'])  # (Not importlib, sys, types.)
+  assert pt.__version__ == metadata.version('pcam_tfdata') and re.fullmatch(
+      r'\d+\.\d+\.\d+', pt.__version__)
+
+
 def test_train_stays_a_function_when_its_commands_module_loads():
   module = importlib.import_module('pcam_tfdata.train')  # (One command's flags a process.)
   assert inspect.ismodule(module) and hasattr(module, 'main')
