@@ -292,6 +292,10 @@ def run_program(module):
   own_args = sys.argv[1:sys.argv.index('--')] if '--' in sys.argv else sys.argv[1:]
   ran = []
   program = getattr(module, 'PROGRAM', module.__name__.rsplit('.', 1)[-1])
+  if main is not module and sys.argv and sys.argv[0]:
+    # Named as called: `pcam-make-records` by its console script, a
+    # tools/ file by its file name (`python -m` keeps the module's name).
+    program = module.PROGRAM = os.path.basename(sys.argv[0])
 
   def run_main(argv):
     ran.append(True)

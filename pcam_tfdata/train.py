@@ -1,4 +1,4 @@
-r"""Trains the seed's Baseline or BatchNorm CNN on the records, on any strategy.
+r"""Trains one model (the seed's Baseline or BatchNorm CNN, ResNet50V2 or EfficientNetV2B0) on the records, on any strategy.
 
     python -m pcam_tfdata.train --flagfile=configs/demo.flags --model=batchnorm
 

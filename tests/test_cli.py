@@ -328,6 +328,14 @@ def test_each_console_script_is_its_command_and_its_help_lists_its_flags(script)
   assert same.returncode == 0, same.stderr[-2000:]
   assert _flag_lines(proc.stdout) == _flag_lines(same.stdout)
   assert (len(_flag_lines(proc.stdout)) > 0) == (script != 'pcam-report')
+  # Its errors name it as it was called; the other form's by its own name.
+  bad = subprocess.run([path, '--no_such_flag'], capture_output=True, text=True,
+                       env=user_env(), timeout=120, cwd=ROOT)
+  assert bad.returncode == 1 and bad.stderr.splitlines() == [
+      f'{script}: error: Unknown command line flag \'no_such_flag\'; see --help'], bad.stderr
+  other = run_tool(*other_form, '--no_such_flag')
+  name = os.path.basename(other_form[-1]).removeprefix('pcam_tfdata.')
+  assert other.stderr.startswith(f'{name}: error: '), other.stderr
 
 
 def test_an_error_after_ctrl_c_is_the_interrupt_one_line_status_130(capsys):

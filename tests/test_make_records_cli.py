@@ -81,7 +81,9 @@ def _break(kind, d):
     tifffile.imwrite(tif, _patch().astype(np.uint16) * 257, photometric='rgb')
     return [], f'{victim}.tif: 16/16/16-bit samples'
   if kind == 'per_class_too_large':
-    return ['--per_class=30'], '--per_class=30 but class 1 holds only 24 examples'
+    return ['--per_class=30'], ('--per_class=30 but class 1 holds only 24 examples: '
+                                '--per_class=24 is the most both classes hold, --per_class=0 '
+                                'keeps every example (unbalanced)')
   flag, message = {
       'crop_odd': ('--crop_size=33', '--crop_size=33: must be even'),
       'crop_too_big': ('--crop_size=98', '--crop_size=98: must be even, 2..96'),

@@ -191,9 +191,14 @@ def test_an_application_refuses_small_images_and_weights_it_cannot_fetch(monkeyp
     raise Exception(f'URL fetch failure on {origin}: None -- [Errno -3] no network')
 
   monkeypatch.setattr(file_utils, 'get_file', offline)
+  from keras.src.backend import config as keras_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r'^--weights=imagenet: could not fetch or load the '
                      r'efficientnetv2b0 ImageNet weights \(URL fetch failure on https://\S+'
-                     r'efficientnetv2-b0_notop.h5: None -- \[Errno -3\] no network\)$'):
+                     r'efficientnetv2-b0_notop.h5: None -- \[Errno -3\] no network\); '
+                     r'offline, copy efficientnetv2-b0_notop.h5 \(from https://\S+'
+                     r'efficientnetv2-b0_notop.h5\) into ' + re.escape(
+                         os.path.join(keras_config.keras_home(), 'models')) +
+                     r", Keras' cache, or train with --weights=none$"):
     models.build_model('efficientnetv2b0', (32, 32, 3), weights='imagenet')
   with pytest.raises(ValueError, match='--weights=imagenet: --model=baseline has no published'):
     models.build_model('baseline', weights='imagenet')

@@ -178,13 +178,13 @@ def launch(num_workers, train_args):
     return 0
   index, code = failed
   if index is None:
-    print('launch_local_cluster.py: error: terminated; stopped every worker (rerun the '
+    print(f'{PROGRAM}: error: terminated; stopped every worker (rerun the '
           'same command to resume)', file=sys.stderr)
   elif code == PREEMPTED:
-    print(f'launch_local_cluster.py: worker {index} was preempted: every worker saved a backup '
+    print(f'{PROGRAM}: worker {index} was preempted: every worker saved a backup '
           'and stopped (rerun the same command to resume)', file=sys.stderr)
   else:
-    print(f'launch_local_cluster.py: error: worker {index} exited with status {code}; '
+    print(f'{PROGRAM}: error: worker {index} exited with status {code}; '
           'stopped the others (rerun the same command to resume)', file=sys.stderr)
   return code if code > 0 else 1
 
@@ -220,17 +220,17 @@ def main(argv):
   signal.signal(signal.SIGINT, signal.default_int_handler)
   train_args = argv[1:]
   if _NUM_WORKERS.value < 1:
-    print(f'launch_local_cluster.py: error: --num_workers={_NUM_WORKERS.value}: must be >= 1',
+    print(f'{PROGRAM}: error: --num_workers={_NUM_WORKERS.value}: must be >= 1',
           file=sys.stderr)
     sys.exit(1)
   try:
     status = launch(_NUM_WORKERS.value, train_args)
   except KeyboardInterrupt:
-    print('launch_local_cluster.py: error: interrupted; stopped every worker (rerun the '
+    print(f'{PROGRAM}: error: interrupted; stopped every worker (rerun the '
           'same command to resume)', file=sys.stderr)
     sys.exit(130)
   except _Terminated:  # A second SIGTERM while the workers stopped: killed at once.
-    print('launch_local_cluster.py: error: terminated; stopped every worker (rerun the '
+    print(f'{PROGRAM}: error: terminated; stopped every worker (rerun the '
           'same command to resume)', file=sys.stderr)
     sys.exit(143)
   sys.exit(status)

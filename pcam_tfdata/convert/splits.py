@@ -31,10 +31,12 @@ def balance(ids, labels, per_class, rng):
 
 def check_per_class(labels, per_class):
   """Raises ValueError naming --per_class if a class holds fewer examples."""
+  have = {label: int(np.sum(labels == label)) for label in (0, 1)}
   for label in (0, 1):
-    have = int(np.sum(labels == label))
-    if have < per_class:
-      raise ValueError(f'--per_class={per_class} but class {label} holds only {have} examples')
+    if have[label] < per_class:
+      raise ValueError(f'--per_class={per_class} but class {label} holds only {have[label]} '
+                       f'examples: --per_class={min(have.values())} is the most both classes '
+                       'hold, --per_class=0 keeps every example (unbalanced)')
 
 
 def check_fold(num_folds, fold):

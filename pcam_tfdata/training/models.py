@@ -8,6 +8,9 @@ the sigmoid runs in float32 under any policy, since the loss that follows it
 cannot be computed in float16.
 """
 
+import os
+import re
+
 import keras
 import tensorflow as tf
 
@@ -130,6 +133,19 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False, weights='n
   return keras.Model(inputs, outputs, name=name)
 
 
+def _offline_hint(detail):
+  """Where Keras looks for the weights file before fetching it, so that it can be copied there."""
+  try:
+    from keras.src.backend.config import keras_home  # pylint: disable=g-import-not-at-top
+    home = keras_home()
+  except ImportError:  # (A private name: a later Keras may move it.)
+    home = os.environ.get('KERAS_HOME', os.path.join(os.path.expanduser('~'), '.keras'))
+  url = re.search(r'https?://\S+?\.h5', detail)
+  what = os.path.basename(url[0]) if url else 'the weights file'
+  return (f'offline, copy {what} (from {url[0] if url else "a machine that can fetch it"}) '
+          f'into {os.path.join(home, "models")}, Keras\' cache, or train with --weights=none')
+
+
 def _application(name, image_shape, sync_batch_norm, weights):
   """A Keras application without its top, as a binary classifier of uint8 images."""
   if min(image_shape[:2]) < _MIN_SIDE:
@@ -151,7 +167,7 @@ def _application(name, image_shape, sync_batch_norm, weights):
     # Keras' get_file: "URL fetch failure on https://...: None -- [Errno -3] ...".
     detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f'--weights={weights}: could not fetch or load the {name} ImageNet '
-                     f'weights ({detail})') from None
+                     f'weights ({detail}); {_offline_hint(detail)}') from None
   for layer in sublayers(base):
     if isinstance(layer, keras.layers.BatchNormalization):
       layer.synchronized = sync_batch_norm  # Read when called; saved in the config.
