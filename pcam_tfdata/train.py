@@ -81,6 +81,9 @@ _SEED = flags.DEFINE_integer(
     'resumed run, ends with bit-identical weights (on GPU hosts, with TF op determinism).')
 _STEPS_PER_EXECUTION = flags.DEFINE_integer('steps_per_execution', 1,
                                             'Training steps per compiled call.')
+_STEPS_PER_EPOCH = flags.DEFINE_integer(
+    'steps_per_epoch', 0, 'Train at most N steps an epoch, as Keras fit\'s steps_per_epoch: a '
+    'quick try of a large model or set (0: every whole batch of the train split).')
 _BACKUP_EVERY_STEPS = flags.DEFINE_integer(
     'backup_every_steps', 0, 'Also back up every N steps within an epoch, so that a run killed '
     'mid-epoch resumes there (0: at epoch ends only).')
@@ -150,7 +153,7 @@ def _config_from_flags():
       jit_compile=_JIT_COMPILE.value, augment=_AUGMENT.value, augment_on=_AUGMENT_ON.value,
       stain_jitter=_STAIN_JITTER.value, stain_jitter_on=_STAIN_JITTER_ON.value,
       augment_cache_gib=_AUGMENT_CACHE_GIB.value, seed=_SEED.value,
-      steps_per_execution=_STEPS_PER_EXECUTION.value,
+      steps_per_execution=_STEPS_PER_EXECUTION.value, steps_per_epoch=_STEPS_PER_EPOCH.value,
       backup_every_steps=_BACKUP_EVERY_STEPS.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,
       reduce_lr_patience=_REDUCE_LR_PATIENCE.value, profile_steps=profile,

@@ -1076,7 +1076,8 @@ class _Setup(types.SimpleNamespace):
 # Every setting a resume checks: changed alone, and how the refusal names it.
 _CHECKED = [
     ('records', '--records_dir'), ('model', '--model'), ('weights', '--weights'),
-    ('batch_size', '--batch_size'), ('learning_rate', '--learning_rate'), ('seed', '--seed'),
+    ('batch_size', '--batch_size'), ('steps_per_epoch', '--steps_per_epoch'),
+    ('learning_rate', '--learning_rate'), ('seed', '--seed'),
     ('augment', '--augment'), ('stain_jitter', '--stain_jitter'),
     ('stain_jitter_on', '--stain_jitter_on'), ('precision', '--mixed_precision'),
     ('sync_batch_norm', '--sync_batch_norm'), ('replicas', 'the replicas in sync'),
@@ -1098,6 +1099,7 @@ def test_every_checked_setting_changed_alone_is_refused_naming_it(setting, named
   changed = {
       'records': dict(fingerprint='def'), 'model': dict(model='efficientnetv2b0'),
       'weights': dict(weights='imagenet'), 'batch_size': dict(batch_size=16),
+      'steps_per_epoch': dict(steps_per_epoch=5),
       'learning_rate': dict(learning_rate=1e-4), 'seed': dict(seed=2),
       'augment': dict(augment=True), 'stain_jitter': dict(stain_jitter=0.2),
       'stain_jitter_on': dict(setup={'stain_on_device': True}),
@@ -1130,3 +1132,30 @@ def test_stopped_early_only_when_early_stopping_ended_the_run_before_its_last_ep
                     reduce_lr_patience=5))  # Again: evaluated, said why it has finished.
   assert (f'has finished (early stopping after epoch 2)' if stopped else
           'has finished (all 2 epochs)') in capsys.readouterr().out
+
+
+def test_steps_per_epoch_caps_each_epoch_with_the_epochs_own_first_batches(records, tmp_path,
+                                                                          monkeypatch):
+  """2 of the 6 steps an epoch, over 2 epochs: 4 steps (one per compiled call)."""
+  calls, make_train_fn = [], loop.make_train_fn
+
+  def counting(*args, **kwargs):
+    train_steps = make_train_fn(*args, **kwargs)
+
+    def steps(iterator, n):
+      calls.append(int(n))
+      return train_steps(iterator, n)
+    return steps
+
+  monkeypatch.setattr(loop, 'make_train_fn', counting)
+  metrics = pcam_tfdata.train(str(records), str(tmp_path / 'run'), epochs=2, batch_size=8,
+                              eval_batch_size=16, mixed_precision='off', strategy='default',
+                              seed=1, steps_per_epoch=2, progress=False)
+  assert calls == [1, 1, 1, 1] and metrics['epochs_run'] == 2
+  with pytest.raises(ValueError, match=r'^--steps_per_epoch=-1: must be >= 0'):
+    pcam_tfdata.train(str(records), str(tmp_path / 'bad'), steps_per_epoch=-1)
+  calls.clear()  # A cap above the split's steps is the split's.
+  pcam_tfdata.train(str(records), str(tmp_path / 'all'), epochs=1, batch_size=8,
+                    eval_batch_size=16, mixed_precision='off', strategy='default', seed=1,
+                    steps_per_epoch=100, progress=False)
+  assert calls == [1] * 6

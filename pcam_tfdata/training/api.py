@@ -46,7 +46,7 @@ def train(records_dir, model_dir, *, strategy=None, **options):
       `strategy` object is given), num_cpu_devices=1, sync_batch_norm='auto',
       jit_compile='auto', augment=False, augment_on='auto', stain_jitter=0.0,
       stain_jitter_on='auto', augment_cache_gib=4.0, seed=None,
-      steps_per_execution=1, backup_every_steps=0, early_stopping_patience=3,
+      steps_per_execution=1, steps_per_epoch=0, backup_every_steps=0, early_stopping_patience=3,
       reduce_lr_patience=2,
       profile_steps=None (a (start, stop) pair), eval_batch_size=512,
       data_service_address=None, progress=True, restart=False. A `seed` also turns on

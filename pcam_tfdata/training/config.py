@@ -42,6 +42,7 @@ class Config:
   augment_cache_gib: float = 4.0  # As pipeline.DEFAULT_VARIANT_BUDGET (TF-free here).
   seed: int | None = None
   steps_per_execution: int = 1
+  steps_per_epoch: int = 0  # 0: every whole batch of the train split.
   backup_every_steps: int = 0  # 0: a backup at each epoch's end only.
   early_stopping_patience: int = 3
   reduce_lr_patience: int = 2
@@ -69,6 +70,8 @@ def check_config(config):
       (config.batch_size >= 1, f'--batch_size={config.batch_size}: must be >= 1'),
       (config.learning_rate > 0, f'--learning_rate={config.learning_rate}: must be > 0'),
       (config.num_cpu_devices >= 1, f'--num_cpu_devices={config.num_cpu_devices}: must be >= 1'),
+      (config.steps_per_epoch >= 0,
+       f'--steps_per_epoch={config.steps_per_epoch}: must be >= 0 (0: the whole train split)'),
       (config.steps_per_execution >= 1,
        f'--steps_per_execution={config.steps_per_execution}: must be >= 1'),
       (config.backup_every_steps >= 0,

@@ -16,6 +16,7 @@ _NAMES = {
     'model': '--model',
     'weights': '--weights',
     'batch_size': '--batch_size',
+    'steps_per_epoch': '--steps_per_epoch',
     'learning_rate': '--learning_rate',
     'seed': '--seed',
     'augment': '--augment',
@@ -33,6 +34,7 @@ def settings(config, records, setup):
   return {
       'records': {'path': records.path, 'fingerprint': records.manifest.get('fingerprint')},
       'model': config.model, 'weights': config.weights, 'batch_size': config.batch_size,
+      'steps_per_epoch': config.steps_per_epoch,  # (Where each epoch ends.)
       'learning_rate': config.learning_rate, 'seed': config.seed,
       'augment': bool(config.augment),  # (True and 'dihedral' ask for the same.)
       'stain_jitter': config.stain_jitter,

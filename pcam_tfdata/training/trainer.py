@@ -179,6 +179,8 @@ def make_data(config, records, setup, datasets=None):
   if steps < 1:
     raise ValueError(f'--batch_size={config.batch_size}: larger than the train split '
                      f'({records.count("train")} examples)')
+  if config.steps_per_epoch:  # Each epoch's first N batches of its own order.
+    steps = min(steps, config.steps_per_epoch)
   datasets = datasets or _datasets(config, records, setup)
   if setup.pipelines > 1:
     context = distribute.input_context(setup.strategy)
