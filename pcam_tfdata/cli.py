@@ -273,6 +273,40 @@ def _flag_error(error):
   return f'--{required[1]} is required' if required else message
 
 
+def resolve_flagfiles(argv):
+  """`--flagfile=configs/NAME.flags`: ./configs/NAME.flags, or where there is none, the copy
+  installed with the package (`pip install` without -e, run from any folder).
+
+  Other flagfiles, and one that exists where it is named, are left as they are.
+  """
+  resolved = []
+  for arg in argv:
+    match = re.fullmatch(r'(--?flagfile=)(.+)', arg)
+    if match and not os.path.exists(match[2]):
+      packaged = packaged_config(match[2])
+      if packaged:
+        arg = match[1] + packaged
+    resolved.append(arg)
+  return resolved
+
+
+def packaged_config(path):
+  """The installed copy of `configs/NAME.flags` (`path`), or None.
+
+  A wheel holds them in the package (pcam_tfdata/configs, setup.cfg); an
+  editable install or a clone beside it (the top's configs/).
+  """
+  folder, name = os.path.split(os.path.normpath(path))
+  if folder != 'configs':
+    return None
+  package = os.path.dirname(os.path.abspath(__file__))
+  for configs in (os.path.join(package, 'configs'),
+                  os.path.join(os.path.dirname(package), 'configs')):
+    if os.path.isfile(os.path.join(configs, name)):
+      return os.path.join(configs, name)
+  return None
+
+
 def run_program(module):
   """Runs `module.main` under absl: `python -m`, a tools/ file or a console script.
 
@@ -305,7 +339,7 @@ def run_program(module):
     # absl's own parser prints two lines (the error, then a hint at --help);
     # ours prints one, in the form of every other error here.
     try:
-      return flags.FLAGS(argv)
+      return flags.FLAGS(resolve_flagfiles(argv))
     except flags.Error as e:
       fail(program, f'{_flag_error(e)}; see --help')
 

@@ -2,6 +2,10 @@ r"""Trains one model (the seed's Baseline or BatchNorm CNN, ResNet50V2 or Effici
 
     python -m pcam_tfdata.train --flagfile=configs/demo.flags --model=batchnorm
 
+--flagfile=configs/NAME.flags reads ./configs/NAME.flags, or where there is
+none, the copy installed with the package (demo, baseline, batchnorm,
+resnet50v2, efficientnetv2b0).
+
 This file is kept short: flags become a `Config`, and `run(config)` does the
 work. From Python, `pcam_tfdata.train(records_dir, model_dir, **flags)` is
 the same run (`import pcam_tfdata.train` gives that function; this module is

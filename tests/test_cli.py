@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import types
+import zipfile
 
 import pytest
 
@@ -373,3 +374,32 @@ def test_a_failure_keeps_its_status_whatever_help_flag_is_named():
                   '--model_dir=/nonexistent/run')
   assert proc.returncode == 1 and error_lines(proc.stderr) == [
       'train: error: /nonexistent/rec: no such records folder'], proc.stderr
+
+
+def test_a_config_flagfile_is_read_from_the_installed_package_where_the_folder_has_none(
+    tmp_path):
+  """`pip install` without -e: the wheel holds configs/ as pcam_tfdata/configs."""
+  wheels = tmp_path / 'wheels'
+  built = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps',
+                          '--no-build-isolation', '-w', str(wheels), str(ROOT)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert built.returncode == 0, built.stderr[-2000:]
+  (wheel,) = wheels.glob('pcam_tfdata-*.whl')
+  shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith('pcam_tfdata/configs/')}
+  assert shipped == {f'pcam_tfdata/configs/{p.name}' for p in (ROOT / 'configs').glob('*.flags')}
+  zipfile.ZipFile(wheel).extractall(tmp_path / 'site')  # As pip lays a wheel out.
+  env = user_env(PYTHONPATH=str(tmp_path / 'site'))
+  elsewhere = tmp_path / 'elsewhere'  # No configs/ here.
+  elsewhere.mkdir()
+  proc = run_tool('-m', 'pcam_tfdata.train', '--flagfile=configs/demo.flags',
+                  '--records_dir=/nonexistent/rec', '--model_dir=run', cwd=elsewhere, env=env)
+  assert proc.returncode == 1 and error_lines(proc.stderr) == [
+      'train: error: /nonexistent/rec: no such records folder'], proc.stderr  # (Read: no
+  # "cannot read flagfile"; and its --epochs etc. parsed.)
+  where = subprocess.run([sys.executable, '-c', 'from pcam_tfdata import cli; '
+                          'print(cli.packaged_config("configs/demo.flags"))'],
+                         capture_output=True, text=True, cwd=elsewhere, env=env, timeout=60)
+  assert where.stdout.strip() == str(tmp_path / 'site' / 'pcam_tfdata' / 'configs' / 'demo.flags')
+  missing = run_tool('-m', 'pcam_tfdata.train', '--flagfile=configs/nosuch.flags', cwd=elsewhere,
+                     env=env)
+  assert missing.returncode == 1 and 'configs/nosuch.flags' in missing.stderr

@@ -1,7 +1,9 @@
 """The shape of the code: two halves, small modules, and a converter that never needs TensorFlow."""
 
 import ast
+import configparser
 import json
+import os
 import subprocess
 import sys
 
@@ -13,9 +15,9 @@ PACKAGE = ROOT / 'pcam_tfdata'
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 # What the converter's half may import of the package: itself, the shared schema and
-# handle, and the progress display.
+# handle, the progress display and the folder lock.
 _CONVERTER_MAY_IMPORT = ('pcam_tfdata.convert', 'pcam_tfdata.schema', 'pcam_tfdata.records',
-                         'pcam_tfdata.progress')
+                         'pcam_tfdata.progress', 'pcam_tfdata.folderlock')
 _TENSORFLOW = ('tensorflow', 'keras')
 
 
@@ -82,3 +84,14 @@ def test_the_converter_converts_with_tensorflow_unimportable(kaggle_dir, tmp_pat
   probe = subprocess.run([sys.executable, '-c', 'import tensorflow'], capture_output=True,
                          text=True, env=env, timeout=60)
   assert 'tensorflow is unimportable in this test' in probe.stderr
+
+
+def test_every_package_folder_is_listed_in_setup_cfg():
+  """setup.cfg lists the packages by hand (its configs mapping); one missing would leave a wheel
+  without it."""
+  config = configparser.ConfigParser()
+  config.read(ROOT / 'setup.cfg')
+  listed = set(config['options']['packages'].split())
+  folders = {str(p.parent.relative_to(ROOT)).replace(os.sep, '.')
+             for p in (ROOT / 'pcam_tfdata').rglob('__init__.py')}
+  assert listed == folders | {'pcam_tfdata.configs'}
