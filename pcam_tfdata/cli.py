@@ -36,6 +36,12 @@ _ABSL_PREAMBLE = 'WARNING: All log messages before absl::InitializeLog() is call
 # The one record known to span two lines (cpu_feature_guard.cc); any other
 # line after a dropped record is kept, whatever it is.
 _CONTINUATIONS = ('To enable the following instructions:',)
+# Error records TensorFlow logs on runs that succeed, dropped with the
+# warnings: oneDNN falling back by itself to Eigen for float16 on a CPU
+# without AVX-512 FP16, and the coordination service's note, as a
+# multi-worker run ends, that its peers have left. (A run that fails says
+# why in its own one line.)
+_HARMLESS_ERRORS = ('oneDNN supports DT_HALF only on', 'StartAbort')
 
 
 def tf_log_level(verbose=False):
@@ -49,9 +55,10 @@ def tf_log_level(verbose=False):
 class LogFilter:
   """Drops TensorFlow C++ log records below `level` from stderr lines, one at a time.
 
-  0 keeps everything; 1 drops info; 2 info and warnings; 3 errors too. The
-  absl preamble goes from level 1, and the second line of the CPU-feature
-  notice with its record.
+  0 keeps everything; 1 drops info; 2 info, warnings and the error records
+  of runs that succeed (_HARMLESS_ERRORS); 3 errors too. The absl preamble
+  goes from level 1, and the second line of the CPU-feature notice with its
+  record.
   """
 
   def __init__(self, level):
@@ -61,7 +68,9 @@ class LogFilter:
   def keep(self, line):
     match = _ABSL_RECORD.match(line) or _TF_RECORD.match(line)
     if match:
-      drop = _SEVERITY[match['severity']] < self._level
+      drop = _SEVERITY[match['severity']] < self._level or (
+          self._level >= 2 and match['severity'] == 'E'
+          and any(h in line for h in _HARMLESS_ERRORS))
     elif line.startswith(_ABSL_PREAMBLE):
       drop = self._level >= 1
     else:
@@ -94,19 +103,25 @@ def _stderr_is_open():
   return sys.stderr is not None
 
 
-def import_tensorflow(verbose=False):
-  """Imports TensorFlow with its start-up chatter below the log level kept off stderr.
+def import_tensorflow(verbose=False, whole_run=True):
+  """Imports TensorFlow with its C++ log records below the log level kept off stderr.
 
   Call it from an entry point before anything imports TensorFlow. It sets
   TF_CPP_MIN_LOG_LEVEL (a value already in the environment wins unless
   `verbose`), so records logged once TensorFlow runs follow the same level.
 
-  While the libraries load, fd 2 goes through a separate filter process,
-  which forwards each line as it comes: an import that aborts (a CPU
-  without the instructions the build needs) or crashes still shows why.
+  File descriptor 2 goes through a separate filter process, which forwards
+  each line as it comes: an import that aborts (a CPU without the
+  instructions the build needs) or crashes still shows why. With
+  `whole_run` it stays there after the import, for the records TensorFlow
+  logs while the program runs (and as it exits), and Python's own stderr
+  (`sys.stderr`: errors, progress bars) goes straight to where fd 2 went.
 
   Args:
-    verbose: show every C++ info and warning line, as TensorFlow prints them.
+    verbose: show every C++ record, as TensorFlow prints them.
+    whole_run: filter the C++ records of the whole process, not only of
+      the import (a host process that owns its stderr, such as a test
+      runner, passes False).
 
   Returns:
     The tensorflow module.
@@ -129,17 +144,23 @@ def import_tensorflow(verbose=False):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return tf
   os.dup2(log_filter.stdin.fileno(), 2)
+  log_filter.stdin.close()  # fd 2 is this process's end of the pipe now.
+  kept = False
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    kept = whole_run
   finally:
     sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-    log_filter.stdin.close()  # EOF once no one else holds the pipe: the filter ends.
-    try:
-      log_filter.wait(timeout=10)  # Its last lines come before ours.
-    except subprocess.TimeoutExpired:
-      pass  # A child of the import still holds the pipe; the filter outlives us.
+    if kept:  # Python's lines straight to the terminal; fd 2 stays on the filter.
+      sys.stderr = os.fdopen(saved, 'w', buffering=1, encoding=sys.stderr.encoding,
+                             errors=sys.stderr.errors)
+    else:
+      os.dup2(saved, 2)
+      os.close(saved)
+      try:
+        log_filter.wait(timeout=10)  # EOF once no one else holds the pipe: its last lines first.
+      except subprocess.TimeoutExpired:
+        pass  # A child of the import still holds the pipe; the filter outlives us.
   return tf
 
 

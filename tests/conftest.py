@@ -31,7 +31,8 @@ def pytest_configure(config):
   """
   del config
   from pcam_tfdata import cli  # pylint: disable=g-import-not-at-top
-  tf = cli.import_tensorflow()  # The test run's own output without start-up chatter.
+  # The test run's own output without start-up chatter; its stderr stays pytest's.
+  tf = cli.import_tensorflow(whole_run=False)
   cpu = tf.config.list_physical_devices('CPU')[0]
   tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 

@@ -45,6 +45,35 @@ def test_filter_drops_records_below_the_level_and_keeps_the_rest():
   assert cli.filter_log_lines(lines, 3) == [*_PY_WARNING, 'plain text\n']
 
 
+# Error records of runs that succeed (issue 30), as TensorFlow 2.21 logs them.
+_HALF = ('E0000 00:00:1796433235.186603   22748 util.cc:131] oneDNN supports DT_HALF only on '
+         'platforms with AVX-512. Falling back to the default Eigen-based implementation if '
+         'present.\n')
+_START_ABORT = ('E0000 00:00:1796433235.186603   22748 coordination_service_agent.cc:563] '
+                'Coordination agent is set to error: UNAVAILABLE: ... StartAbort ... The tasks '
+                'have crashed.\n')
+
+
+def test_the_error_records_of_runs_that_succeed_go_with_the_warnings():
+  lines = [_HALF, _START_ABORT, _ERROR]
+  assert cli.filter_log_lines(lines, 2) == [_ERROR]  # Any other error record stays,
+  assert cli.filter_log_lines(lines, 1) == lines  # and a user's level below 2 keeps all.
+
+
+def test_a_run_keeps_the_filter_on_its_cpp_records_and_python_writes_straight(tmp_path):
+  """After the import, a C++ record on fd 2 is filtered; Python's stderr is not."""
+  code = ('import os, sys\n'
+          'from pcam_tfdata import cli\n'
+          'cli.import_tensorflow()\n'
+          f'os.write(2, {(_HALF + _ERROR).encode()!r})\n'
+          'print("python line", file=sys.stderr)\n')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                        env=user_env(), timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stderr.splitlines(keepends=True)
+  assert _ERROR in lines and 'python line\n' in lines and _HALF not in lines, lines
+
+
 @pytest.mark.parametrize('line', [
     '<frozen importlib._bootstrap>:241: RuntimeWarning: numpy.ndarray size changed\n',
     '/Users/me/My Drive/venv/foo.py:12: UserWarning: a path with a space\n',

@@ -145,6 +145,10 @@ def test_sigterm_to_one_worker_preempts_both_and_the_rerun_ends_as_an_uninterrup
   said = (f'resuming epoch {epoch} at step {step}' if step != '0'
           else f'resuming after epoch {int(epoch) - 1}')
   assert sorted(re.findall(rf'\[worker (\d)\] {said} ', stdout)) == ['0', '1'], stdout[-3000:]
+  # A run that succeeds: no TensorFlow C++ warning or error record (issue 30: the
+  # coordination service's StartAbort note as the workers leave).
+  assert not re.findall(r'\[worker \d\] [WE]\d{4} [\d:.]+\s+\d+ \S+\.(?:cc|h):\d+\] .*',
+                        stdout + err_path.read_text()), stdout[-3000:]
   resumed = _digests(stdout)
   # Each worker reads its own share of the shards, in batches of its share of the global 8.
   pipelines = dict(re.findall(r'\[worker (\d)\] input pipeline (\d) of 2: \d+ steps of 4 per '
