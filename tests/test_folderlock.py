@@ -158,3 +158,18 @@ def test_two_names_of_one_output_folder_share_its_lock(tmp_path):
   with outdir.lock(str(tmp_path / 'real' / 'rec')):
     with pytest.raises(folderlock.FolderBusy, match=r'^--out_dir=\S+/link/rec: in use'):
       outdir.lock(str(tmp_path / 'link' / 'rec')).acquire()
+
+
+def test_only_the_chief_takes_the_lock_the_other_workers_never_wait_on_it(records, tmp_path,
+                                                                          holder, monkeypatch):
+  """A worker that is not the chief trains while the chief (here: another process) holds it."""
+  train = importlib.import_module('pcam_tfdata.train')
+  from pcam_tfdata.training import distribute  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  chief = holder(model_dir / folderlock.LOCK_NAME)
+  monkeypatch.setattr(distribute, 'is_chief', lambda strategy: False)
+  assert train.run(train.Config(records_dir=str(records), model_dir=str(model_dir), epochs=1,
+                                batch_size=8, eval_batch_size=16, mixed_precision='off',
+                                strategy='default', seed=1, progress=False)) == {}
+  assert json.loads((model_dir / folderlock.LOCK_NAME).read_text())['pid'] == chief.pid
