@@ -179,8 +179,13 @@ _STAND_IN = r'''
 import json, os, signal, subprocess, sys, time
 index = json.loads(os.environ['TF_CONFIG'])['task']['index']
 role, _, child = sys.argv[1 + index].partition('+')
-if child:
-  child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']).pid
+if child:  # Up (past its start-up) before this one is ready; its stderr nowhere, so that
+  # a signal during its start-up cannot write into this worker's lines.
+  child = subprocess.Popen([sys.executable, '-c', 'import time; print(1, flush=True); '
+                            'time.sleep(3600)'], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL)
+  child.stdout.readline()
+  child = child.pid
 def on_sigint(*_):
   print(f'SIGINT {index}', flush=True)
   if role == 'preempt':
