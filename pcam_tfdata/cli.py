@@ -200,7 +200,7 @@ def _of_output(path, output_path):
   # 'ab' of 'a' is not one).
   return (os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(output_path))
           and (base in (f'{name}.partial', f'.{name}.lock')
-               or base.startswith(f'.{name}.partial-')))
+               or base.startswith((f'.{name}.partial-', f'.{name}.old-'))))
 
 
 def write_failure(error, output):

@@ -104,6 +104,8 @@ def test_predict_into_a_missing_folder_is_one_line(records, finished_run, tmp_pa
      'cannot read /mnt/ob: permission denied'),
     (PermissionError(errno.EACCES, 'Permission denied', '/mnt/o.partial'),  # (make_synthetic's.)
      'cannot write --out_dir=/mnt/o: permission denied (/mnt/o.partial)'),
+    (PermissionError(errno.EACCES, 'Permission denied', '/mnt/.o.old-12'),  # (Mid-swap.)
+     'cannot write --out_dir=/mnt/o: permission denied (/mnt/.o.old-12)'),
     (OSError(errno.EROFS, 'Read-only file system', '/mnt/.o.lock'),  # (Its lock: folderlock.)
      'cannot write --out_dir=/mnt/o: read-only file system (/mnt/.o.lock)'),
     (PermissionError(errno.EACCES, 'Permission denied'), None),  # Whose, unknown.
