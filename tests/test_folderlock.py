@@ -47,6 +47,15 @@ def holder():
     proc.stdout.close()
 
 
+def _config(records, model_dir, **kwargs):
+  """A quick seeded run's Config (one epoch of the tiny records on one device)."""
+  train = importlib.import_module('pcam_tfdata.train')
+  settings = dict(records_dir=str(records), model_dir=str(model_dir), epochs=1, batch_size=8,
+                  eval_batch_size=16, mixed_precision='off', strategy='default', seed=1,
+                  progress=False)
+  return train.Config(**{**settings, **kwargs})
+
+
 def _holder_named(message, proc):
   return (f'(host {socket.gethostname()}, process {proc.pid}: -c {proc.args[3]} pcam-train '
           '--model_dir=elsewhere)') in message
@@ -85,9 +94,7 @@ def test_a_run_into_a_folder_another_run_holds_is_refused_before_it_writes(recor
   model_dir = tmp_path / 'run'
   model_dir.mkdir()
   first = holder(model_dir / folderlock.LOCK_NAME)
-  config = train.Config(records_dir=str(records), model_dir=str(model_dir), epochs=1,
-                        batch_size=8, eval_batch_size=16, mixed_precision='off',
-                        strategy='default', seed=1, progress=False)
+  config = _config(records, model_dir)
   with pytest.raises(folderlock.FolderBusy) as e:
     train.run(config)
   assert str(e.value).startswith(f'--model_dir={model_dir}: in use by another run since ')
@@ -110,20 +117,17 @@ def test_the_lock_is_held_until_the_final_evaluation_is_written(records, tmp_pat
   train = importlib.import_module('pcam_tfdata.train')
   from pcam_tfdata.training import epochs  # pylint: disable=g-import-not-at-top
   model_dir = tmp_path / 'run'
-  settings = dict(records_dir=str(records), model_dir=str(model_dir), epochs=1, batch_size=8,
-                  eval_batch_size=16, mixed_precision='off', strategy='default', seed=1,
-                  progress=False)
   real = epochs.EpochLoop.final_evaluation
   refused = []
 
   def second_run_meanwhile(self, *args, **kwargs):
     with pytest.raises(folderlock.FolderBusy) as e:
-      train.run(train.Config(**dict(settings, model='batchnorm', restart=True)))
+      train.run(_config(records, model_dir, model='batchnorm', restart=True))
     refused.append(str(e.value))
     return real(self, *args, **kwargs)
 
   monkeypatch.setattr(epochs.EpochLoop, 'final_evaluation', second_run_meanwhile)
-  metrics = train.run(train.Config(**settings))
+  metrics = train.run(_config(records, model_dir))
   assert refused == [f'--model_dir={model_dir}: in use by another run in this process; wait '
                      'for it to end, or choose another folder']
   assert metrics['model'] == 'baseline' and json.loads(
@@ -169,7 +173,5 @@ def test_only_the_chief_takes_the_lock_the_other_workers_never_wait_on_it(record
   model_dir.mkdir()
   chief = holder(model_dir / folderlock.LOCK_NAME)
   monkeypatch.setattr(distribute, 'is_chief', lambda strategy: False)
-  assert train.run(train.Config(records_dir=str(records), model_dir=str(model_dir), epochs=1,
-                                batch_size=8, eval_batch_size=16, mixed_precision='off',
-                                strategy='default', seed=1, progress=False)) == {}
+  assert train.run(_config(records, model_dir)) == {}
   assert json.loads((model_dir / folderlock.LOCK_NAME).read_text())['pid'] == chief.pid
