@@ -30,13 +30,14 @@ import types
 __version__ = '0.1.0'  # The package's (setup.cfg reads it here).
 
 __all__ = [
-    'make_synthetic', 'make_records', 'Records', 'make_dataset', 'Augment', 'build_model',
+    'make_synthetic', 'StandIn', 'make_records', 'Records', 'make_dataset', 'Augment', 'build_model',
     'train', 'predict', 'write_submission',
 ]
 
 # Each public name, and the module it lives in (imported on first use).
 _HOMES = {
     'make_synthetic': ('pcam_tfdata.convert.synthetic', 'make_dataset'),
+    'StandIn': ('pcam_tfdata.convert.standin', 'StandIn'),
     'make_records': ('pcam_tfdata.convert.api', 'make_records'),
     'Records': ('pcam_tfdata.records', 'Records'),
     'make_dataset': ('pcam_tfdata.training.pipeline', 'make_dataset'),

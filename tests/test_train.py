@@ -406,7 +406,8 @@ def test_augmentation_in_the_training_step_trains_as_in_the_pipeline(records, mi
       np.testing.assert_array_equal(host, device)
 
 
-@pytest.mark.parametrize('model', ['baseline', 'batchnorm'])
+# BatchNorm (29 s of the default tier's 235) adds no path of its own: the slow tier has it.
+@pytest.mark.parametrize('model', ['baseline', pytest.param('batchnorm', marks=pytest.mark.slow)])
 def test_seeded_runs_augmented_on_host_or_device_end_with_equal_weights(records, tmp_path, model):
   """Two epochs through `train.run`, dropout and all: only where the dihedral transform
   (--augment_on) and the stain jitter (--stain_jitter_on) run differs."""

@@ -162,7 +162,8 @@ def read_source(data_dir, allow_missing=False):
       unlabelled=unlabelled)
 
 
-GROUP_COLUMNS = ('group', 'wsi', 'slide')  # The community slide file says `id,wsi`.
+# The community slide file says `id,wsi`; the stand-in's centres file `id,centre`.
+GROUP_COLUMNS = ('group', 'wsi', 'slide', 'centre', 'center')
 
 
 def read_groups(path, ids):

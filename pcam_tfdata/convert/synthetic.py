@@ -1,6 +1,13 @@
 """A synthetic data set in the exact Kaggle PCam layout and file format.
 
-Patches are 96x96 RGB and look like H&E: pink stroma with purple nuclei. The
+Two difficulties. `pcam` (standin.py) carries the properties of the real
+data that decide modelling questions: slides from several centres, stain and
+scanner shifts, tumour context, label noise, duplicates; it writes
+`slides.csv` and `centres.csv` beside the labels. `demo`, the default, is
+described here: every model solves it, so it shows the code works and says
+nothing about which model or setting is better.
+
+Demo patches are 96x96 RGB and look like H&E: pink stroma with purple nuclei. The
 label depends only on the center 32x32: a positive carries a cluster of
 large, dense, dark nuclei there (4 to 12 of them; in a third of positives only
 2 to 4 small, faint ones). One to three large dark nuclei appear anywhere in
@@ -25,6 +32,7 @@ from pcam_tfdata import progress
 from pcam_tfdata.convert import kaggle
 from pcam_tfdata.convert import outdir
 from pcam_tfdata.convert import pool as pool_lib
+from pcam_tfdata.convert import standin
 
 # Class ratio of the Kaggle training set: 89,117 of 220,025 are positive.
 POSITIVE_FRACTION = 89117 / 220025
@@ -41,19 +49,19 @@ MIMIC_PROBABILITY = 0.5  # Lone large dark nuclei, anywhere, in either class.
 SUBTLE_FRACTION = 0.35
 
 
-def example_id(seed, split, index):
-  """A 40-hex id, like Kaggle's, stable for (seed, split, index)."""
-  return hashlib.sha1(f'pcam-synthetic/{seed}/{split}/{index}'.encode()).hexdigest()
+DIFFICULTIES = ('demo', 'pcam')
+SLIDES_CSV = 'slides.csv'  # id,wsi: the form of the community's patch_id_wsi_full.csv.
+CENTRES_CSV = 'centres.csv'  # id,centre.
+TEST_LABELS_CSV = 'test_labels.csv'  # The stand-in's answer key for test/ (id,label).
 
 
-def _smooth_noise(rng, cells):
-  """Zero-mean noise on a coarse grid, bilinearly upsampled to SIZE x SIZE."""
-  grid = rng.standard_normal((cells + 1, cells + 1))
-  x = np.linspace(0, cells, SIZE)
-  i = np.minimum(x.astype(int), cells - 1)
-  f = x - i
-  rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]
-  return rows[:, i] * (1 - f) + rows[:, i + 1] * f
+def example_id(seed, split, index, difficulty='demo'):
+  """A 40-hex id, like Kaggle's, stable for (seed, split, index); the two difficulties share none."""
+  kind = 'pcam-synthetic' if difficulty == 'demo' else 'pcam-standin'
+  return hashlib.sha1(f'{kind}/{seed}/{split}/{index}'.encode()).hexdigest()
+
+
+_smooth_noise = standin.smooth_noise
 
 
 def _draw_nuclei(image, centers, radii, color, alpha, rng):
@@ -130,16 +138,34 @@ def _labels(num, seed):
 
 
 def _write_patches(job):
-  """Worker: writes the patches of `job` = (folder, seed, [(split code, index, label, id)])."""
-  folder, seed, items = job
-  for code, index, label, name in items:
-    pixels = make_patch(np.random.default_rng([seed, code, index]), label)
+  """Worker: writes the patches of `job` = (folder, seed, StandIn or None, items).
+
+  An item is (split code, index, label, id, slide, source): the pixels are
+  drawn from (seed, split code, source), so a duplicate (source != index)
+  is a byte copy of its source; slide is (index, centre, tumour) or None.
+  """
+  folder, seed, params, items = job
+  for code, _, label, name, slide, source in items:
+    rng = np.random.default_rng([seed, code, source])
+    if params is None:
+      pixels = make_patch(rng, label)
+    else:
+      pixels = standin.make_patch(rng, label, standin.make_slide(params, seed, *slide), params)
     write_tiff(os.path.join(folder, name + kaggle.SUFFIX), pixels)
   return len(items)
 
 
+def _as_params(difficulty):
+  """None for the demo, else the stand-in's `StandIn`."""
+  if isinstance(difficulty, standin.StandIn):
+    return difficulty
+  if difficulty not in DIFFICULTIES:
+    raise ValueError(f'--difficulty={difficulty}: must be one of {", ".join(DIFFICULTIES)}')
+  return None if difficulty == 'demo' else standin.StandIn()
+
+
 def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False,
-                 show_progress=True, workers=None, exist_ok=False):
+                 show_progress=True, workers=None, exist_ok=False, difficulty='demo'):
   """Writes a synthetic PCam set in Kaggle's layout: train/, train_labels.csv, test/, sample_submission.csv.
 
   The patches are 96x96 RGB TIFFs named <40-hex id>.tif, as Kaggle's, with
@@ -150,6 +176,9 @@ def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False
     import pcam_tfdata as pt
     pt.make_synthetic('demo_kaggle', num_train=2000, num_test=200)
     pt.make_records('demo_kaggle', 'demo_records', per_class=800)
+    # As hard as PCam, from slides of 2 centres (see standin.py):
+    pt.make_synthetic('standin', num_train=24000, difficulty='pcam')
+    pt.make_records('standin', 'standin_records', groups_csv='standin/slides.csv')
 
   The folder appears only when complete: it is written under a temporary
   name and renamed at the end.
@@ -157,42 +186,72 @@ def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False
   Args:
     out_dir: the folder to create.
     num_train, num_test: patches per folder.
-    seed: the set is a function of (num_train, num_test, seed).
+    seed: the set is a function of (num_train, num_test, seed, difficulty).
     overwrite: replace an existing folder.
     show_progress: show a progress bar (a line every 30 s in a log file).
-    workers: processes drawing patches (default: all cores).
+    workers: processes drawing patches (default: all cores); the set is
+      byte-identical for any number.
     exist_ok: an existing folder is left as it is (the demo's: made by
       an earlier or a concurrent first run).
+    difficulty: 'demo' (every model solves it), 'pcam' (the stand-in with
+      its default knobs, plus `slides.csv` and `centres.csv`), or a
+      `standin.StandIn` with knobs of one's own.
 
   Returns:
     The folder's path.
 
   Raises:
-    ValueError: bad sizes, or `out_dir` exists and not `overwrite`;
-      folderlock.FolderBusy: another process writes it.
+    ValueError: bad sizes or difficulty, or `out_dir` exists and not
+      `overwrite`; folderlock.FolderBusy: another process writes it.
   """
+  params = _as_params(difficulty)
   if num_train < 2 or num_test < 0:
     raise ValueError(f'--num_train={num_train} must be >= 2 and --num_test={num_test} >= 0')
   with outdir.lock(out_dir, what=out_dir):  # (Two first runs of the demo at once.)
     if exist_ok and os.path.isdir(out_dir):
       return out_dir
-    return _make_dataset(out_dir, num_train, num_test, seed, overwrite, show_progress, workers)
+    return _make_dataset(out_dir, num_train, num_test, seed, overwrite, show_progress, workers,
+                         params)
 
 
-def _make_dataset(out_dir, num_train, num_test, seed, overwrite, show_progress, workers):
+def _draw_split(code, folder, labels, seed, params, first_slide):
+  """(items, id/label frame, slide rows) of one split; slides are numbered from `first_slide`."""
+  difficulty = 'demo' if params is None else 'pcam'
+  ids = [example_id(seed, folder, i, difficulty) for i in range(len(labels))]
+  frame = pd.DataFrame({'id': ids, 'label': labels})
+  if params is None:
+    return [(code, i, int(l), n, None, i) for i, (l, n) in enumerate(zip(labels, ids))], frame, None
+  slide_of, slides = standin.assign_slides(labels, params, seed, first_slide)
+  # Kaggle's test patches carry no duplicates of each other to draw on.
+  share = params.duplicates if code == 1 else 0.0
+  source = standin.pick_duplicates(labels, slide_of, share, seed)
+  info = {index: (index, centre, tumour) for index, centre, tumour in slides}
+  items = [(code, i, int(labels[i]), ids[i], info[slide_of[i]], int(source[i]))
+           for i in range(len(labels))]
+  names = {index: standin.slide_name(index, centre, tumour) for index, centre, tumour in slides}
+  rows = pd.DataFrame({'id': ids, 'wsi': [names[k] for k in slide_of],
+                       'centre': [f'centre{info[k][1]}' for k in slide_of]})
+  return items, frame, rows
+
+
+def _make_dataset(out_dir, num_train, num_test, seed, overwrite, show_progress, workers, params):
   if os.path.lexists(out_dir) and not overwrite:
     raise ValueError(f'--out_dir={out_dir}: exists; pass --overwrite to replace it')
   tmp = out_dir.rstrip('/') + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
-  jobs, frames = [], []
-  # Test labels are drawn too, so test patches look like train ones, but not written.
+  jobs, frames, slide_rows = [], [], []
+  first_slide = 0
+  # Test labels are drawn too, so test patches look like train ones, but not written;
+  # test patches come from slides of their own, as Kaggle's do.
   for code, folder, labels in ((1, kaggle.TRAIN_DIR, _labels(num_train, seed)),
                                (2, kaggle.TEST_DIR, _labels(num_test, seed + 1))):
     os.makedirs(os.path.join(tmp, folder))
-    ids = [example_id(seed, folder, i) for i in range(len(labels))]
-    frames.append(pd.DataFrame({'id': ids, 'label': labels}))
-    items = [(code, i, int(l), n) for i, (l, n) in enumerate(zip(labels, ids))]
-    jobs += [(os.path.join(tmp, folder), seed, items[k:k + 256])
+    items, frame, rows = _draw_split(code, folder, labels, seed, params, first_slide)
+    frames.append(frame)
+    if rows is not None:
+      slide_rows.append(rows)
+      first_slide = max(item[4][0] for item in items) + 1 if items else first_slide
+    jobs += [(os.path.join(tmp, folder), seed, params, items[k:k + 256])
              for k in range(0, len(items), 256)]
   workers = workers or pool_lib.default_workers()
   with progress.Progress(num_train + num_test, 'synthesizing', images_per_step=None,
@@ -207,6 +266,12 @@ def _make_dataset(out_dir, num_train, num_test, seed, overwrite, show_progress, 
           bar.advance(n)
   frames[0].to_csv(os.path.join(tmp, kaggle.LABELS_CSV), index=False)
   frames[1].assign(label=0).to_csv(os.path.join(tmp, 'sample_submission.csv'), index=False)
+  if slide_rows:
+    # The stand-in knows what Kaggle keeps to itself: the test patches' labels.
+    frames[1].to_csv(os.path.join(tmp, TEST_LABELS_CSV), index=False)
+    rows = pd.concat(slide_rows, ignore_index=True)
+    rows[['id', 'wsi']].to_csv(os.path.join(tmp, SLIDES_CSV), index=False)
+    rows[['id', 'centre']].to_csv(os.path.join(tmp, CENTRES_CSV), index=False)
   if os.path.lexists(out_dir):
     shutil.rmtree(out_dir)
   os.rename(tmp, out_dir)
