@@ -145,6 +145,11 @@ def main(argv):
   data = os.path.join(_WORK_DIR.value, 'kaggle')
   pt.make_synthetic(data, _NUM_TRAIN.value, _NUM_TEST.value, seed=0, difficulty='pcam',
                     exist_ok=True, show_progress=False)
+  # exist_ok keeps any folder there: refuse one made with other sizes.
+  made = len(pd.read_csv(os.path.join(data, 'train_labels.csv')))
+  if made != _NUM_TRAIN.value or not os.path.exists(os.path.join(data, synthetic.SLIDES_CSV)):
+    cli.fail(PROGRAM, f'--work_dir={_WORK_DIR.value}: holds another set ({made} train patches); '
+             'use a new --work_dir')
   print(f'# {hostinfo.describe()}; stand-in {_NUM_TRAIN.value} patches, seed 0; '
         f'{_EPOCHS.value} epochs, lr {_LEARNING_RATE.value:g}')
   print('| experiment | training seed | setting | AUC | |')

@@ -33,11 +33,14 @@ property of the real data that decides a modelling question is a field of
                      annotations): each tumour's annotated edge lies this many
                      pixels (standard deviation) outside or inside its true
                      edge, so patches whose center a tumour just misses or
-                     just touches can carry the wrong label. Default 3.
-  duplicates         Share of train patches that are pixel copies of another
-                     patch of the same slide and label (PCam's original
-                     release has duplicates; Kaggle's copy removed them; the
-                     share here is not a measured PCam figure). Default 0.01.
+                     just touches can carry the wrong label (the margin is
+                     drawn with each tumour's outline; draws that fit the
+                     label are kept). Default 3.
+  duplicates         Share of train patches (up to 0.5) that are pixel copies
+                     of another patch of the same slide and label (PCam's
+                     original release has duplicates; Kaggle's copy removed
+                     them; the share here is not a measured PCam figure).
+                     Default 0.01.
 
 The label is a function of the center 32x32 alone (of the annotation there):
 tumour in the ring changes how likely tumour in the center is, never the
@@ -105,16 +108,19 @@ class StandIn:
 
   def __post_init__(self):
     for name in ('centres', 'patches_per_slide'):
-      if getattr(self, name) < 1:
-        raise ValueError(f'{name}={getattr(self, name)}: must be >= 1')
-    for name in ('context', 'sheet', 'faint_foci', 'mimics', 'duplicates'):
-      if not 0 <= getattr(self, name) <= 1:
-        raise ValueError(f'{name}={getattr(self, name)}: must be in [0, 1]')
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'{name}={value!r}: must be a whole number >= 1')
+    # `not lo <= x <= hi` (rather than `x < lo or x > hi`) refuses NaN too.
+    for name, high in (('context', 1), ('sheet', 1), ('faint_foci', 1), ('mimics', 1),
+                       ('duplicates', 0.5)):
+      if not 0 <= getattr(self, name) <= high:
+        raise ValueError(f'{name}={getattr(self, name)}: must be in [0, {high}]')
     if self.sheet + self.faint_foci > 1:
       raise ValueError(f'sheet={self.sheet} + faint_foci={self.faint_foci}: must be <= 1')
     for name in ('centre_stain', 'slide_stain', 'scanner', 'annotation_margin'):
-      if getattr(self, name) < 0:
-        raise ValueError(f'{name}={getattr(self, name)}: must be >= 0')
+      if not 0 <= getattr(self, name) < float('inf'):
+        raise ValueError(f'{name}={getattr(self, name)}: must be finite and >= 0')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +178,7 @@ def assign_slides(labels, params, seed, first_slide=0):
   """
   num = len(labels)
   count = max(5 * params.centres, int(round(num / params.patches_per_slide)))
-  count += count % 2  # As many tumour slides as normal ones.
+  count += count % 2  # An even count (every set measured in BUILD.md was drawn so).
   slides = [(first_slide + k, k % params.centres, (k // params.centres) % 2 == 1)
             for k in range(count)]
   tumour_slides = np.array([k for k, (_, _, t) in enumerate(slides) if t])
@@ -185,15 +191,22 @@ def assign_slides(labels, params, seed, first_slide=0):
 
 
 def pick_duplicates(labels, slide_of, share, seed):
-  """Source index per patch: itself, or for a `share` of them another patch of its slide and label."""
+  """Source index per patch: itself, or for a `share` of them another patch of its slide and label.
+
+  A copy's source is never itself a copy. A copy whose slide holds no
+  original of its label stays an original (only with tiny slides).
+  """
   source = np.arange(len(labels))
   rng = np.random.default_rng([seed, 12])
   count = int(round(share * len(labels)))
   copies = rng.choice(len(labels), size=count, replace=False) if count else []
   originals = np.setdiff1d(source, copies)
+  by_group = {}  # (slide, label) -> its originals, in index order.
+  for i in originals:
+    by_group.setdefault((slide_of[i], labels[i]), []).append(i)
   for i in copies:
-    same = originals[(slide_of[originals] == slide_of[i]) & (labels[originals] == labels[i])]
-    if len(same):
+    same = by_group.get((slide_of[i], labels[i]), [])
+    if same:
       source[i] = same[rng.integers(len(same))]
   return source
 
@@ -284,9 +297,18 @@ def _cells(rng, inside, per_pixel):
   return points[inside[points[:, 0].astype(int), points[:, 1].astype(int)]]
 
 
-def _atypical(h, e, rng, inside, grade):
-  """Cells of nuclear atypia `grade` in 0..1: larger, paler, vesicular, more varied nuclei, more cytoplasm."""
+def _atypical(h, e, rng, inside, grade, show=None):
+  """Cells of nuclear atypia `grade` in 0..1: larger, paler, vesicular, more varied nuclei, more cytoplasm.
+
+  `show`: where at least one cell must sit when any pixel of it is inside
+  (a tumour the label puts in the center shows a nucleus there, however
+  small the sliver); drawn only when the random cells missed it, so every
+  other patch is drawn as without it.
+  """
   centers = _cells(rng, inside, 0.016 - 0.008 * grade)
+  if show is not None and show.any() and not show[tuple(centers.astype(int).T)].any():
+    pixels = np.argwhere(show)
+    centers = np.vstack([centers, pixels[rng.integers(len(pixels))] + rng.uniform(0, 1, 2)])
   n = len(centers)
   size = (2.0 + 3.0 * grade) * rng.uniform(1 - 0.3 * grade, 1 + 0.3 * grade, (n, 2))
   _nuclei(h, e, centers, size, (1.7 - 0.45 * grade) * rng.uniform(0.85, 1.1, n),
@@ -334,7 +356,9 @@ def make_patch(rng, label, slide, params):
   if mimic.any():
     _atypical(h, e, rng, mimic, tissue.mimic_grade)
   if tumour.any():
-    _atypical(h, e, rng, tumour, tissue.grade)
+    center = np.zeros((SIZE, SIZE), bool)
+    center[_CENTER, _CENTER] = True
+    _atypical(h, e, rng, tumour, tissue.grade, show=tumour & center)
   # Fat and vessels: empty space, never inside a tumour (so it hides none).
   hole = np.clip(smooth_noise(rng, 3) - rng.uniform(0.6, 2.0), 0, 0.5) * 2 * ~tumour
   h, e = h * (1 - hole), e * (1 - hole)
