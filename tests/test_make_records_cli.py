@@ -102,7 +102,7 @@ def _break(kind, d):
       'fold_without_folds': ('--num_folds=0 --fold=1', '--num_folds=0: must be >= 2'),
       'fold_outside': ('--num_folds=3 --fold=3', '--fold=3: must be in 0..2 (--num_folds=3)'),
       'groups_other_header': ('--groups_csv=GROUPS', 'groups.csv: no group column (expected id '
-                              'and one of group, wsi, slide; columns: id, patient)'),
+                              'and one of group, wsi, slide, centre, center; columns: id, patient)'),
   }[kind]
   if kind == 'groups_missing_id':
     pd.DataFrame({'id': _ids(d)[:10], 'group': 'a'}).to_csv(d / 'groups.csv', index=False)

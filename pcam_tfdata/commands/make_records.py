@@ -46,7 +46,8 @@ _VAL_FRACTION = flags.DEFINE_float('val_fraction', api.DEFAULT_VAL_FRACTION,
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of balancing, splitting and shuffling.')
 _GROUPS_CSV = flags.DEFINE_string(
     'groups_csv', None, 'Optional id,group CSV (also id,wsi as the community '
-    'patch_id_wsi_full.csv, or id,slide); no group then appears in both train and val.')
+    'patch_id_wsi_full.csv, id,slide, or the stand-in\'s id,centre); no group then appears in '
+    'both train and val.')
 _NUM_FOLDS = flags.DEFINE_integer(
     'num_folds', 0, 'K-fold cross-validation: split the kept examples into K folds '
     '(slide-disjoint with --groups_csv, else stratified by label); 0 for one train/val split.')

@@ -58,7 +58,7 @@ def make_records(data_dir, out_dir, *, source='kaggle', crop_size=32, per_class=
       are kept unless `per_class` or `val_fraction` is given.
     val_fraction: share of the kept examples for val. None: 0.2.
     seed: seed of balancing, splitting and shuffling.
-    groups_csv: optional id,group (or id,wsi, id,slide) CSV: no group then
+    groups_csv: optional id,group (or id,wsi, id,slide, id,centre) CSV: no group then
       appears in both train and val.
     num_folds: K >= 2 for K-fold cross-validation (val is fold `fold`); 0
       for one train/val split.
