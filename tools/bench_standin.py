@@ -33,13 +33,14 @@ import pandas as pd
 import pcam_tfdata as pt
 from pcam_tfdata import cli
 from pcam_tfdata import hostinfo
+from pcam_tfdata.convert import kaggle
 from pcam_tfdata.convert import synthetic
 
 _WORK_DIR = flags.DEFINE_string('work_dir', '/tmp/bench_standin', 'Stand-in, records and runs.')
 _NUM_TRAIN = flags.DEFINE_integer('num_train', 12000, 'Stand-in train patches.')
 _NUM_TEST = flags.DEFINE_integer('num_test', 2000, 'Stand-in test patches (for folds).')
-_EXPERIMENTS = flags.DEFINE_list('experiments', ['models', 'crop', 'stain', 'tta', 'folds'],
-                                 'Which comparisons to run.')
+EXPERIMENTS = ('models', 'crop', 'stain', 'tta', 'folds')
+_EXPERIMENTS = flags.DEFINE_list('experiments', list(EXPERIMENTS), 'Which comparisons to run.')
 _PER_CLASS = flags.DEFINE_integer('per_class', 0, 'Patches kept per class (the seed: 50,000); '
                                   '0: as many as the smaller class has.')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Epochs per run (the seed: 10).')
@@ -61,7 +62,7 @@ def _records(name, crop=32, groups='slides', folds=0, fold=None):
   """Converts the stand-in once per setting, balanced (--per_class)."""
   data = os.path.join(_WORK_DIR.value, 'kaggle')
   out = os.path.join(_WORK_DIR.value, 'records', name)
-  labels = pd.read_csv(os.path.join(data, 'train_labels.csv'))['label']
+  labels = pd.read_csv(os.path.join(data, kaggle.LABELS_CSV))['label']
   groups_csv = os.path.join(data, synthetic.SLIDES_CSV if groups == 'slides'
                             else synthetic.CENTRES_CSV)
   per_class = _PER_CLASS.value or int(labels.value_counts().min())
@@ -122,7 +123,7 @@ def _run(experiment, seed):
     for jitter in [0.0] + [float(j) for j in _JITTERS.value]:
       _, auc = _train(records, f'centre0-jitter{jitter:g}', seed, stain_jitter=jitter)
       _row('stain', seed, f'centre held out, stain_jitter {jitter:g}', auc)
-  elif experiment == 'folds':
+  else:  # 'folds' (main checked the names).
     runs, aucs = [], []
     for fold in range(5):
       records = _records(f'fold{fold}', folds=5, fold=fold)
@@ -132,13 +133,14 @@ def _run(experiment, seed):
       _row('folds', seed, f'fold {fold} on test/', aucs[-1])
     _row('folds', seed, '5-fold mean on test/', _test_auc(runs, records),
          f'best fold {max(aucs):.4f}')
-  else:
-    cli.fail(PROGRAM, f'--experiments: unknown {experiment!r}')
 
 
 def main(argv):
   if len(argv) > 1:
     cli.fail(PROGRAM, f'unexpected arguments {" ".join(argv[1:])}')
+  unknown = [e for e in _EXPERIMENTS.value if e not in EXPERIMENTS]
+  if unknown:  # Before the stand-in is drawn and hours of runs, not after.
+    cli.fail(PROGRAM, f'--experiments: unknown {unknown[0]!r}; choose from {", ".join(EXPERIMENTS)}')
   cli.import_tensorflow()  # Its C++ info and warning records off the table.
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # As train.py: no per-save INFO lines.
@@ -146,7 +148,7 @@ def main(argv):
   pt.make_synthetic(data, _NUM_TRAIN.value, _NUM_TEST.value, seed=0, difficulty='pcam',
                     exist_ok=True, show_progress=False)
   # exist_ok keeps any folder there: refuse one made with other sizes.
-  made = len(pd.read_csv(os.path.join(data, 'train_labels.csv')))
+  made = len(pd.read_csv(os.path.join(data, kaggle.LABELS_CSV)))
   if made != _NUM_TRAIN.value or not os.path.exists(os.path.join(data, synthetic.SLIDES_CSV)):
     cli.fail(PROGRAM, f'--work_dir={_WORK_DIR.value}: holds another set ({made} train patches); '
              'use a new --work_dir')

@@ -3,7 +3,7 @@
 Two difficulties. `pcam` (standin.py) carries the properties of the real
 data that decide modelling questions: slides from several centres, stain and
 scanner shifts, tumour context, label noise, duplicates; it writes
-`slides.csv` and `centres.csv` beside the labels. `demo`, the default, is
+`slides.csv`, `centres.csv` and `test_labels.csv` beside the labels. `demo`, the default, is
 described here: every model solves it, so it shows the code works and says
 nothing about which model or setting is better.
 
@@ -194,7 +194,8 @@ def make_dataset(out_dir, num_train=6000, num_test=1000, seed=0, overwrite=False
     exist_ok: an existing folder is left as it is (the demo's: made by
       an earlier or a concurrent first run).
     difficulty: 'demo' (every model solves it), 'pcam' (the stand-in with
-      its default knobs, plus `slides.csv` and `centres.csv`), or a
+      its default knobs, plus `slides.csv`, `centres.csv` and
+      `test_labels.csv`), or a
       `standin.StandIn` with knobs of one's own.
 
   Returns:
