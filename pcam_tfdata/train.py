@@ -41,7 +41,24 @@ _WEIGHTS = flags.DEFINE_enum(
     'published weights, fetched once into ~/.keras/models).')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Maximum epochs (early stopping may end sooner).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Global batch, over all replicas.')
-_LEARNING_RATE = flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
+_LEARNING_RATE = flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate (the peak, '
+                                     'with --lr_schedule=cosine or onecycle).')
+_DROPOUT = flags.DEFINE_float(
+    'dropout', None, 'Dropout before the output layer (default: the seed\'s, 0.2 for baseline '
+    'and 0.5 for batchnorm; none for the applications).')
+_WEIGHT_DECAY = flags.DEFINE_float(
+    'weight_decay', 0.0, 'Decoupled weight decay: > 0 trains with AdamW instead of Adam.')
+_LABEL_SMOOTHING = flags.DEFINE_float(
+    'label_smoothing', 0.0, 'Training targets 0 and 1 become s/2 and 1 - s/2 (the val loss '
+    'stays plain).')
+_LR_SCHEDULE = flags.DEFINE_enum(
+    'lr_schedule', 'plateau', config_lib.LR_SCHEDULES,
+    'plateau: the seed\'s ReduceLROnPlateau (halved after --reduce_lr_patience epochs without '
+    'a better val AUC); cosine: cosine decay to 0 over --epochs; onecycle: up from '
+    '--learning_rate/25 to it over --warmup_epochs (0: 30 percent of the run), then cosine down.')
+_WARMUP_EPOCHS = flags.DEFINE_float(
+    'warmup_epochs', 0.0, 'Linear warm-up of the learning rate from 0 over this many epochs '
+    '(fractions allowed), step by step.')
 _MIXED_PRECISION = flags.DEFINE_enum(
     'mixed_precision', 'auto', ['auto', 'float16', 'bfloat16', 'off'],
     'auto: float16 with loss scaling on tensor-core GPUs, float32 on CPU hosts.')
@@ -152,6 +169,9 @@ def _config_from_flags():
       records_dir=_RECORDS_DIR.value, model_dir=_MODEL_DIR.value, model=_MODEL.value,
       weights=_WEIGHTS.value,
       epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
+      dropout=_DROPOUT.value, weight_decay=_WEIGHT_DECAY.value,
+      label_smoothing=_LABEL_SMOOTHING.value, lr_schedule=_LR_SCHEDULE.value,
+      warmup_epochs=_WARMUP_EPOCHS.value,
       mixed_precision=_MIXED_PRECISION.value, strategy=_STRATEGY.value,
       num_cpu_devices=_NUM_CPU_DEVICES.value, sync_batch_norm=_SYNC_BATCH_NORM.value,
       jit_compile=_JIT_COMPILE.value, augment=_AUGMENT.value, augment_on=_AUGMENT_ON.value,

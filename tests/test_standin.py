@@ -134,16 +134,36 @@ def _mean_colour(params, centre, index, seed):
   return standin.make_patch(np.random.default_rng(seed), 0, slide, params).reshape(-1, 3).mean(0)
 
 
-@pytest.mark.parametrize('centre_stain, separable', [(DEFAULT.centre_stain, True), (0.0, False)])
-def test_patches_of_one_centre_share_a_stain(centre_stain, separable):
-  """Nearest centre mean colour tells a patch's centre, unless the centres share a stain."""
-  params = dataclasses.replace(DEFAULT, centre_stain=centre_stain, scanner=0.0)
+@pytest.mark.parametrize('centre_stain, centre_tint, separable', [
+    (DEFAULT.centre_stain, 0.0, True), (0.0, DEFAULT.centre_tint, True), (0.0, 0.0, False)])
+def test_patches_of_one_centre_share_a_stain(centre_stain, centre_tint, separable):
+  """Nearest centre mean colour tells a patch's centre, unless the centres share a stain and tint."""
+  params = dataclasses.replace(DEFAULT, centre_stain=centre_stain, centre_tint=centre_tint,
+                               scanner=0.0)
   colours = {c: np.array([_mean_colour(params, c, 2 * k + c, k) for k in range(12)])
              for c in range(2)}
   means = {c: v[:6].mean(0) for c, v in colours.items()}  # Learned on half, told on the rest.
   right = sum(np.argmin([np.linalg.norm(x - means[k]) for k in range(2)]) == c
               for c, v in colours.items() for x in v[6:])
   assert (right == 12) == separable, right
+
+
+def test_the_centre_tint_stains_every_tissue_pixel_of_a_centre():
+  """The tint adds its haematoxylin and eosin everywhere: tissue darkens where it is positive."""
+  params = dataclasses.replace(DEFAULT, centre_tint=0.0)
+  plain = _slide(params, 0, 0)
+  for tint in ((0.3, 0.0), (0.0, 0.3)):
+    tinted = dataclasses.replace(plain, tint=np.array(tint))
+    a, b = (standin.make_patch(np.random.default_rng(7), 0, s, params).astype(int)
+            for s in (plain, tinted))
+    assert (b <= a).all() and (b < a).mean() > 0.5  # The same draws, noise included.
+    # Through the stain's own optical density: the channel it absorbs most loses most.
+    loss = (a - b).reshape(-1, 3).mean(0)
+    stain = plain.stain[0 if tint[0] else 1]
+    assert np.argmax(loss) == np.argmax(stain), (loss, stain)
+  spread = [standin._centre(dataclasses.replace(DEFAULT, centre_tint=t), 0, c)[4]  # pylint: disable=protected-access
+            for t in (0.0, 0.32) for c in range(2)]
+  assert not np.any(spread[:2]) and np.all(spread[2:])
 
 
 def test_slides_per_set_follow_patches_per_slide():

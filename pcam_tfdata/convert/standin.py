@@ -13,6 +13,13 @@ property of the real data that decides a modelling question is a field of
                      and the stain vectors turn by a third of it. Default 0.25.
   slide_stain        Each slide varies around its centre, as stain batches and
                      section thickness do. Default 0.08.
+  centre_tint        Centres differ in how much stain the whole section takes up
+                     (staining protocol, mounting): an optical density of
+                     haematoxylin and of eosin added to every pixel of tissue,
+                     drawn per centre (standard deviation, concentration
+                     units). Default 0.32: with it a network trained on one
+                     centre ranks the other's patches erratically from seed
+                     to seed, and stain jitter steadies it (BUILD.md).
   scanner            Scanners differ in sharpness (blur), noise and white
                      point; 1 is the default spread, 0 one scanner everywhere.
   context            Tumour is spatially coherent: the share of negatives drawn
@@ -72,6 +79,7 @@ HELP = {
     'patches_per_slide': 'Patches per slide (PCam: about 820); at least 5 slides per centre.',
     'centre_stain': 'Spread of H&E stain between centres (log scale of concentrations).',
     'slide_stain': 'Spread of stain between slides of one centre.',
+    'centre_tint': 'Spread between centres of the stain the whole section takes up (additive).',
     'scanner': "Spread of the centres' scanners: blur, noise, white point (0: one scanner).",
     'context': 'Share of negatives drawn beside a tumour (tumour in the ring only).',
     'sheet': 'Share of positives inside a tumour sheet covering the patch.',
@@ -98,6 +106,7 @@ class StandIn:
   patches_per_slide: int = 800
   centre_stain: float = 0.25
   slide_stain: float = 0.08
+  centre_tint: float = 0.32
   scanner: float = 1.0
   context: float = 0.2
   sheet: float = 0.45
@@ -118,7 +127,7 @@ class StandIn:
         raise ValueError(f'{name}={getattr(self, name)}: must be in [0, {high}]')
     if self.sheet + self.faint_foci > 1:
       raise ValueError(f'sheet={self.sheet} + faint_foci={self.faint_foci}: must be <= 1')
-    for name in ('centre_stain', 'slide_stain', 'scanner', 'annotation_margin'):
+    for name in ('centre_stain', 'slide_stain', 'scanner', 'annotation_margin', 'centre_tint'):
       if not 0 <= getattr(self, name) < float('inf'):
         raise ValueError(f'{name}={getattr(self, name)}: must be finite and >= 0')
 
@@ -133,6 +142,7 @@ class Slide:
   white: np.ndarray  # [3]: the scanner's white point.
   blur: float  # Gaussian sigma, pixels.
   noise: float  # Sensor noise, standard deviation in 0..255.
+  tint: np.ndarray  # [2]: haematoxylin and eosin the centre's sections take up everywhere.
 
 
 def _unit(v):
@@ -141,7 +151,7 @@ def _unit(v):
 
 @functools.lru_cache(maxsize=64)
 def _centre(params, seed, centre):
-  """(stain [2, 3], white [3], blur, noise) of a centre."""
+  """(stain [2, 3], white [3], blur, noise, tint [2]) of a centre."""
   rng = np.random.default_rng([seed, 10, centre])
   s = params.centre_stain
   # Optical densities stay positive: a stain absorbs, it never adds light.
@@ -149,7 +159,8 @@ def _centre(params, seed, centre):
                     for v in (_H, _E)])
   scan = params.scanner
   white = 252 - rng.uniform(0, 14 * scan, 3)
-  return stain, white, 0.5 + rng.uniform(0, 0.7) * scan, 2 + rng.uniform(0, 3) * scan
+  blur, noise = 0.5 + rng.uniform(0, 0.7) * scan, 2 + rng.uniform(0, 3) * scan
+  return stain, white, blur, noise, rng.normal(0, params.centre_tint, 2)
 
 
 def slide_name(index, centre, tumour):
@@ -159,12 +170,12 @@ def slide_name(index, centre, tumour):
 
 def make_slide(params, seed, index, centre, tumour):
   """The slide `index` of a set, drawn around its centre's stain and scanner."""
-  stain, white, blur, noise = _centre(params, seed, centre)
+  stain, white, blur, noise, tint = _centre(params, seed, centre)
   rng = np.random.default_rng([seed, 11, index])
   stain = stain * np.exp(rng.normal(0, params.slide_stain, (2, 1)))
   return Slide(slide_name(index, centre, tumour), centre, tumour, stain,
                np.clip(white + rng.normal(0, 2 * params.scanner, 3), 200, 255),
-               blur * np.exp(rng.normal(0, 0.1 * params.scanner)), noise)
+               blur * np.exp(rng.normal(0, 0.1 * params.scanner)), noise, tint)
 
 
 def assign_slides(labels, params, seed, first_slide=0):
@@ -359,6 +370,9 @@ def make_patch(rng, label, slide, params):
     center = np.zeros((SIZE, SIZE), bool)
     center[_CENTER, _CENTER] = True
     _atypical(h, e, rng, tumour, tissue.grade, show=tumour & center)
+  # The centre's tint, on tissue only (the holes below stay empty); a
+  # negative tint pales the tissue, never below no stain.
+  h, e = np.maximum(h + slide.tint[0], 0), np.maximum(e + slide.tint[1], 0)
   # Fat and vessels: empty space, never inside a tumour (so it hides none).
   hole = np.clip(smooth_noise(rng, 3) - rng.uniform(0.6, 2.0), 0, 0.5) * 2 * ~tumour
   h, e = h * (1 - hole), e * (1 - hole)

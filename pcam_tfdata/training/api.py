@@ -17,7 +17,7 @@ _OPTIONS = tuple(f.name for f in dataclasses.fields(config_lib.Config)
                  if f.name not in ('records_dir', 'model_dir'))
 
 
-def train(records_dir, model_dir, *, strategy=None, **options):
+def train(records_dir, model_dir, *, strategy=None, on_epoch_end=None, **options):
   """Trains, evaluates exactly and writes a run folder, as `python -m pcam_tfdata.train`.
 
   The run folder is the command's: model.keras (the best epoch's weights),
@@ -39,9 +39,16 @@ def train(records_dir, model_dir, *, strategy=None, **options):
     strategy: a tf.distribute strategy to train under (e.g. a
       `tf.distribute.MirroredStrategy()` made in the notebook); None builds
       one as the `strategy` option says.
+    on_epoch_end: fn(epoch, row) called after each epoch's validation, with
+      its history.csv row (a dict: val_auc, val_loss, ...); a true result
+      stops the run there, as pruned (a search's pruner: pcam_tfdata.tune):
+      metrics.json then holds the best epoch's validation and
+      "pruned": true, and a rerun does not train on. Called on every
+      worker with the same row; it must decide alike on each.
     **options: the command's flags as keyword arguments, with its defaults:
       model='baseline', weights='none', epochs=10, batch_size=64 (global),
-      learning_rate=1e-3,
+      learning_rate=1e-3, dropout=None (the seed's), weight_decay=0.0,
+      label_smoothing=0.0, lr_schedule='plateau', warmup_epochs=0.0,
       mixed_precision='auto', strategy='auto' (as a name, when no
       `strategy` object is given), num_cpu_devices=1, sync_batch_norm='auto',
       jit_compile='auto', augment=False, augment_on='auto', stain_jitter=0.0,
@@ -75,7 +82,7 @@ def train(records_dir, model_dir, *, strategy=None, **options):
   config = config_lib.Config(records_dir=records_dir, model_dir=model_dir, **options)
   config_lib.check_config(config)
   config.records_dir = records_lib.Records.of(config.records_dir)
-  return trainer.train_and_evaluate(config, strategy)
+  return trainer.train_and_evaluate(config, strategy, on_epoch_end=on_epoch_end)
 
 
 def predict(model_dir, records_dir, split='test', *, tta=False, batch_size=128,

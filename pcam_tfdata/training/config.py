@@ -14,6 +14,10 @@ MODEL_NAMES = ('baseline', 'batchnorm', *APPLICATIONS)
 BATCH_NORM_MODELS = ('batchnorm', *APPLICATIONS)
 WEIGHTS = ('none', 'imagenet')
 PLACES = ('auto', 'host', 'device')  # Where an augmentation runs (--augment_on, --stain_jitter_on).
+LR_SCHEDULES = ('plateau', 'cosine', 'onecycle')  # --lr_schedule (schedules.py says what each is).
+# The seed's dropout before the output layer, per model (--dropout's default);
+# the applications have none unless --dropout asks for one.
+SEED_DROPOUT = {'baseline': 0.2, 'batchnorm': 0.5}
 
 
 @dataclasses.dataclass
@@ -30,6 +34,11 @@ class Config:
   epochs: int = 10
   batch_size: int = 64
   learning_rate: float = 1e-3
+  dropout: float | None = None  # None: the seed's rate for --model (SEED_DROPOUT), else none.
+  weight_decay: float = 0.0  # > 0: AdamW (decoupled weight decay) instead of Adam.
+  label_smoothing: float = 0.0
+  lr_schedule: str = 'plateau'
+  warmup_epochs: float = 0.0
   mixed_precision: str = 'auto'
   strategy: str = 'auto'
   num_cpu_devices: int = 1
@@ -69,6 +78,16 @@ def check_config(config):
       (config.epochs >= 1, f'--epochs={config.epochs}: must be >= 1'),
       (config.batch_size >= 1, f'--batch_size={config.batch_size}: must be >= 1'),
       (config.learning_rate > 0, f'--learning_rate={config.learning_rate}: must be > 0'),
+      (config.dropout is None or 0 <= config.dropout < 1,
+       f'--dropout={config.dropout}: must be in [0, 1)'),
+      (0 <= config.weight_decay < float('inf'),
+       f'--weight_decay={config.weight_decay}: must be >= 0 (0: Adam, as the seed)'),
+      (0 <= config.label_smoothing < 1,
+       f'--label_smoothing={config.label_smoothing}: must be in [0, 1)'),
+      (config.lr_schedule in LR_SCHEDULES,
+       f'--lr_schedule={config.lr_schedule}: choose one of {", ".join(LR_SCHEDULES)}'),
+      (0 <= config.warmup_epochs < config.epochs if config.epochs >= 1 else True,
+       f'--warmup_epochs={config.warmup_epochs}: must be >= 0 and below --epochs={config.epochs}'),
       (config.num_cpu_devices >= 1, f'--num_cpu_devices={config.num_cpu_devices}: must be >= 1'),
       (config.steps_per_epoch >= 0,
        f'--steps_per_epoch={config.steps_per_epoch}: must be >= 0 (0: the whole train split)'),

@@ -16,12 +16,14 @@ import tensorflow as tf
 
 from pcam_tfdata import rundir
 from pcam_tfdata.training import backup as backup_lib
+from pcam_tfdata.training import config as config_lib
 from pcam_tfdata.training import distribute
 from pcam_tfdata.training import evaluate
 from pcam_tfdata.training import loop
 from pcam_tfdata.training import models
 from pcam_tfdata.training import preemption
 from pcam_tfdata.training import resume
+from pcam_tfdata.training import schedules
 from pcam_tfdata import progress
 from pcam_tfdata.training import verify
 
@@ -36,13 +38,15 @@ class EpochLoop:
   the chief) `final_evaluation(...)`.
   """
 
-  def __init__(self, config, records, setup, model, optimizer, steps):
+  def __init__(self, config, records, setup, model, optimizer, steps, on_epoch_end=None):
     self.config, self.records, self.setup = config, records, setup
+    self.on_epoch_end = on_epoch_end
     self.model, self.optimizer, self.steps = model, optimizer, steps
     self.model_dir = config.model_dir
     os.makedirs(self.model_dir, exist_ok=True)
     self.train_steps = loop.make_train_fn(model, optimizer, setup.strategy, config.batch_size,
-                                          jit_compile=setup.jit_compile)
+                                          jit_compile=setup.jit_compile,
+                                          label_smoothing=config.label_smoothing)
     self.predict_fn = evaluate.make_predict_fn(model)
     self.from_chief = distribute.make_from_chief(setup.strategy)
     self.backup = backup_lib.Backup(self.model_dir, model, optimizer, setup.chief,
@@ -89,11 +93,27 @@ class EpochLoop:
         self.learning_rate = saved['learning_rate']
         self.first_step = saved.get('step', 0)
         self.partial = tuple(saved.get('partial', (0.0, 0.0)))
-    self.optimizer.learning_rate.assign(self.learning_rate)
+    self._set_learning_rate(self.learning_rate)
+
+  def _set_learning_rate(self, rate):
+    """The plateau's rate: the optimizer's variable, or its schedule's scale (schedules.py)."""
+    schedule = schedules.of(self.optimizer)
+    if schedule is None:
+      self.optimizer.learning_rate.assign(rate)
+    else:
+      schedule.scale.assign(rate / self.config.learning_rate)
+
+  def _rate_of_last_step(self):
+    """The learning rate the epoch's last step trained with (for history.csv)."""
+    schedule = schedules.of(self.optimizer)
+    if schedule is None:
+      return self.learning_rate
+    return float(schedule(self.optimizer.iterations - 1))
 
   def start(self, datasets):
     """Builds the training input of the remaining epochs (reading the cache), then the files."""
-    if self.last_epoch < self.config.epochs and not self.state.stopped_early:
+    if self.last_epoch < self.config.epochs and not (self.state.stopped_early or
+                                                     self.state.pruned):
       with self._reading():  # The cache is read here.
         # One iterator for the whole run: the local pipeline yields the
         # remaining epochs one after the other (and prefetches across their
@@ -133,6 +153,9 @@ class EpochLoop:
       print(f'the run in {self.model_dir} has finished (all {self.last_epoch} epochs): '
             'evaluating its best model again; a larger --epochs trains on, --restart '
             'trains afresh')
+    elif self.last_epoch and self.state.pruned:
+      print(f'the run in {self.model_dir} was pruned after epoch {self.last_epoch}: '
+            '--restart trains afresh')
     elif self.last_epoch and self.state.stopped_early:
       print(f'the run in {self.model_dir} has finished (early stopping after epoch '
             f'{self.last_epoch}): evaluating its best model again; --restart trains afresh')
@@ -160,7 +183,7 @@ class EpochLoop:
     watch = preemption.Watch(self.setup.strategy)
     try:
       for epoch in range(first, self.config.epochs + 1):
-        if self.state.stopped_early:  # Restored from a run that had stopped.
+        if self.state.stopped_early or self.state.pruned:  # Restored from a run that had stopped.
           break
         # --profile_steps traces steps of this process's first epoch only.
         self._epoch(epoch, datasets['val'], writer, watch, profile=epoch == first)
@@ -193,11 +216,15 @@ class EpochLoop:
     loss_sum, correct, images = self._train_epoch(epoch, watch, profile)
     row = self._end_epoch(epoch, loss_sum, correct, epoch_start, images, val_dataset)
     self._log(epoch, row, writer)
+    # Asked before the backup, which so records a stop.
+    if self.on_epoch_end is not None and self.on_epoch_end(epoch, dict(row)):
+      self.state.pruned = True
+      print(f'pruned after epoch {epoch}: val AUC {row["val_auc"]:.4f}', flush=True)
     self._save_backup(epoch)
     if self.setup.chief:  # Only now: a restart restores this epoch, and so this best model.
       rundir.commit_best(self.model_dir, epoch)
     self.last_epoch = epoch
-    if epoch < self.config.epochs and not self.state.stopped_early:
+    if epoch < self.config.epochs and not self.state.stopped_early and not self.state.pruned:
       watch.check(epoch + 1, 0, save=lambda: None)  # (Just backed up.)
 
   def _save_backup(self, epoch, step=0, partial=(0.0, 0.0)):
@@ -257,10 +284,12 @@ class EpochLoop:
     improved, new_lr = self.state.update(
         epoch, val['auc'], early_stopping_patience=self.config.early_stopping_patience,
         reduce_lr_patience=self.config.reduce_lr_patience, lr=self.learning_rate)
+    if self.config.lr_schedule != 'plateau':  # The schedule alone sets the rate.
+      new_lr = self.learning_rate
     seen = self.steps * self.config.batch_size
     row = {'epoch': epoch, 'train_loss': loss_sum / seen, 'train_accuracy': correct / seen,
            'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'val_auc': val['auc'],
-           'learning_rate': self.learning_rate,
+           'learning_rate': self._rate_of_last_step(),
            'seconds': round(time.time() - epoch_start, 3),
            'images_per_second': round(images / train_seconds, 1)}  # (Trained here.)
     if improved:
@@ -271,7 +300,7 @@ class EpochLoop:
       print(f'epoch {epoch}: val AUC did not improve for {self.config.reduce_lr_patience} '
             f'epochs; learning rate {self.learning_rate:g} -> {new_lr:g}')
       self.learning_rate = new_lr
-      self.optimizer.learning_rate.assign(new_lr)
+      self._set_learning_rate(new_lr)
     return row
 
   def _log(self, epoch, row, writer):
@@ -290,9 +319,14 @@ class EpochLoop:
   def final_evaluation(self, datasets, seconds):
     """The best epoch's weights, evaluated exactly on both splits; plots and metrics.json.
 
+    A pruned run skips the evaluation: its metrics.json holds its best
+    epoch's validation (exact already) and `"pruned": true`.
+
     Returns:
       The metrics dict written to metrics.json.
     """
+    if self.state.pruned:
+      return self._pruned_metrics(seconds)
     # EarlyStopping(restore_best_weights=True): the best epoch's weights, kept
     # in memory, or (after a resume) from the best checkpoint on disk.
     if self.best_weights is not None:
@@ -318,6 +352,16 @@ class EpochLoop:
     rundir.write_atomic(self._path(rundir.METRICS_JSON), json.dumps(results, indent=1) + '\n')
     return results
 
+  def _pruned_metrics(self, seconds):
+    rows = rundir.read_history(self._path(rundir.HISTORY_CSV))
+    best = next((r for r in rows if int(r['epoch']) == self.state.best_epoch), None)
+    results = {f'val_{k}': float(best[f'val_{k}']) for k in ('accuracy', 'auc', 'loss')} if best else {}
+    evaluate.plot_training_curves(self._path(rundir.HISTORY_CSV),
+                                  self._path('training_curves.png'), self.config.model)
+    results.update(self._summary(seconds), pruned=True)
+    rundir.write_atomic(self._path(rundir.METRICS_JSON), json.dumps(results, indent=1) + '\n')
+    return results
+
   def _summary(self, seconds):
     """What metrics.json says about the run beside the figures."""
     config, setup = self.config, self.setup
@@ -332,6 +376,13 @@ class EpochLoop:
         'num_replicas_in_sync': setup.replicas,
         'precision_policy': setup.policy,
         'global_batch_size': config.batch_size,
+        'learning_rate': config.learning_rate,
+        'lr_schedule': config.lr_schedule,
+        'warmup_epochs': config.warmup_epochs,
+        'dropout': (config.dropout if config.dropout is not None
+                    else config_lib.SEED_DROPOUT.get(config.model, 0.0)),
+        'weight_decay': config.weight_decay,
+        'label_smoothing': config.label_smoothing,
         'sync_batch_norm': any(getattr(l, 'synchronized', False)
                                for l in models.sublayers(self.model)),
         'augment': bool(config.augment),

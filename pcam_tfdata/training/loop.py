@@ -28,6 +28,7 @@ class CallbackState:
   wait: int = 0  # Epochs since the monitor last improved (EarlyStopping).
   lr_wait: int = 0  # The same, reset at each LR reduction (ReduceLROnPlateau).
   stopped_early: bool = False
+  pruned: bool = False  # The run's `on_epoch_end` asked it to stop (a search pruned it).
 
   def update(self, epoch, value, *, early_stopping_patience, reduce_lr_patience, lr,
              lr_factor=0.5, min_lr=1e-6):
@@ -46,7 +47,8 @@ class CallbackState:
     return improved, lr
 
 
-def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=False):
+def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=False,
+                  label_smoothing=0.0):
   """A compiled function running `n` training steps from a distributed iterator.
 
   Args:
@@ -58,6 +60,8 @@ def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=Fal
     jit_compile: compile each replica's forward and backward pass with XLA
       (the gradient reduction and the update stay outside, where the
       strategy's collectives run).
+    label_smoothing: the training loss' targets 0 and 1 become s/2 and
+      1 - s/2 (Keras' BinaryCrossentropy); accuracy counts the true labels.
 
   Returns:
     fn(iterator, n) -> (sum of per-example losses, correct predictions), both
@@ -69,7 +73,7 @@ def make_train_fn(model, optimizer, strategy, global_batch_size, jit_compile=Fal
     (`augment.apply_dihedral_ids`, `augment.apply_stain`), to the same bits
     as in the pipeline.
   """
-  loss_fn = keras.losses.BinaryCrossentropy(reduction=None)
+  loss_fn = keras.losses.BinaryCrossentropy(reduction=None, label_smoothing=label_smoothing)
   loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
   def forward_backward(images, labels):

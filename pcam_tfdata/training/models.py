@@ -14,6 +14,8 @@ import re
 import keras
 import tensorflow as tf
 
+from pcam_tfdata.training import config as config_lib
+
 MODELS = ('baseline', 'batchnorm', 'resnet50v2', 'efficientnetv2b0')
 APPLICATIONS = ('resnet50v2', 'efficientnetv2b0')
 _MIN_SIDE = 32  # What both applications accept without their top.
@@ -72,7 +74,8 @@ def _block(x, filters, batch_norm, sync, name):
   return keras.layers.MaxPooling2D(2, name=f'{name}_pool')(x)
 
 
-def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False, weights='none'):
+def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False, weights='none',
+                dropout=None):
   """Builds an uncompiled model.
 
   Example, compiled as the seed trains it:
@@ -103,6 +106,9 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False, weights='n
 
     weights: 'none' or, for the applications, 'imagenet' (Keras' published
       weights, fetched once into ~/.keras/models).
+    dropout: the rate of the dropout before the output layer; None for the
+      seed's (0.2 Baseline, 0.5 BatchNorm); the applications get such a
+      layer only for a rate > 0.
 
   Returns:
     A keras.Model mapping uint8 [B, H, W, 3] to float32 probabilities [B, 1].
@@ -114,11 +120,13 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False, weights='n
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
   if name in APPLICATIONS:
-    return _application(name, tuple(image_shape), sync_batch_norm, weights)
+    return _application(name, tuple(image_shape), sync_batch_norm, weights, dropout or 0.0)
   if weights != 'none':
     raise ValueError(f'--weights={weights}: --model={name} has no published weights')
   batch_norm = name == 'batchnorm'
-  filters, dense, dropout = ((64, 128, 256), 256, 0.5) if batch_norm else ((32, 64, 128), 128, 0.2)
+  filters, dense = ((64, 128, 256), 256) if batch_norm else ((32, 64, 128), 128)
+  if dropout is None:
+    dropout = config_lib.SEED_DROPOUT[name]
   inputs = keras.Input(tuple(image_shape), dtype='uint8', name='image')
   x = keras.layers.Rescaling(1.0 / 255, name='scale')(inputs)
   for i, f in enumerate(filters):
@@ -146,7 +154,7 @@ def _offline_hint(detail):
           f'into {os.path.join(home, "models")}, Keras\' cache, or train with --weights=none')
 
 
-def _application(name, image_shape, sync_batch_norm, weights):
+def _application(name, image_shape, sync_batch_norm, weights, dropout):
   """A Keras application without its top, as a binary classifier of uint8 images."""
   if min(image_shape[:2]) < _MIN_SIDE:
     raise ValueError(f'--model={name} needs images of at least {_MIN_SIDE}x{_MIN_SIDE}; '
@@ -173,6 +181,8 @@ def _application(name, image_shape, sync_batch_norm, weights):
       layer.synchronized = sync_batch_norm  # Read when called; saved in the config.
     if isinstance(layer, keras.layers.Dropout):
       per_replica_dropout(layer)
-  outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32',
-                               name='probability')(base(x))
+  x = base(x)
+  if dropout:  # (Without, the model is the one every earlier run saved.)
+    x = per_replica_dropout(keras.layers.Dropout(dropout, name='dropout'))(x)
+  outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='probability')(x)
   return keras.Model(inputs, outputs, name=name)

@@ -18,6 +18,11 @@ _NAMES = {
     'batch_size': '--batch_size',
     'steps_per_epoch': '--steps_per_epoch',
     'learning_rate': '--learning_rate',
+    'dropout': '--dropout',
+    'weight_decay': '--weight_decay',
+    'label_smoothing': '--label_smoothing',
+    'lr_schedule': '--lr_schedule',
+    'warmup_epochs': '--warmup_epochs',
     'seed': '--seed',
     'augment': '--augment',
     'stain_jitter': '--stain_jitter',
@@ -36,6 +41,9 @@ def settings(config, records, setup):
       'model': config.model, 'weights': config.weights, 'batch_size': config.batch_size,
       'steps_per_epoch': config.steps_per_epoch,  # (Where each epoch ends.)
       'learning_rate': config.learning_rate, 'seed': config.seed,
+      'dropout': config.dropout, 'weight_decay': config.weight_decay,
+      'label_smoothing': config.label_smoothing, 'lr_schedule': config.lr_schedule,
+      'warmup_epochs': config.warmup_epochs,
       'augment': bool(config.augment),  # (True and 'dihedral' ask for the same.)
       'stain_jitter': config.stain_jitter,
       # (Where the stain jitter runs can round a pixel differently on a GPU;

@@ -22,6 +22,7 @@ from pcam_tfdata.training import distribute
 from pcam_tfdata.training import epochs as epochs_lib
 from pcam_tfdata.training import models
 from pcam_tfdata.training import pipeline
+from pcam_tfdata.training import schedules
 from pcam_tfdata.training import service
 
 
@@ -40,15 +41,15 @@ class Setup:
   dihedral_on_device: bool  # The training step applies --augment's flips and rotations.
 
 
-def train_and_evaluate(config, strategy=None, datasets=None):
+def train_and_evaluate(config, strategy=None, datasets=None, on_epoch_end=None):
   """See train.run."""
   start = time.time()
   records = records_lib.Records.of(config.records_dir)  # The manifest, read once.
   setup = set_up(config, strategy)
   with one_writer(config, setup):
     steps, datasets = make_data(config, records, setup, datasets)
-    model, optimizer = build_model(config, records, setup)
-    run = epochs_lib.EpochLoop(config, records, setup, model, optimizer, steps)
+    model, optimizer = build_model(config, records, setup, steps)
+    run = epochs_lib.EpochLoop(config, records, setup, model, optimizer, steps, on_epoch_end)
     run.restore()
     run.start(datasets)
     run.train(datasets)
@@ -222,8 +223,13 @@ def _datasets(config, records, setup):
           'train_eval': evaluation('train', False)}
 
 
-def build_model(config, records, setup):
-  """The model and its optimizer, built in the strategy's scope."""
+def build_model(config, records, setup, steps_per_epoch):
+  """The model and its optimizer, built in the strategy's scope.
+
+  Adam as the seed, or AdamW with --weight_decay; the learning rate a plain
+  variable (the seed's plateau halvings) or a `schedules.Schedule` of the
+  step counter.
+  """
   # A backup to resume replaces the initial weights: ImageNet's are not
   # fetched for it (a preempted run resumes offline), and the resume check
   # names a changed --weights rather than a failed fetch.
@@ -233,8 +239,16 @@ def build_model(config, records, setup):
     weights = 'none'
   with setup.strategy.scope():
     model = models.build_model(config.model, records.image_shape,
-                               sync_batch_norm=setup.sync_batch_norm, weights=weights)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
+                               sync_batch_norm=setup.sync_batch_norm, weights=weights,
+                               dropout=config.dropout)
+    rate = config.learning_rate
+    if schedules.uses_schedule(config):
+      rate = schedules.Schedule(config.lr_schedule, rate, steps_per_epoch, config.epochs,
+                                config.warmup_epochs)
+    if config.weight_decay:
+      optimizer = keras.optimizers.AdamW(rate, weight_decay=config.weight_decay)
+    else:
+      optimizer = keras.optimizers.Adam(rate)
     if setup.policy == 'mixed_float16':
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
