@@ -31,7 +31,7 @@ __version__ = '0.1.0'  # The package's (setup.cfg reads it here).
 
 __all__ = [
     'make_synthetic', 'StandIn', 'make_records', 'Records', 'make_dataset', 'Augment', 'build_model',
-    'train', 'predict', 'write_submission',
+    'train', 'predict', 'write_submission', 'tune',
 ]
 
 # Each public name, and the module it lives in (imported on first use).
@@ -46,6 +46,7 @@ _HOMES = {
     'train': ('pcam_tfdata.training.api', 'train'),
     'predict': ('pcam_tfdata.training.api', 'predict'),
     'write_submission': ('pcam_tfdata.training.submission', 'write_submission'),
+    'tune': ('pcam_tfdata.tuning.api', 'tune'),
 }
 
 

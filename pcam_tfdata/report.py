@@ -1,6 +1,7 @@
-r"""Prints the seed's results table for several runs as Markdown.
+r"""Prints the seed's results table for several runs as Markdown, or a search's trials.
 
     python -m pcam_tfdata.report runs/demo/baseline runs/demo/batchnorm
+    python -m pcam_tfdata.report studies/seed     # pcam-tune's --study_dir: best first
 """
 
 import json
@@ -9,6 +10,7 @@ import sys
 
 from pcam_tfdata import cli
 from pcam_tfdata import rundir
+from pcam_tfdata.tuning import results
 
 _COLUMNS = (('Train Accuracy', 'train_accuracy'), ('Train AUC', 'train_auc'),
             ('Validation Accuracy', 'val_accuracy'), ('Validation AUC', 'val_auc'))
@@ -40,9 +42,13 @@ def table(model_dirs):
 
 def main(argv):
   if len(argv) < 2:
-    print('usage: python -m pcam_tfdata.report MODEL_DIR [MODEL_DIR ...]', file=sys.stderr)
+    print('usage: python -m pcam_tfdata.report MODEL_DIR [MODEL_DIR ...] | STUDY_DIR',
+          file=sys.stderr)
     sys.exit(2)
   try:
+    if len(argv) == 2 and os.path.exists(os.path.join(argv[1], results.TRIALS_CSV)):
+      print(results.table(argv[1]))
+      return
     print(table(argv[1:]))
   except ValueError as e:
     cli.fail(PROGRAM, e)

@@ -1032,11 +1032,18 @@ def _stopping_at_call(monkeypatch, at, how):
 # 3 trained again); signalled there, TensorFlow's handler saves at the next
 # check after the one it was signalled before (as in the slow tier): after
 # step 4, the only backup within the epoch (--backup_every_steps=0).
-@pytest.mark.parametrize('how, every, exits, resumed_at', [
-    ('kill', 2, _Killed, 'resuming epoch 2 at step 2'),
-    ('sigterm', 0, preemption.Preempted, 'resuming epoch 2 at step 4')])
+# The kill case also trains with every optimisation flag a search draws: a
+# schedule of the step counter (warm-up, then one cycle), AdamW, label
+# smoothing and another dropout must resume on the same curve.
+_SEARCHED = dict(lr_schedule='onecycle', warmup_epochs=0.5, weight_decay=1e-3,
+                 label_smoothing=0.1, dropout=0.3)
+
+
+@pytest.mark.parametrize('how, every, exits, resumed_at, extra', [
+    ('kill', 2, _Killed, 'resuming epoch 2 at step 2', _SEARCHED),
+    ('sigterm', 0, preemption.Preempted, 'resuming epoch 2 at step 4', {})])
 def test_a_baseline_run_stopped_mid_epoch_resumes_bit_identical(
-    records, tmp_path, monkeypatch, capsys, how, every, exits, resumed_at):
+    records, tmp_path, monkeypatch, capsys, how, every, exits, resumed_at, extra):
   """The default tier's resume check (the slow tier kills real processes, and more models).
 
   Adam's moments, the dropout layer's random state, the step position, the epoch's running
@@ -1045,7 +1052,7 @@ def test_a_baseline_run_stopped_mid_epoch_resumes_bit_identical(
   if threading.current_thread() is not threading.main_thread():
     pytest.skip('signal handlers are the main thread\'s')
   settings = dict(epochs=3, seed=5, augment=True, stain_jitter=0.05, backup_every_steps=every,
-                  early_stopping_patience=5, progress=False)
+                  early_stopping_patience=5, progress=False, **extra)
   train.run(_config(records, tmp_path / 'whole', **settings))
   whole = capsys.readouterr().out
   with monkeypatch.context() as patches:
@@ -1079,7 +1086,9 @@ _CHECKED = [
     ('records', '--records_dir'), ('model', '--model'), ('weights', '--weights'),
     ('batch_size', '--batch_size'), ('steps_per_epoch', '--steps_per_epoch'),
     ('learning_rate', '--learning_rate'), ('seed', '--seed'),
-    ('augment', '--augment'), ('stain_jitter', '--stain_jitter'),
+    ('dropout', '--dropout'), ('weight_decay', '--weight_decay'),
+    ('label_smoothing', '--label_smoothing'), ('lr_schedule', '--lr_schedule'),
+    ('warmup_epochs', '--warmup_epochs'), ('augment', '--augment'), ('stain_jitter', '--stain_jitter'),
     ('stain_jitter_on', '--stain_jitter_on'), ('precision', '--mixed_precision'),
     ('sync_batch_norm', '--sync_batch_norm'), ('replicas', 'the replicas in sync'),
     ('input_pipelines', 'the input pipelines')]
@@ -1102,7 +1111,9 @@ def test_every_checked_setting_changed_alone_is_refused_naming_it(setting, named
       'weights': dict(weights='imagenet'), 'batch_size': dict(batch_size=16),
       'steps_per_epoch': dict(steps_per_epoch=5),
       'learning_rate': dict(learning_rate=1e-4), 'seed': dict(seed=2),
-      'augment': dict(augment=True), 'stain_jitter': dict(stain_jitter=0.2),
+      'dropout': dict(dropout=0.3), 'weight_decay': dict(weight_decay=1e-4),
+      'label_smoothing': dict(label_smoothing=0.1), 'lr_schedule': dict(lr_schedule='onecycle'),
+      'warmup_epochs': dict(warmup_epochs=0.5), 'augment': dict(augment=True), 'stain_jitter': dict(stain_jitter=0.2),
       'stain_jitter_on': dict(setup={'stain_on_device': True}),
       'precision': dict(setup={'policy': 'mixed_float16'}),
       'sync_batch_norm': dict(setup={'sync_batch_norm': True}),

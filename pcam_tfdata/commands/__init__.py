@@ -41,5 +41,9 @@ def pcam_report():
   _run('pcam_tfdata.report')
 
 
+def pcam_tune():
+  _run('pcam_tfdata.tune')
+
+
 def pcam_data_service():
   _run('pcam_tfdata.data_service')

@@ -80,7 +80,12 @@ def check(saved, current, backup_path, log=print, trained=None):
   if saved is None:
     return
   differ = []
-  if trained is not None and current['epochs'] < trained:
+  spanned = saved.get('lr_schedule') in ('cosine', 'onecycle')
+  if spanned and saved.get('epochs') not in (None, current['epochs']):
+    # The curve is drawn over the run's epochs: more of them would bend it mid-run.
+    differ.append(f'--epochs: {saved.get("epochs")} then, {current["epochs"]} now '
+                  f'(--lr_schedule={saved["lr_schedule"]} spans the epochs the run began with)')
+  elif trained is not None and current['epochs'] < trained:
     differ.append(f'--epochs: {saved.get("epochs")} then, {current["epochs"]} now, fewer than '
                   f'the {trained} trained')
   for key, name in _NAMES.items():
