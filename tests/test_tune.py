@@ -3,12 +3,14 @@
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -413,8 +415,14 @@ def test_ctrl_c_stops_every_worker_within_seconds_and_a_rerun_continues(
   assert proc.returncode == 130, err[-3000:]
   assert err.strip().splitlines()[-1].startswith('tune: error: interrupted; rerun the same '
                                                  'command'), err
-  with pytest.raises(ProcessLookupError):
-    os.killpg(proc.pid, 0)  # No process of the search is left.
+
+  def group_gone():  # No process of the search left (its helpers end as their pipes close).
+    try:
+      os.killpg(proc.pid, 0)
+      return False
+    except ProcessLookupError:
+      return True
+  _wait_for(group_gone, 30, 'the last process of the search to end')
   assert out.count('interrupted; a rerun resumes it') == 2, out
   rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -432,14 +440,15 @@ def _free_port():
 
 
 @pytest.fixture
-def postgres(tmp_path_factory):
+def postgres():
   """A PostgreSQL 15 server on 127.0.0.1 (a free port), with a database `pcam`; stopped after."""
   if not os.path.exists(os.path.join(_PG_BIN, 'initdb')):
     pytest.skip(f'PostgreSQL is not installed here ({_PG_BIN}/initdb)')
   as_postgres = ['runuser', '-u', 'postgres', '--'] if os.geteuid() == 0 else []
   if as_postgres and not shutil.which('runuser'):
     pytest.skip('running as root without runuser: initdb refuses root')
-  base = tmp_path_factory.mktemp('pg')
+  # Not under pytest's own temporary folder, which only its owner may enter.
+  base = pathlib.Path(tempfile.mkdtemp(prefix='pcam-pg-'))
   os.chmod(base, 0o777)
   data = base / 'data'
   port = _free_port()
@@ -453,6 +462,7 @@ def postgres(tmp_path_factory):
     yield f'postgresql+psycopg://postgres@127.0.0.1:{port}/pcam'
   finally:
     run(f'{_PG_BIN}/pg_ctl', '-D', str(data), '-m', 'fast', '-w', 'stop')
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow

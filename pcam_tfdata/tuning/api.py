@@ -133,13 +133,18 @@ def best(study, plan, log=print):
     return None
   top = (max if study_lib.OBJECTIVES[plan.objective] == 'maximize' else min)(
       complete, key=lambda t: (t.value, -t.number))
-  folder = os.path.join(plan.study_dir, top.user_attrs.get('folder', ''))
-  with open(os.path.join(folder, rundir.METRICS_JSON)) as f:
-    metrics = json.load(f)
+  folder = top.user_attrs.get('model_dir') or os.path.join(plan.study_dir,
+                                                           top.user_attrs.get('folder', ''))
+  try:
+    with open(os.path.join(folder, rundir.METRICS_JSON)) as f:
+      metrics = json.load(f)
+  except OSError:  # Run on another host of a shared study.
+    metrics = None
   flags_path = os.path.join(plan.study_dir, results.BEST_FLAGS)
-  log(f'best: trial {os.path.basename(folder)} ({plan.objective} {top.value:.4f}): '
+  where = '' if metrics is not None else f' (run on {top.user_attrs.get("host", "another host")})'
+  log(f'best: trial {study_lib.root_number(top)}{where} ({plan.objective} {top.value:.4f}): '
       f'{" ".join(f"--{k}={v}" for k, v in top.params.items())}; {flags_path}')
-  return {'number': int(os.path.basename(folder)), 'value': top.value, 'params': top.params,
+  return {'number': study_lib.root_number(top), 'value': top.value, 'params': top.params,
           'model_dir': folder, 'flags': flags_path, 'metrics': metrics}
 
 

@@ -32,7 +32,7 @@ def rows(study, plan):
   for trial in study.get_trials(deepcopy=False):
     history = trial.system_attrs.get('retry_history') or []
     row = {'number': trial.number, 'state': trial.state.name.lower(),
-           'folder': trial.user_attrs.get('folder', ''),
+           'folder': folder_of(trial, plan.study_dir),
            'retry_of': history[-1] if history else ''}
     row.update({f'param_{p.name}': trial.params.get(p.name, '') for p in plan.space})
     row[plan.objective] = '' if trial.value is None else trial.value
@@ -45,6 +45,16 @@ def rows(study, plan):
                       if trial.duration is not None else '')
     out.append(row)
   return out
+
+
+def folder_of(trial, study_dir):
+  """A trial's run folder: relative to this --study_dir, or host:path where another host ran it."""
+  model_dir = trial.user_attrs.get('model_dir')
+  if not model_dir:
+    return trial.user_attrs.get('folder', '')
+  if os.path.dirname(os.path.dirname(model_dir)) == os.path.abspath(study_dir):
+    return os.path.relpath(model_dir, study_dir)
+  return f'{trial.user_attrs.get("host", "?")}:{model_dir}'
 
 
 def flag_lines(settings):
@@ -73,10 +83,12 @@ def best_flags(study, plan):
   defaults = config_lib.Config(records_dir='', model_dir='')
   fixed = {k: v for k, v in plan.fixed.items()
            if k not in _NOT_FLAGS and k not in best.params and getattr(defaults, k, None) != v}
-  folder = best.user_attrs.get('folder', '')
+  folder = folder_of(best, plan.study_dir)
+  if ':' not in folder:  # (Else host:path, run elsewhere.)
+    folder = os.path.join(plan.study_dir, folder)
   lines = [
       f'# The best trial of study {plan.study_name!r} ({plan.objective} {best.value!r}, '
-      f'trial folder {os.path.join(plan.study_dir, folder)}).',
+      f'trial folder {folder}).',
       '# Trains it again, bit for bit on the same records and kind of machine:',
       f'#   pcam-train --flagfile={os.path.join(plan.study_dir, BEST_FLAGS)}',
       '# (a later --model_dir=... replaces the one below).',

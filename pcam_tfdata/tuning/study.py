@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import socket
+import time
 import warnings
 
 HEARTBEAT_SECONDS = 10
@@ -29,6 +30,8 @@ SAMPLERS = ('tpe', 'random', 'cmaes')
 PRUNERS = ('median', 'hyperband', 'none')
 OBJECTIVES = {'val_auc': 'maximize', 'val_loss': 'minimize'}
 MAX_RETRIES = 5  # Retries of one trial whose worker keeps dying.
+_CREATE_ATTEMPTS = 5
+_RACED = ('duplicate key', 'already exists', 'uniqueviolation', 'unique constraint')
 
 
 def quiet_optuna():
@@ -68,15 +71,22 @@ def open_storage(url):
   else:
     # A database that is down answers no connection: fail in seconds.
     engine = {'connect_args': {'connect_timeout': 10}, 'pool_pre_ping': True}
-  try:
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=GRACE_SECONDS,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=MAX_RETRIES))
-  except Exception as e:  # pylint: disable=broad-except
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f'--storage={shown(url)}: cannot open the study database ({detail})') from None
+  for attempt in range(1, _CREATE_ATTEMPTS + 1):
+    try:
+      return optuna.storages.RDBStorage(
+          url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+          grace_period=GRACE_SECONDS,
+          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+              max_retry=MAX_RETRIES))
+    except Exception as e:  # pylint: disable=broad-except
+      detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      # Hosts started together on a new database race to create its tables:
+      # the loser finds them made, and tries again.
+      if attempt < _CREATE_ATTEMPTS and any(w in detail.lower() for w in _RACED):
+        time.sleep(0.5 * attempt)
+        continue
+      raise ValueError(f'--storage={shown(url)}: cannot open the study database ({detail})'
+                       ) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ folder of the trial it retries, from that run's backup.
 
 import dataclasses
 import os
+import socket
 import sys
 import time
 
@@ -76,6 +77,9 @@ class Objective:
     params = {p.name: _suggest(trial, p) for p in plan.space}
     folder = trial_dir(plan, root)
     trial.set_user_attr('folder', os.path.relpath(folder, plan.study_dir))
+    # Where, for a study shared between hosts (each with its own --study_dir).
+    trial.set_user_attr('model_dir', os.path.abspath(folder))
+    trial.set_user_attr('host', socket.gethostname())
     shown = ' '.join(f'--{k}={v}' for k, v in params.items())
     if root != trial.number:
       backup = os.path.join(folder, rundir.BACKUP_DIR)
