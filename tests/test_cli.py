@@ -415,7 +415,9 @@ def test_a_config_flagfile_is_read_from_the_installed_package_where_the_folder_h
   assert built.returncode == 0, built.stderr[-2000:]
   (wheel,) = wheels.glob('pcam_tfdata-*.whl')
   shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith('pcam_tfdata/configs/')}
-  assert shipped == {f'pcam_tfdata/configs/{p.name}' for p in (ROOT / 'configs').glob('*.flags')}
+  assert shipped == {f'pcam_tfdata/configs/{p.name}' for p in (ROOT / 'configs').glob('*.*')
+                     if p.suffix in ('.flags', '.space')}
+  assert any(n.startswith('pcam_tfdata/tuning/') for n in zipfile.ZipFile(wheel).namelist())
   zipfile.ZipFile(wheel).extractall(tmp_path / 'site')  # As pip lays a wheel out.
   env = user_env(PYTHONPATH=str(tmp_path / 'site'))
   elsewhere = tmp_path / 'elsewhere'  # No configs/ here.
@@ -432,3 +434,8 @@ def test_a_config_flagfile_is_read_from_the_installed_package_where_the_folder_h
   missing = run_tool('-m', 'pcam_tfdata.train', '--flagfile=configs/nosuch.flags', cwd=elsewhere,
                      env=env)
   assert missing.returncode == 1 and 'configs/nosuch.flags' in missing.stderr
+  # pcam-tune's space files the same way: read (the records are what is missing).
+  tune = run_tool('-m', 'pcam_tfdata.tune', '--space=configs/space_seed.space',
+                  '--records_dir=/nonexistent/rec', '--study_dir=study', cwd=elsewhere, env=env)
+  assert tune.returncode == 1 and error_lines(tune.stderr) == [
+      'tune: error: /nonexistent/rec: no such records folder'], tune.stderr

@@ -93,22 +93,7 @@ class EpochLoop:
         self.learning_rate = saved['learning_rate']
         self.first_step = saved.get('step', 0)
         self.partial = tuple(saved.get('partial', (0.0, 0.0)))
-    self._set_learning_rate(self.learning_rate)
-
-  def _set_learning_rate(self, rate):
-    """The plateau's rate: the optimizer's variable, or its schedule's scale (schedules.py)."""
-    schedule = schedules.of(self.optimizer)
-    if schedule is None:
-      self.optimizer.learning_rate.assign(rate)
-    else:
-      schedule.scale.assign(rate / self.config.learning_rate)
-
-  def _rate_of_last_step(self):
-    """The learning rate the epoch's last step trained with (for history.csv)."""
-    schedule = schedules.of(self.optimizer)
-    if schedule is None:
-      return self.learning_rate
-    return float(schedule(self.optimizer.iterations - 1))
+    schedules.set_plateau_rate(self.optimizer, self.learning_rate)
 
   def start(self, datasets):
     """Builds the training input of the remaining epochs (reading the cache), then the files."""
@@ -289,7 +274,7 @@ class EpochLoop:
     seen = self.steps * self.config.batch_size
     row = {'epoch': epoch, 'train_loss': loss_sum / seen, 'train_accuracy': correct / seen,
            'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'val_auc': val['auc'],
-           'learning_rate': self._rate_of_last_step(),
+           'learning_rate': schedules.last_rate(self.optimizer, self.learning_rate),
            'seconds': round(time.time() - epoch_start, 3),
            'images_per_second': round(images / train_seconds, 1)}  # (Trained here.)
     if improved:
@@ -300,7 +285,7 @@ class EpochLoop:
       print(f'epoch {epoch}: val AUC did not improve for {self.config.reduce_lr_patience} '
             f'epochs; learning rate {self.learning_rate:g} -> {new_lr:g}')
       self.learning_rate = new_lr
-      self._set_learning_rate(new_lr)
+      schedules.set_plateau_rate(self.optimizer, new_lr)
     return row
 
   def _log(self, epoch, row, writer):

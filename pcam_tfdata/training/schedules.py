@@ -83,3 +83,20 @@ def of(optimizer):
   inner = getattr(optimizer, 'inner_optimizer', optimizer)  # (Under loss scaling.)
   rate = getattr(inner, '_learning_rate', None)
   return rate if isinstance(rate, Schedule) else None
+
+
+def set_plateau_rate(optimizer, rate):
+  """The plateau's rate (the seed's halvings): the plain variable, or the schedule's scale."""
+  schedule = of(optimizer)
+  if schedule is None:
+    optimizer.learning_rate.assign(rate)
+  else:
+    schedule.scale.assign(rate / schedule.peak)
+
+
+def last_rate(optimizer, plain_rate):
+  """The rate the last step trained with (history.csv): `plain_rate` without a schedule."""
+  schedule = of(optimizer)
+  if schedule is None:
+    return plain_rate
+  return float(schedule(optimizer.iterations - 1))
