@@ -18,6 +18,7 @@ Also <study_dir>/trials.csv, plots as PNG, and `pcam-report <study_dir>`.
 """
 
 import importlib
+import signal
 import sys
 
 from absl import flags
@@ -92,9 +93,11 @@ def main(argv):
       if _WORKERS.value == 1:
         cli.import_tensorflow(flags.FLAGS['verbose'].value)
       api.run(plan, records, _WORKERS.value)
-  except (worker.Interrupted, KeyboardInterrupt):
-    cli.fail(PROGRAM, 'interrupted; rerun the same command to continue the search (a trial '
-             'cut short resumes from its backup)', status=130)
+  except (worker.Interrupted, KeyboardInterrupt) as e:
+    terminated = getattr(e, 'signum', None) == signal.SIGTERM
+    cli.fail(PROGRAM, f'{"stopped by SIGTERM" if terminated else "interrupted"}; rerun the same '
+             'command to continue the search (a trial cut short resumes from its backup)',
+             status=143 if terminated else 130)
   except ValueError as e:
     cli.fail(PROGRAM, e)
 

@@ -113,12 +113,14 @@ def run(plan, records, workers=1, log=print):
   log(f'study {plan.study_name!r} in {study_lib.shown(plan.storage)}: {finished} of '
       f'{plan.trials} trials finished; trial folders in '
       f'{os.path.join(plan.study_dir, worker_lib.TRIALS_DIR)}')
-  if workers == 1:
-    worker_lib.run(plan)
-  else:
-    _run_workers(plan, workers, log)
-  study = optuna.load_study(study_name=plan.study_name, storage=storage)
-  results.write_tables(study, plan)
+  try:
+    if workers == 1:
+      worker_lib.run(plan)
+    else:
+      _run_workers(plan, workers, log)
+  finally:  # Interrupted too: the tables as the study now stands.
+    study = optuna.load_study(study_name=plan.study_name, storage=storage)
+    results.write_tables(study, plan)
   results.write_plots(study, plan, log)
   return best(study, plan, log)
 
@@ -175,12 +177,22 @@ def _run_workers(plan, workers, log):
     procs.append(proc)
   if gpus:
     log(f'{workers} workers on GPUs {", ".join(gpus[k % len(gpus)] for k in range(workers))}')
+
+  def on_sigterm(signum, frame):  # A cluster manager's stop: passed on, as Ctrl-C is.
+    raise _Terminated()
+
+  previous = signal.signal(signal.SIGTERM, on_sigterm)
   try:
     for proc in procs:
       proc.join()
   except KeyboardInterrupt:
-    _stop(procs)
+    _stop(procs, signal.SIGINT)
     raise worker_lib.Interrupted() from None
+  except _Terminated:
+    _stop(procs, signal.SIGTERM)
+    raise worker_lib.Interrupted(signal.SIGTERM) from None
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   codes = [p.exitcode for p in procs]
   if any(c in (130, -signal.SIGINT, -signal.SIGTERM) or c == _interrupted_status()
          for c in codes):
@@ -196,11 +208,15 @@ def _interrupted_status():
   return preemption.EXIT_STATUS
 
 
-def _stop(procs):
-  """Ctrl-C: every worker gets SIGINT (backs up its trial), then SIGKILL after _STOP_SECONDS."""
+class _Terminated(Exception):
+  pass
+
+
+def _stop(procs, signum):
+  """Every worker gets the signal (backs up its trial), then SIGKILL after _STOP_SECONDS."""
   for proc in procs:
     if proc.is_alive():
-      os.kill(proc.pid, signal.SIGINT)  # (A terminal's Ctrl-C reached them already.)
+      os.kill(proc.pid, signum)  # (A terminal's Ctrl-C may have reached them already.)
   deadline = time.time() + _STOP_SECONDS
   for proc in procs:
     proc.join(max(0.0, deadline - time.time()))

@@ -40,7 +40,11 @@ class Plan:
 
 
 class Interrupted(Exception):
-  """Ctrl-C or SIGTERM stopped a trial (after its backup); it was queued to resume."""
+  """Ctrl-C or SIGTERM stopped the search (a running trial backed up and queued to resume)."""
+
+  def __init__(self, signum=None):
+    super().__init__()
+    self.signum = signum  # SIGTERM, or None for Ctrl-C.
 
 
 def trial_dir(plan, number):
