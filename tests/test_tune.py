@@ -71,6 +71,7 @@ def test_a_space_file_parses_every_kind_with_comments_and_blank_lines(tmp_path):
     ('batch_size: choice 32 big', '--batch_size takes int values, not \'big\''),
     ('batch_size: uniform 16 64', '--batch_size takes whole numbers; use int or choice'),
     ('batch_size: choice 32 32', 'a value is listed twice'),
+    ('batch_size: choice 32 0 64', 'batch_size=0: pcam-train refuses it'),  # Every choice.
     ('augment: choice true maybe', '--augment is true or false, not \'maybe\''),
     ('lr_schedule: uniform 0 1', '--lr_schedule takes str values; use choice'),
     ('lr_schedule: choice cosine step', 'lr_schedule=step: pcam-train refuses it'),
@@ -85,6 +86,47 @@ def test_a_bad_line_names_the_file_and_line(tmp_path, line, message):
     space_lib.check(space_lib.read(str(path)), {'epochs': 10})
   assert str(e.value).startswith(f'{path}:3: '), str(e.value)
   assert message in str(e.value), str(e.value)
+
+
+def test_values_are_checked_with_the_fixed_flags_beside_them():
+  params = space_lib.parse('warmup_epochs: uniform 0 2\n', 'w.space')
+  space_lib.check(params, {'epochs': 3})
+  with pytest.raises(space_lib.SpaceError, match=r'^w.space:1: warmup_epochs=2.0: pcam-train '
+                                                 r'refuses it \(--warmup_epochs=2.0: must be >= 0 '
+                                                 r'and below --epochs=1\)'):
+    space_lib.check(params, {'epochs': 1})
+
+
+def test_the_same_search_spelled_with_or_without_its_defaults_is_the_same_study(small_records,
+                                                                                tmp_path):
+  space = {'learning_rate': 'loguniform 1e-4 1e-2'}
+  plans = [api.make_plan(str(small_records), str(tmp_path / 's'), space=space, trials=2,
+                         log=lambda _: None, **fixed)[0]
+           for fixed in ({'epochs': 2}, {'epochs': 2, 'batch_size': 64, 'dropout': None})]
+  assert plans[0].fixed == plans[1].fixed and plans[0].fixed['batch_size'] == 64
+  assert 'learning_rate' not in plans[0].fixed and 'seed' not in plans[0].fixed
+
+
+def test_each_trial_draws_afresh_and_the_same_history_draws_the_same():
+  def first_draw(*args):
+    study = optuna.create_study(sampler=study_lib.make_sampler('tpe', *args))
+    return study.ask().suggest_float('x', 0, 1)
+  draws = [first_draw(0, k) for k in range(5)]
+  assert len(set(draws)) == 5  # A new trial count, a new point.
+  assert first_draw(0, 3) == draws[3] and first_draw(1, 3) != draws[3]
+  assert first_draw(0, 3, '1') != draws[3]  # Two workers counting the same trials.
+
+
+def test_a_study_dir_serves_one_study(tmp_path):
+  url = study_lib.default_storage(tmp_path)
+  study_lib.bind_study_dir(str(tmp_path), url, 'a', record=False)
+  assert not (tmp_path / study_lib.STUDY_JSON).exists()
+  study_lib.bind_study_dir(str(tmp_path), url, 'a')
+  study_lib.bind_study_dir(str(tmp_path), url, 'a')  # The same: fine.
+  with pytest.raises(ValueError, match=rf"^--study_dir={tmp_path} holds the trials of study 'a' "
+                                       rf"in {url}, not 'b' in {url}: trial folders are "
+                                       r'numbered per study; use another --study_dir$'):
+    study_lib.bind_study_dir(str(tmp_path), url, 'b')
 
 
 def test_a_flag_searched_twice_or_none_at_all_is_refused(tmp_path):
@@ -216,7 +258,7 @@ def test_a_running_trial_whose_process_on_this_host_is_gone_is_taken_over_once(t
     trial = study.ask({'learning_rate': optuna.distributions.FloatDistribution(1e-4, 1e-2)})
     storage.set_trial_system_attr(trial._trial_id, study_lib.owner_key(trial._trial_id), record)  # pylint: disable=protected-access
     trials.append(trial)
-  assert study_lib.take_over_dead_trials(study) == [trials[0].number]
+  assert study_lib.take_over_dead_trials(study) == [(trials[0].number, True)]
   assert study_lib.take_over_dead_trials(study) == []  # Once only.
   states = [t.state for t in study.trials]
   assert states[:3] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING,
@@ -397,6 +439,8 @@ def test_a_search_killed_mid_trial_resumes_that_trial_from_its_backup(
   rows = results.read_trials(str(study_dir))
   done = [r for r in rows if r['state'] == 'complete']
   assert len(done) == 3 and len({r['folder'] for r in done}) == 3
+  (retry,) = [r for r in done if r['retry_of']]  # Its epochs before the kill reported again.
+  assert all(retry[f'val_auc_epoch_{k}'] for k in range(1, 6)), retry
   assert sorted(os.listdir(study_dir / 'trials')) == sorted(r['folder'][7:] for r in done)
 
 
@@ -483,3 +527,43 @@ def test_two_hosts_share_one_postgresql_study_and_never_run_a_trial_twice(
   finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
   assert len(finished) in (4, 5) and sorted(int(n) for n in ran[0] + ran[1]) == sorted(
       t.number for t in finished)
+
+
+def test_a_trial_that_crashes_is_one_line_and_the_search_goes_on(small_records, tmp_path,
+                                                                 monkeypatch, capsys):
+  from pcam_tfdata.training import api as train_api  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_train(records_dir, model_dir, *, on_epoch_end, **options):
+    calls.append(options['learning_rate'])
+    if len(calls) in failing:
+      raise RuntimeError('OOM when allocating tensor\nwith shape [64,96,96,3]')
+    os.makedirs(model_dir, exist_ok=True)
+    assert not on_epoch_end(1, {'val_auc': 0.5 + len(calls) / 100, 'val_loss': 0.6})
+    metrics = {'val_auc': 0.5 + len(calls) / 100, 'val_loss': 0.6, 'best_epoch': 1,
+               'epochs_run': 1}
+    with open(os.path.join(model_dir, 'metrics.json'), 'w') as f:
+      json.dump(metrics, f)
+    return metrics
+
+  monkeypatch.setattr(train_api, 'train', fake_train)
+  failing = {1}
+  best = pt.tune(str(small_records), str(tmp_path / 'a'), space={'dropout': 'uniform 0 0.5'},
+                 trials=2, epochs=1)
+  out = capsys.readouterr().out
+  assert 'trial 0 failed: RuntimeError: OOM when allocating tensor\n' in out, out
+  states = [r['state'] for r in results.read_trials(str(tmp_path / 'a'))]
+  assert states == ['fail', 'complete', 'complete'] and best['number'] == 2
+  failing = {1, 2, 3}
+  calls.clear()
+  with pytest.raises(ValueError, match=r'^3 trials in a row failed'):
+    pt.tune(str(small_records), str(tmp_path / 'b'), space={'dropout': 'uniform 0 0.5'},
+            trials=2, epochs=1)
+
+
+def test_a_searched_epochs_sizes_the_table_and_the_pruner():
+  plan = api.worker_lib.Plan(records_dir='', study_dir='', storage='', study_name='',
+                             space=tuple(space_lib.parse('epochs: int 5 20\n', 's')),
+                             fixed={'epochs': 10}, trials=1)
+  assert plan.max_epochs() == 20
+  assert study_lib.make_pruner('hyperband', plan.max_epochs())._max_resource == 20  # pylint: disable=protected-access

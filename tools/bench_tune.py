@@ -69,7 +69,7 @@ def _search(records, pruner):
   study_dir = os.path.join(_WORK_DIR.value, f'study-{pruner}')
   start = time.time()
   best = pt.tune(records, study_dir, space=_SPACE.value, trials=_TRIALS.value, pruner=pruner,
-                 seed=0, model=_MODEL.value, epochs=_EPOCHS.value, progress=False,
+                 seed=0, model=_MODEL.value, epochs=_EPOCHS.value,
                  **{k: v for k, v in _SEED_RECIPE.items()
                     if k not in ('batch_size', 'learning_rate')})
   wall = time.time() - start

@@ -56,10 +56,16 @@ def make_plan(records_dir, study_dir, *, space, trials, storage=None,
       raise ValueError(message)
   params = _read_space(space)
   searched = {p.name for p in params}
+  defaults = config_lib.Config(records_dir='', model_dir='')
   for name in sorted(searched & set(fixed)):
-    log(f'--{name} is searched (the space), so its value {fixed[name]!r} is not used')
-  fixed = {k: v for k, v in fixed.items() if k not in searched}
-  config_lib.check_config(config_lib.Config(records_dir='', model_dir='', **fixed))
+    if fixed[name] != getattr(defaults, name):
+      log(f'--{name} is searched (the space), so its value {fixed[name]!r} is not used')
+  config = config_lib.Config(records_dir='', model_dir='', **{
+      k: v for k, v in fixed.items() if k not in searched})
+  config_lib.check_config(config)
+  # Every option, defaults spelled out: the command and the call that ask
+  # for the same search record the same study.
+  fixed = {k: getattr(config, k) for k in sorted(options) if k not in searched}
   space_lib.check(params, fixed)
   records = records_lib.Records.open(records_dir)  # A wrong folder fails here, in one line.
   study_dir = os.path.abspath(study_dir)
@@ -104,8 +110,10 @@ def run(plan, records, workers=1, log=print):
   import optuna  # pylint: disable=g-import-not-at-top
   if not isinstance(workers, int) or workers < 1:
     raise ValueError(f'--workers={workers}: must be >= 1')
+  study_lib.bind_study_dir(plan.study_dir, plan.storage, plan.study_name, record=False)
   storage = study_lib.open_storage(plan.storage)
   study = study_lib.open_study(storage, plan.study_name, identity(plan, records), plan.storage)
+  study_lib.bind_study_dir(plan.study_dir, plan.storage, plan.study_name)
   finished, _, _ = study_lib.counts(study)
   if plan.trials < finished:
     raise ValueError(f'--trials={plan.trials}: study {plan.study_name!r} already holds '

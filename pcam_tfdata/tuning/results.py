@@ -39,7 +39,7 @@ def rows(study, plan):
     row['best_epoch'] = trial.user_attrs.get('best_epoch', '')
     values = trial.intermediate_values
     row['epochs'] = len(values)
-    for step in range(1, plan.fixed.get('epochs', 10) + 1):
+    for step in range(1, plan.max_epochs() + 1):
       row[f'{plan.objective}_epoch_{step}'] = values.get(step, '')
     row['seconds'] = (round(trial.duration.total_seconds(), 1)
                       if trial.duration is not None else '')

@@ -26,6 +26,7 @@ import warnings
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 60  # A trial silent this long is stale (its worker lost).
 DEFAULT_STUDY_NAME = 'pcam'
+STUDY_JSON = 'study.json'  # Which study a --study_dir's trial folders belong to.
 SAMPLERS = ('tpe', 'random', 'cmaes')
 PRUNERS = ('median', 'hyperband', 'none')
 OBJECTIVES = {'val_auc': 'maximize', 'val_loss': 'minimize'}
@@ -145,19 +146,53 @@ def open_study(storage, name, identity, url):
   return study
 
 
-def make_sampler(kind, seed, salt):
-  """A fresh sampler seeded by (seed, salt): a rerun after a kill draws new points, not the old ones.
+def make_sampler(kind, seed, trials_so_far, worker=''):
+  """A fresh sampler seeded by (seed, trials so far, worker): a rerun after a kill draws new points.
 
-  `salt` is the count of trials so far, so one worker's search is the same
-  every time from the same history.
+  One worker's search is so the same every time from the same history; two
+  workers that count the same trials at once (`worker`: their index, and
+  host on a shared database) still draw apart.
   """
+  import numpy as np  # pylint: disable=g-import-not-at-top
   import optuna  # pylint: disable=g-import-not-at-top
-  rng_seed = None if seed is None else (seed * 1_000_003 + salt) % 2**32
+  rng_seed = None
+  if seed is not None:
+    words = [seed, trials_so_far, *worker.encode()]
+    rng_seed = int(np.random.SeedSequence(words).generate_state(1)[0])
   if kind == 'random':
     return optuna.samplers.RandomSampler(seed=rng_seed)
   if kind == 'cmaes':
     return optuna.samplers.CmaEsSampler(seed=rng_seed, warn_independent_sampling=False)
   return optuna.samplers.TPESampler(seed=rng_seed)
+
+
+def bind_study_dir(study_dir, storage_url, name, record=True):
+  """Refuses a --study_dir that serves another study (their trial folders would mix); records ours.
+
+  Args:
+    record: write study.json if there is none (else only check).
+
+  Raises:
+    ValueError: the folder serves another study or storage.
+  """
+  path = os.path.join(study_dir, STUDY_JSON)
+  mine = {'storage': shown(storage_url), 'study_name': name}
+  try:
+    with open(path) as f:
+      theirs = json.load(f)
+  except FileNotFoundError:
+    if record:
+      from pcam_tfdata import rundir  # pylint: disable=g-import-not-at-top
+      rundir.write_atomic(path, json.dumps(mine, indent=1) + '\n')
+    return
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path}: unreadable ({e}); is --study_dir another program\'s folder?'
+                     ) from None
+  if theirs != mine:
+    raise ValueError(f'--study_dir={study_dir} holds the trials of study '
+                     f'{theirs.get("study_name")!r} in {theirs.get("storage")}, not '
+                     f'{name!r} in {mine["storage"]}: trial folders are numbered per study; '
+                     'use another --study_dir')
 
 
 def make_pruner(kind, epochs):
@@ -189,16 +224,26 @@ def _start_time(pid):
     return None
 
 
+def _pid_namespace():
+  # Containers sharing a host name (host networking) have their own process
+  # numbers: a pid means something only within its namespace.
+  try:
+    return os.readlink('/proc/self/ns/pid')
+  except OSError:
+    return ''
+
+
 def owner():
   """This process, as a trial records who runs it."""
-  return {'host': socket.gethostname(), 'boot': _boot_id(), 'pid': os.getpid(),
-          'start': _start_time(os.getpid())}
+  return {'host': socket.gethostname(), 'boot': _boot_id(), 'pidns': _pid_namespace(),
+          'pid': os.getpid(), 'start': _start_time(os.getpid())}
 
 
 def owner_is_gone(record):
-  """Whether a trial's recorded owner was on this host (this boot) and its process is gone."""
-  if not record or record.get('host') != socket.gethostname() or record.get('boot') != _boot_id():
-    return False  # Another host's: its heartbeat says.
+  """Whether a trial's recorded owner ran here (host, boot, process namespace) and is gone."""
+  if not record or any(record.get(k) != v for k, v in (
+      ('host', socket.gethostname()), ('boot', _boot_id()), ('pidns', _pid_namespace()))):
+    return False  # Another host's (or container's): its heartbeat says.
   pid = record.get('pid')
   try:
     os.kill(pid, 0)
@@ -224,7 +269,8 @@ def take_over_dead_trials(study):
   """Fails and queues a retry of each running trial whose process on this host is gone.
 
   Atomic across workers: the database lets one of them fail a trial; only
-  that one queues its retry. Returns the numbers of the trials taken over.
+  that one queues its retry. Returns [(number, queued)] of the trials taken
+  over (queued False: retried MAX_RETRIES times already).
   """
   import optuna  # pylint: disable=g-import-not-at-top
   taken = []
@@ -234,15 +280,21 @@ def take_over_dead_trials(study):
       continue
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
       if storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL):  # pylint: disable=protected-access
-        queue_retry(study, storage.get_trial(trial._trial_id))  # pylint: disable=protected-access
-        taken.append(trial.number)
+        taken.append((trial.number,
+                      queue_retry(study, storage.get_trial(trial._trial_id))))  # pylint: disable=protected-access
   return taken
 
 
 def queue_retry(study, trial):
-  """A waiting trial with `trial`'s parameters, marked a retry of it (as Optuna's own retries)."""
+  """A waiting trial with `trial`'s parameters, marked a retry of it (as Optuna's own retries).
+
+  Returns False (and queues nothing) for a trial retried MAX_RETRIES times already.
+  """
   import optuna  # pylint: disable=g-import-not-at-top
+  if len(trial.system_attrs.get('retry_history') or []) >= MAX_RETRIES:
+    return False
   optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
+  return True
 
 
 def root_number(trial):

@@ -37,6 +37,18 @@ class Plan:
   sampler: str = 'tpe'
   seed: int | None = 0
   prefix: str = ''  # 'worker k: ' before each line, with several workers.
+  worker: str = ''  # Who draws (the sampler's seed): '' alone, else index (and host).
+
+  def max_epochs(self):
+    """The most epochs a trial may train (--epochs, or the largest a searched one draws)."""
+    for p in self.space:
+      if p.name == 'epochs':
+        return max(p.args)
+    return self.fixed.get('epochs', 10)
+
+
+class TrialFailed(ValueError):
+  """A trial's run failed (refused settings, out of memory, ...): said in one line; the search goes on."""
 
 
 class Interrupted(Exception):
@@ -94,14 +106,17 @@ class Objective:
       _say(plan, f'trial {root}: {shown}')
     reported = set()
 
-    def on_epoch_end(epoch, row):
-      # A resumed run's earlier epochs first, from its history: the pruner
-      # compares trials epoch by epoch.
+    def report_history(before):
+      # A resumed run's earlier epochs, from its history: the pruner compares
+      # trials epoch by epoch.
       for old in rundir.read_history(os.path.join(folder, rundir.HISTORY_CSV)):
         step = int(old['epoch'])
-        if step < epoch and step not in reported:
+        if step < before and step not in reported:
           trial.report(float(old[plan.objective]), step)
           reported.add(step)
+
+    def on_epoch_end(epoch, row):
+      report_history(epoch)
       trial.report(float(row[plan.objective]), epoch)
       reported.add(epoch)
       return trial.should_prune()
@@ -111,12 +126,20 @@ class Objective:
                           seed=plan.seed, **{**plan.fixed, **params})
     except (preemption.Preempted, KeyboardInterrupt) as e:
       # Queued now, by the one process that knows: a rerun resumes it.
-      study_lib.queue_retry(self.study, storage.get_trial(trial._trial_id))  # pylint: disable=protected-access
-      _say(plan, f'trial {root} interrupted; a rerun resumes it from its backup in {folder}')
+      if study_lib.queue_retry(self.study, storage.get_trial(trial._trial_id)):  # pylint: disable=protected-access
+        _say(plan, f'trial {root} interrupted; a rerun resumes it from its backup in {folder}')
+      else:
+        _say(plan, f'trial {root} interrupted, not retried: it was cut short '
+             f'{study_lib.MAX_RETRIES} times before')
       raise Interrupted() from e
-    except ValueError as e:  # pcam-train refused the settings: one line, the trial fails.
-      _say(plan, f'trial {root} failed: {e}')
-      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # Refused settings, out of memory, a bad shard: one line, the trial
+      # fails and the search goes on (3 in a row stop the worker).
+      detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
+      _say(plan, f'trial {root} failed: {type(e).__name__}: {detail}' if not isinstance(
+          e, ValueError) else f'trial {root} failed: {detail}')
+      raise TrialFailed(detail) from e
+    report_history(float('inf'))  # (A retry of a run that had finished trains no epoch.)
     value = metrics[plan.objective]
     trial.set_user_attr('best_epoch', metrics.get('best_epoch'))
     if metrics.get('pruned'):
@@ -147,13 +170,15 @@ def run(plan):
   logging.getLogger('tensorflow').addFilter(_NoRetracingNotes())
   storage = study_lib.open_storage(plan.storage)
   study = optuna.load_study(study_name=plan.study_name, storage=storage)
-  study.pruner = study_lib.make_pruner(plan.pruner, plan.fixed.get('epochs', 10))
+  study.pruner = study_lib.make_pruner(plan.pruner, plan.max_epochs())
   objective = Objective(plan, study)
   failed_in_a_row = 0
   waiting_said = False
   while True:
-    for number in study_lib.take_over_dead_trials(study):
-      _say(plan, f'trial {number}: its worker on this host is gone; queued to resume')
+    for number, queued in study_lib.take_over_dead_trials(study):
+      _say(plan, f'trial {number}: its worker on this host is gone; ' + (
+          'queued to resume' if queued else
+          f'not retried: its worker died {study_lib.MAX_RETRIES} times before'))
     optuna.storages.fail_stale_trials(study)  # Other hosts' lost workers (heartbeat).
     finished, running, _ = study_lib.counts(study)
     if finished >= plan.trials:
@@ -166,9 +191,10 @@ def run(plan):
       time.sleep(_POLL_SECONDS)
       continue
     waiting_said = False
-    study.sampler = study_lib.make_sampler(plan.sampler, plan.seed, len(study.trials))
+    study.sampler = study_lib.make_sampler(plan.sampler, plan.seed, len(study.trials),
+                                           plan.worker)
     objective.last_trial_id = None
-    study.optimize(objective, n_trials=1, catch=(ValueError,))
+    study.optimize(objective, n_trials=1, catch=(TrialFailed,))
     failed = objective.last_trial_id is not None and study._storage.get_trial(  # pylint: disable=protected-access
         objective.last_trial_id).state == optuna.trial.TrialState.FAIL
     failed_in_a_row = failed_in_a_row + 1 if failed else 0
@@ -186,7 +212,8 @@ def main(plan, index, gpu=None):
   from pcam_tfdata import cli  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # As the parent (pcam-train's per-save INFO lines off).
   cli.import_tensorflow()
-  plan = dataclasses.replace(plan, prefix=f'worker {index}: ')
+  worker = str(index) if plan.storage.startswith('sqlite') else f'{index}@{socket.gethostname()}'
+  plan = dataclasses.replace(plan, prefix=f'worker {index}: ', worker=worker)
   try:
     run(plan)
   except Interrupted:
