@@ -43,6 +43,7 @@ def rows(study, plan):
       row[f'{plan.objective}_epoch_{step}'] = values.get(step, '')
     row['seconds'] = (round(trial.duration.total_seconds(), 1)
                       if trial.duration is not None else '')
+    row['run_seconds'] = trial.user_attrs.get('run_seconds', '')  # Within pcam-train.
     out.append(row)
   return out
 

@@ -121,6 +121,7 @@ class Objective:
       reported.add(epoch)
       return trial.should_prune()
 
+    start = time.time()
     try:
       metrics = api.train(plan.records_dir, folder, on_epoch_end=on_epoch_end, progress=False,
                           seed=plan.seed, **{**plan.fixed, **params})
@@ -139,6 +140,8 @@ class Objective:
       _say(plan, f'trial {root} failed: {type(e).__name__}: {detail}' if not isinstance(
           e, ValueError) else f'trial {root} failed: {detail}')
       raise TrialFailed(detail) from e
+    # The run's own time, against Optuna's duration of the trial: the tuner's cost.
+    trial.set_user_attr('run_seconds', round(time.time() - start, 1))
     report_history(float('inf'))  # (A retry of a run that had finished trains no epoch.)
     value = metrics[plan.objective]
     trial.set_user_attr('best_epoch', metrics.get('best_epoch'))
