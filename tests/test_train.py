@@ -118,10 +118,10 @@ def test_a_run_with_a_backup_to_resume_does_not_fetch_imagenet_weights(tmp_path,
   setup = types.SimpleNamespace(strategy=tf.distribute.get_strategy(), sync_batch_norm=False,
                                 policy='float32')
   records = types.SimpleNamespace(image_shape=(32, 32, 3))
-  model, _ = trainer.build_model(config, records, setup)
+  model, _ = trainer.build_model(config, records, setup, steps_per_epoch=1)
   assert model.name == 'efficientnetv2b0' and fetched == []
   with pytest.raises(ValueError, match='could not fetch or load the efficientnetv2b0'):
-    trainer.build_model(dataclasses.replace(config, restart=True), records, setup)
+    trainer.build_model(dataclasses.replace(config, restart=True), records, setup, 1)
   assert len(fetched) == 1
 
 
@@ -915,6 +915,9 @@ def test_every_flag_reaches_the_runs_config():
       argv.append(f'--{name}={value}')
     elif isinstance(flag.default, int) or name == 'seed':
       value = (flag.default or 0) + 3
+      argv.append(f'--{name}={value}')
+    elif name == 'dropout':  # A float without a default (the seed's per model).
+      value = 0.25
       argv.append(f'--{name}={value}')
     else:
       value = f'/tmp/{name}'

@@ -317,7 +317,7 @@ def test_a_seeded_search_runs_the_same_trials_twice_and_best_flags_reproduces_it
   runs = []
   for name in ('a', 'b'):
     best = pt.tune(str(small_records), str(tmp_path / name), space=space, trials=3, epochs=2,
-                   pruner='none', seed=4)
+                   pruner='none', seed=4, strategy='default')
     trials = (tmp_path / name / 'trials.csv').read_text().splitlines()
     runs.append((best, [re.sub(r',[\d.]+$', '', t) for t in trials]))  # All but the seconds.
   (best_a, trials_a), (best_b, trials_b) = runs
@@ -326,8 +326,9 @@ def test_a_seeded_search_runs_the_same_trials_twice_and_best_flags_reproduces_it
   assert sorted(os.listdir(tmp_path / 'a' / 'trials')) == ['0', '1', '2']
   options = _flags_to_options(tmp_path / 'a' / 'best.flags')
   assert options['model_dir'] == str(tmp_path / 'a' / 'best') and options['seed'] == 4
+  assert options.pop('strategy') == 'default'
   again = pt.train(options.pop('records_dir'), options.pop('model_dir'), progress=False,
-                   **options)
+                   strategy='default', **options)
   assert (again['val_auc'], again['val_loss']) == (best_a['metrics']['val_auc'],
                                                    best_a['metrics']['val_loss'])
 
@@ -340,9 +341,10 @@ def test_the_median_pruner_stops_a_bad_trial_after_its_second_epoch(small_record
   study = optuna.create_study(storage=study_lib.default_storage(study_dir), study_name='pcam')
   for rate in (3e-3, 2e-3, 3e-3, 1e-7):
     study.enqueue_trial({'learning_rate': rate})
+  # (One device: the test process may hold other tests' MirroredStrategy.)
   best = pt.tune(str(small_records), str(study_dir),
                  space={'learning_rate': 'loguniform 1e-7 1e-2'}, trials=4, epochs=4,
-                 objective='val_loss', batch_size=32)
+                 objective='val_loss', batch_size=32, strategy='default')
   rows = {r['number']: r for r in results.read_trials(str(study_dir))}
   assert [rows[n]['state'] for n in '0123'] == ['complete'] * 3 + ['pruned']
   assert rows['3']['epochs'] == '2' and [rows[n]['epochs'] for n in '012'] == ['4'] * 3
@@ -567,3 +569,27 @@ def test_a_searched_epochs_sizes_the_table_and_the_pruner():
                              fixed={'epochs': 10}, trials=1)
   assert plan.max_epochs() == 20
   assert study_lib.make_pruner('hyperband', plan.max_epochs())._max_resource == 20  # pylint: disable=protected-access
+
+
+@pytest.mark.slow  # A fresh process with two logical CPUs: 20 s.
+def test_runs_one_after_another_in_one_process_share_their_mirrored_strategy(small_records,
+                                                                            tmp_path):
+  """A search's trials (and a notebook's runs) train one after another in one process.
+
+  A second MirroredStrategy numbered its collective ops as the first did:
+  the second run, of another model, failed ("Shape mismatch in the
+  collective instance").
+  """
+  script = (
+      'import sys, pcam_tfdata as pt\n'
+      'from pcam_tfdata.training import distribute\n'
+      'distribute.split_cpu(2)\n'
+      'for k, model in enumerate(["batchnorm", "baseline", "baseline"]):\n'
+      '  m = pt.train(sys.argv[1], f"{sys.argv[2]}/{k}", model=model, epochs=1, seed=0,\n'
+      '               strategy="mirrored", batch_size=32, progress=False)\n'
+      '  print("AUC", m["num_replicas_in_sync"], m["val_auc"])\n')
+  proc = subprocess.run([sys.executable, '-c', script, str(small_records), str(tmp_path)],
+                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  aucs = re.findall(r'^AUC 2 (\S+)$', proc.stdout, re.M)
+  assert len(aucs) == 3 and aucs[1] == aucs[2], proc.stdout  # Seeded: the same run twice.

@@ -95,11 +95,26 @@ def make_strategy(kind):
     kind = ('multi_worker' if cluster_workers > 1
             else 'mirrored' if len(devices) > 1 else 'default')
   if kind == 'multi_worker':
-    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=_resolver())
+    key = ('multi_worker',)
+    if key not in _MADE:
+      _MADE[key] = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=_resolver())
+    return _MADE[key]
   if kind == 'mirrored':
     devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
-    return tf.distribute.MirroredStrategy([d.name for d in devices])
+    key = ('mirrored', *(d.name for d in devices))
+    if key not in _MADE:
+      _MADE[key] = tf.distribute.MirroredStrategy([d.name for d in devices])
+    return _MADE[key]
   return tf.distribute.get_strategy()
+
+
+# One strategy per kind and devices for the life of the process: a second
+# MirroredStrategy numbers its collective ops from the same keys as the
+# first, and its all-reduces then meet the first one's in TensorFlow's
+# process-wide collective executor ("Shape mismatch in the collective
+# instance"): a second run in a notebook, or a search's second trial, failed.
+# (A multi-worker strategy may be made once per process anyway.)
+_MADE = {}
 
 
 def is_chief(strategy):
