@@ -383,6 +383,7 @@ def _steps_from(records, options, strategy, steps=6):
   return model.get_weights()
 
 
+@pytest.mark.slow  # 11 s: the default tier keeps its 4 minutes (the host/device test stays).
 def test_augmentation_in_the_training_step_trains_as_in_the_pipeline(records, mirrored,
                                                                       monkeypatch):
   """The same draws applied in each replica's compiled step or in the pipeline: the same

@@ -333,6 +333,7 @@ def test_a_seeded_search_runs_the_same_trials_twice_and_best_flags_reproduces_it
                                                    best_a['metrics']['val_loss'])
 
 
+@pytest.mark.slow  # 4 runs: 13 s (the README's test command keeps its 4 minutes).
 def test_the_median_pruner_stops_a_bad_trial_after_its_second_epoch(small_records, tmp_path):
   study_dir = tmp_path / 'study'
   os.makedirs(study_dir)
