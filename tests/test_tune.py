@@ -499,8 +499,14 @@ def postgres():
   if not os.path.exists(os.path.join(_PG_BIN, 'initdb')):
     pytest.skip(f'PostgreSQL is not installed here ({_PG_BIN}/initdb)')
   as_postgres = ['runuser', '-u', 'postgres', '--'] if os.geteuid() == 0 else []
-  if as_postgres and not shutil.which('runuser'):
-    pytest.skip('running as root without runuser: initdb refuses root')
+  if as_postgres:  # initdb refuses root: run it as the `postgres` user.
+    import pwd  # pylint: disable=g-import-not-at-top
+    try:
+      pwd.getpwnam('postgres')
+    except KeyError:
+      pytest.skip('running as root and there is no `postgres` user to run initdb as')
+    if not shutil.which('runuser'):
+      pytest.skip('running as root without runuser: initdb refuses root')
   # Not under pytest's own temporary folder, which only its owner may enter.
   base = pathlib.Path(tempfile.mkdtemp(prefix='pcam-pg-'))
   os.chmod(base, 0o777)
