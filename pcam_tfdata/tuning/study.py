@@ -117,8 +117,10 @@ def differences(then, now):
   for name in sorted(set(fixed_then) | set(now.fixed)):
     if name in old or name in new:
       continue
-    if fixed_then.get(name) != now.fixed.get(name):
-      out.append(f'--{name}: {fixed_then.get(name)!r} then, {now.fixed.get(name)!r} now')
+    if fixed_then.get(name) != now.fixed.get(name) or (name in fixed_then) != (name in now.fixed):
+      was = repr(fixed_then[name]) if name in fixed_then else 'not recorded'
+      is_ = repr(now.fixed[name]) if name in now.fixed else 'not given'
+      out.append(f'--{name}: {was} then, {is_} now')
   return out
 
 
