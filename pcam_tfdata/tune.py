@@ -56,15 +56,16 @@ _PRUNER = flags.DEFINE_enum('pruner', 'median', list(study_lib.PRUNERS),
 _SAMPLER = flags.DEFINE_enum('sampler', 'tpe', list(study_lib.SAMPLERS), 'How trials are drawn.')
 PROGRAM = 'tune'  # How its errors name it (also as __main__).
 
-# pcam-train flags a trial takes from the search.
-_NOT_FIXED = ('records_dir', 'model_dir', 'seed', 'restart', 'progress', 'profile_steps')
-
-
 def fixed_from_flags():
-  """{option: value} of every pcam-train flag (at its value here) not set by the search."""
-  names = [f.name for f in config_lib.Config.__dataclass_fields__.values()]
-  return {name: flags.FLAGS[name].value for name in names
-          if name in flags.FLAGS and name not in _NOT_FIXED}
+  """{option: value} of every pcam-train flag (at its value here) not set by the search.
+
+  (Not --profile_steps: its flag is 'START,STOP', the option a pair; a
+  search's trials are not profiled.)
+  """
+  from pcam_tfdata.tuning import api  # pylint: disable=g-import-not-at-top
+  skip = (*api.SET_BY_SEARCH, 'profile_steps')
+  return {name: flags.FLAGS[name].value for name in config_lib.Config.__dataclass_fields__
+          if name in flags.FLAGS and name not in skip}
 
 
 def main(argv):

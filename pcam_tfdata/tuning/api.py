@@ -23,7 +23,7 @@ from pcam_tfdata.tuning import study as study_lib
 from pcam_tfdata.tuning import worker as worker_lib
 
 # The pcam-train options a trial takes from the search, not from the caller.
-_SET_BY_SEARCH = ('records_dir', 'model_dir', 'seed', 'restart', 'progress')
+SET_BY_SEARCH = ('records_dir', 'model_dir', 'seed', 'restart', 'progress')
 _STOP_SECONDS = 60  # Ctrl-C: how long workers get to back up before they are killed.
 
 
@@ -36,7 +36,7 @@ def make_plan(records_dir, study_dir, *, space, trials, storage=None,
     TypeError: an unknown option. ValueError (space.SpaceError among them):
       one line naming the flag, or the space file and line.
   """
-  options = {f.name for f in dataclasses.fields(config_lib.Config)} - set(_SET_BY_SEARCH)
+  options = {f.name for f in dataclasses.fields(config_lib.Config)} - set(SET_BY_SEARCH)
   unknown = sorted(set(fixed) - options)
   if unknown:
     raise TypeError(f'pcam_tfdata.tune: unknown option {unknown[0]!r}; the pcam-train options '
@@ -92,7 +92,7 @@ def _read_space(space):
 
 def identity(plan, records):
   """What the study records of this search (records by their fingerprint, not their path)."""
-  fixed = {k: v for k, v in plan.fixed.items()}
+  fixed = dict(plan.fixed)
   fixed['records'] = records.manifest.get('fingerprint')
   fixed['seed'] = plan.seed
   return study_lib.Identity(space=tuple(p.text() for p in plan.space),
@@ -136,13 +136,10 @@ def run(plan, records, workers=1, log=print):
 def best(study, plan, log=print):
   """{'number', 'value', 'params', 'model_dir', 'flags', 'metrics'} of the best complete trial."""
   import json  # pylint: disable=g-import-not-at-top
-  import optuna  # pylint: disable=g-import-not-at-top
-  complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-  if not complete:
+  top = study_lib.best_trial(study, plan.objective)
+  if top is None:
     log('no trial has completed (all pruned or failed): no best.flags')
     return None
-  top = (max if study_lib.OBJECTIVES[plan.objective] == 'maximize' else min)(
-      complete, key=lambda t: (t.value, -t.number))
   folder = top.user_attrs.get('model_dir') or os.path.join(plan.study_dir,
                                                            top.user_attrs.get('folder', ''))
   try:

@@ -11,6 +11,7 @@ import os
 
 from pcam_tfdata import rundir
 from pcam_tfdata.training import config as config_lib
+from pcam_tfdata.tuning import study as study_lib
 
 TRIALS_CSV = 'trials.csv'
 BEST_FLAGS = 'best.flags'
@@ -18,12 +19,6 @@ PLOTS = ('optimization_history', 'parallel_coordinate', 'param_importances')
 # How much of a run's settings a flagfile leaves out: not flags, or not the trial's.
 _NOT_FLAGS = ('records_dir', 'model_dir', 'progress', 'restart', 'eval_batch_size',
               'profile_steps')
-DIRECTIONS = {'val_auc': 'maximize', 'val_loss': 'minimize'}
-
-
-def _states():
-  import optuna  # pylint: disable=g-import-not-at-top
-  return optuna.trial.TrialState
 
 
 def rows(study, plan):
@@ -75,12 +70,9 @@ def flag_lines(settings):
 
 def best_flags(study, plan):
   """best.flags' text for the best complete trial, or None if none has finished."""
-  states = _states()
-  complete = [t for t in study.get_trials(deepcopy=False, states=(states.COMPLETE,))]
-  if not complete:
+  best = study_lib.best_trial(study, plan.objective)
+  if best is None:
     return None
-  best = (max if DIRECTIONS[plan.objective] == 'maximize' else min)(
-      complete, key=lambda t: (t.value, -t.number))
   defaults = config_lib.Config(records_dir='', model_dir='')
   fixed = {k: v for k, v in plan.fixed.items()
            if k not in _NOT_FLAGS and k not in best.params and getattr(defaults, k, None) != v}
@@ -156,8 +148,8 @@ def table(study_dir):
   trials = read_trials(study_dir)
   if not trials:
     raise ValueError(f'{os.path.join(study_dir, TRIALS_CSV)}: no trials yet')
-  objective = next(k for k in trials[0] if k in DIRECTIONS)
-  sign = -1 if DIRECTIONS[objective] == 'maximize' else 1
+  objective = next(k for k in trials[0] if k in study_lib.OBJECTIVES)
+  sign = -1 if study_lib.OBJECTIVES[objective] == 'maximize' else 1
   params = [k for k in trials[0] if k.startswith('param_')]
   order = {'complete': 0, 'pruned': 1, 'running': 2, 'waiting': 3, 'fail': 4}
 

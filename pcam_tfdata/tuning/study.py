@@ -316,6 +316,16 @@ def counts(study):
   return finished, running, waiting
 
 
+def best_trial(study, objective):
+  """The best complete trial (ties: as max/min over (value, -number) pick), or None."""
+  import optuna  # pylint: disable=g-import-not-at-top
+  complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+  if not complete:
+    return None
+  pick = max if OBJECTIVES[objective] == 'maximize' else min
+  return pick(complete, key=lambda t: (t.value, -t.number))
+
+
 def encode_fixed(fixed):
   """The fixed settings as JSON-safe values (records by fingerprint, not path)."""
   return json.loads(json.dumps(fixed, default=str))
