@@ -953,6 +953,7 @@ def test_a_training_run_reads_its_manifest_once(records, tmp_path, monkeypatch):
   assert len(reads) == 1 and (tmp_path / 'cli' / 'metrics.json').is_file()
 
 
+@pytest.mark.slow  # 13 s; each setting's refusal stays in the default tier (below).
 def test_a_resume_with_other_settings_is_refused_naming_them_and_restart_starts_afresh(
     records, kaggle_dir, tmp_path, monkeypatch, capsys):
   model_dir = tmp_path / 'run'
