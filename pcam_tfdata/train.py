@@ -97,6 +97,13 @@ _AUGMENT_CACHE_GIB = flags.DEFINE_float(
     '1.8 GiB for 80,000 patches at 32x32). Over it, each batch is transformed after its '
     'gather instead (the same batches, more host time). Building them holds the split once '
     'more for a moment (9x at peak). 0: never. Unused with --augment_on=device.')
+_INPUT_ORDER = flags.DEFINE_enum(
+    'input_order', 'auto', config_lib.INPUT_ORDERS,
+    'With several workers: global, every worker holds the whole train split and takes its '
+    'share of the same global batches, so a run resumes on another number of workers, GPUs '
+    'or replicas with the same batches; per_pipeline, each worker holds and shuffles its own '
+    'shards (1/N of the memory, batches that depend on the number of workers). auto: global '
+    'while the split\'s images take at most a quarter of the smallest worker\'s memory.')
 _SEED = flags.DEFINE_integer(
     'seed', None, 'Seed of weights, data order, augmentation and dropout: a rerun, or a '
     'resumed run, ends with bit-identical weights (on GPU hosts, with TF op determinism).')
@@ -176,7 +183,8 @@ def _config_from_flags():
       num_cpu_devices=_NUM_CPU_DEVICES.value, sync_batch_norm=_SYNC_BATCH_NORM.value,
       jit_compile=_JIT_COMPILE.value, augment=_AUGMENT.value, augment_on=_AUGMENT_ON.value,
       stain_jitter=_STAIN_JITTER.value, stain_jitter_on=_STAIN_JITTER_ON.value,
-      augment_cache_gib=_AUGMENT_CACHE_GIB.value, seed=_SEED.value,
+      augment_cache_gib=_AUGMENT_CACHE_GIB.value, input_order=_INPUT_ORDER.value,
+      seed=_SEED.value,
       steps_per_execution=_STEPS_PER_EXECUTION.value, steps_per_epoch=_STEPS_PER_EPOCH.value,
       backup_every_steps=_BACKUP_EVERY_STEPS.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value,

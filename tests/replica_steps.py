@@ -82,8 +82,8 @@ def train(name, strategy, images, labels, *, policy='float32', sync=False, jit=F
 def train_run(records, model_dir, name, strategy=None, datasets=None, sgd=False, seed=5):
   """`train.run` of `name` for 2 seeded epochs, with dropout off: the weights after each step.
 
-  Dropout is off, as each replica draws its own masks (models.ReplicaSeedGenerator),
-  which one device cannot draw. BatchNorm is synchronized on one device too:
+  Dropout is off: the replay tests step one device from each step's weights, and a
+  replica's mask is its rows of the global batch's (models.global_batch_dropout). BatchNorm is synchronized on one device too:
   Keras' synchronized moments are E[x^2] - E[x]^2, its plain ones two-pass,
   and the two drift apart by 1e-4 in 4 steps here. With `sgd`, SGD(0.05)
   replaces the run's Adam: where a gradient is zero by construction (a bias
@@ -135,15 +135,15 @@ RUN_SETTINGS = dict(epochs=2, batch_size=8, eval_batch_size=16, mixed_precision=
                     sync_batch_norm='on', progress=False, steps_per_execution=1)
 
 
-def dropout_masks(strategy, seed=1, calls=2):
-  """The BatchNorm CNN's dropout masks, `calls` times: [call][replica (here)] bool [8, 256].
+def dropout_masks(strategy, seed=1, calls=2, rows=8):
+  """The BatchNorm CNN's dropout masks, `calls` times: [call][replica (here)] bool [rows, 256].
 
   Every replica is given the same inputs (ones), so only the seeds differ.
   """
   keras.utils.set_random_seed(seed)
   with strategy.scope():
     layer = models.build_model('batchnorm').get_layer('dropout')
-  ones = tf.ones([8, 256])
+  ones = tf.ones([rows, 256])
   draw = tf.function(lambda: strategy.run(lambda: layer(ones, training=True)))
   return [[m.numpy() != 0 for m in strategy.experimental_local_results(draw())]
           for _ in range(calls)]

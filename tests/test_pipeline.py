@@ -150,22 +150,93 @@ def test_endless_training_dataset_continues_the_epoch_sequence(records):
   assert _ids(list(endless.take(18))) == _ids(_epoch(three))
 
 
-@pytest.mark.parametrize('training', [True, False])
-def test_two_input_pipelines_are_disjoint_and_cover_the_split(records, training):
+@pytest.mark.parametrize('training, order', [(True, 'per_pipeline'), (True, 'global'),
+                                              (False, 'auto')])
+def test_two_input_pipelines_are_disjoint_and_cover_the_split(records, training, order):
   parts = []
   for pipeline_id in range(2):
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id,
                                          num_replicas_in_sync=2)
-    ds = pipeline.make_dataset(str(records), 'train', batch_size=1, training=training,
-                               input_context=context, with_ids=True)
+    ds = pipeline.make_dataset(str(records), 'train', batch_size=1, training=training, seed=4,
+                               input_context=context, with_ids=True, order=order)
     parts.append(set(_ids(_epoch(ds))))
   assert parts[0] and parts[1] and not parts[0] & parts[1]
   assert len(parts[0] | parts[1]) == records_lib.Records.open(records).count('train')
 
 
+def _steps(records, batch_size, context=None, epochs=2, **kw):
+  """Every batch of `epochs` seeded, augmented epochs: (ids, transform ids, stain maps) each."""
+  augment_options = augment.Augment(dihedral=True, dihedral_on_device=True, stain_jitter=0.1,
+                                    stain_on_device=True)
+  ds = pipeline.make_dataset(str(records), 'train', batch_size=batch_size, training=True,
+                             seed=11, augment=augment_options, input_context=context,
+                             with_ids=True, num_epochs=epochs, **kw)
+  return [(ids.numpy(), drawn['dihedral'].numpy(), drawn['stain'].numpy())
+          for _, _, ids, drawn in ds]
+
+
+def _joined(*batches):
+  return tuple(np.concatenate(field) for field in zip(*batches))
+
+
+@pytest.mark.parametrize('pipelines, replicas', [(2, 2), (1, 2), (2, 4), (4, 4)])
+def test_the_global_order_serves_the_one_pipeline_global_batches_on_any_topology(
+    records, pipelines, replicas):
+  """The issue's bar, (2, 2): pipelines k = 0, 1 of batch 32 per replica each give, at every
+  step, their half of the one-pipeline batch of 64: the same ids, in order, with the same
+  augmentation draws. Replica r of the global batch takes its rows r*B...: pipeline k's
+  replicas are k*R/P..., one yielded batch each per step."""
+  per_replica = 24 // replicas  # (The fixture's 48 train examples: 2 steps of 24.)
+  whole = _steps(records, 24)
+  assert len(whole) == 4 and len(set(np.concatenate([w[0] for w in whole]))) == 48
+  per_step = replicas // pipelines
+  served = [_steps(records, per_replica, tf.distribute.InputContext(pipelines, k, replicas))
+            for k in range(pipelines)]
+  for k in range(pipelines):
+    assert len(served[k]) == len(whole) * per_step
+  for step, expected in enumerate(whole):
+    got = _joined(*(served[k][step * per_step + j] for k in range(pipelines)
+                    for j in range(per_step)))
+    for field, want in zip(got, expected):
+      np.testing.assert_array_equal(field, want, err_msg=f'step {step}')
+
+
+def test_the_global_order_resumes_mid_epoch_on_another_topology(records):
+  """Epoch 2 from its second step on 2 pipelines: the one-pipeline run's last batch."""
+  whole = _steps(records, 24)
+  halves = [_steps(records, 12, tf.distribute.InputContext(2, k, 2), first_epoch=2, epochs=1,
+                   first_batch=1) for k in range(2)]
+  assert len(halves[0]) == len(halves[1]) == 1
+  for field, want in zip(_joined(halves[0][0], halves[1][0]), whole[3]):
+    np.testing.assert_array_equal(field, want)
+
+
+def test_the_global_order_over_several_pipelines_needs_one_seed(records):
+  context = tf.distribute.InputContext(2, 0, 2)
+  with pytest.raises(ValueError, match='seed=None with 2 input pipelines in the global order'):
+    pipeline.make_dataset(str(records), 'train', batch_size=4, training=True,
+                          input_context=context, order='global')
+  with pytest.raises(ValueError, match=r"order='sorted': choose one of auto, global"):
+    pipeline.make_dataset(str(records), 'train', batch_size=4, training=True, seed=1,
+                          input_context=context, order='sorted')
+
+
+def test_auto_takes_the_global_order_while_the_split_fits_a_quarter_of_memory(records,
+                                                                            monkeypatch):
+  opened = records_lib.Records.open(records)
+  need = pipeline.split_bytes(opened, 'train')
+  assert need == 48 * 32 * 32 * 3
+  monkeypatch.setattr(pipeline, 'host_memory', lambda: 4 * need)
+  assert pipeline.choose_order('auto', opened, 'train', 2) == 'global'
+  monkeypatch.setattr(pipeline, 'host_memory', lambda: 4 * need - 1)
+  assert pipeline.choose_order('auto', opened, 'train', 2) == 'per_pipeline'
+  assert pipeline.choose_order('auto', opened, 'train', 1) == 'global'  # One reads them all.
+  assert pipeline.choose_order('global', opened, 'train', 2) == 'global'
+
+
 def test_two_input_pipelines_with_one_seed_draw_their_own_augmentation(records):
-  """Each pipeline's keys fold in its id: the same seed and epoch, other draws (not only
-  other images); the same pipeline draws the same again."""
+  """Per-pipeline order: each pipeline's keys fold in its id: the same seed and epoch, other
+  draws (not only other images); the same pipeline draws the same again."""
   augment_options = augment.Augment(dihedral=True, dihedral_on_device=True, stain_jitter=0.1,
                                     stain_on_device=True)
 
@@ -174,7 +245,7 @@ def test_two_input_pipelines_with_one_seed_draw_their_own_augmentation(records):
                                          num_replicas_in_sync=2)
     ds = pipeline.make_dataset(str(records), 'train', batch_size=4, training=True, seed=1,
                                augment=augment_options, input_context=context,
-                               batches_per_epoch=4)
+                               batches_per_epoch=4, order='per_pipeline')
     batches = [drawn for _, _, drawn in ds]
     return (np.concatenate([b['dihedral'].numpy() for b in batches]),
             np.concatenate([b['stain'].numpy() for b in batches]))
@@ -187,10 +258,13 @@ def test_two_input_pipelines_with_one_seed_draw_their_own_augmentation(records):
   np.testing.assert_array_equal(again[1], stain0)
 
 
-def test_more_pipelines_than_shards_is_refused(records):
+@pytest.mark.parametrize('training', [True, False])
+def test_more_pipelines_than_shards_is_refused(records, training):
+  """Where each pipeline reads its own shards: the per-pipeline order, and evaluation."""
   context = tf.distribute.InputContext(num_input_pipelines=5, input_pipeline_id=0)
   with pytest.raises(ValueError, match="split 'val' has 4 shards, fewer than 5 input pipelines"):
-    pipeline.make_dataset(str(records), 'val', batch_size=1, training=True, input_context=context)
+    pipeline.make_dataset(str(records), 'val', batch_size=1, training=training,
+                          input_context=context, order='per_pipeline')
 
 
 def test_evaluation_yields_each_id_once_in_a_fixed_order(records, kaggle_dir, truth):

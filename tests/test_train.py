@@ -217,9 +217,11 @@ def test_sync_batch_norm_keeps_the_weights_and_loads_on_one_device(tmp_path, mir
   np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-6)
 
 
-def test_each_replica_draws_its_own_dropout_mask_reproducibly(mirrored, tmp_path, monkeypatch):
-  """Keras seeds dropout from one mirrored state: without the replica folded in, every
-  replica drew one mask."""
+def test_replicas_draw_their_rows_of_the_global_batchs_dropout_mask(mirrored, tmp_path,
+                                                                     monkeypatch):
+  """Keras seeds dropout from one mirrored state: every replica drew one mask. Now each
+  draws its rows of the global batch's mask: independent within a step, and on one device
+  the same mask over the same global batch (a resume on another number of replicas)."""
   masks = rs.dropout_masks(mirrored)
   for first, second in masks:
     assert 0.4 < first.mean() < 0.6 and 0.4 < second.mean() < 0.6  # Rate 0.5, kept/dropped.
@@ -230,22 +232,25 @@ def test_each_replica_draws_its_own_dropout_mask_reproducibly(mirrored, tmp_path
   again = rs.dropout_masks(mirrored)
   for drawn, redrawn in zip(masks, again):  # and the same ones from the same seed.
     np.testing.assert_array_equal(drawn, redrawn)
-  # Saved, the layer is stock Keras: the generator is not part of the model.
+  # One device over the global batch (2 x 8 rows): the two replicas' masks, stacked.
+  one = rs.dropout_masks(tf.distribute.get_strategy(), rows=16)
+  for (first, second), (whole,) in zip(masks, one):
+    np.testing.assert_array_equal(np.concatenate([first, second]), whole)
+  # Saved, the layer is stock Keras: only this instance's call is replaced.
   keras.utils.set_random_seed(1)
   with mirrored.scope():
     model = models.build_model('batchnorm')
-  assert type(model.get_layer('dropout').seed_generator) is models.ReplicaSeedGenerator
+  assert 'call' in vars(model.get_layer('dropout'))
   model.save(tmp_path / 'model.keras')
   config = json.loads(zipfile.ZipFile(tmp_path / 'model.keras').read('config.json'))
   saved = next(l for l in config['config']['layers'] if l['name'] == 'dropout')
   assert (saved['module'], saved['class_name'], saved['registered_name']) == (
       'keras.layers', 'Dropout', None)
   loaded = keras.saving.load_model(tmp_path / 'model.keras').get_layer('dropout')
-  assert type(loaded.seed_generator) is keras.random.SeedGenerator
+  assert type(loaded) is keras.layers.Dropout and 'call' not in vars(loaded)
   # One device draws Keras' own masks.
-  one = rs.dropout_masks(tf.distribute.get_strategy())
-  monkeypatch.setattr(models, 'per_replica_dropout', lambda layer: layer)
-  np.testing.assert_array_equal(one, rs.dropout_masks(tf.distribute.get_strategy()))
+  monkeypatch.setattr(models, 'global_batch_dropout', lambda layer: layer)
+  np.testing.assert_array_equal(one, rs.dropout_masks(tf.distribute.get_strategy(), rows=16))
 
 
 @pytest.mark.parametrize('mode, replicas, expected', [
@@ -488,7 +493,8 @@ def test_the_trainers_pipelines_are_what_the_flags_say(records, monkeypatch):
   config = _config(records, 'unused', augment=True, stain_jitter=0.02, augment_cache_gib=0.5,
                    seed=7, epochs=5, eval_batch_size=24)
   data = trainer._datasets(config, records_lib.Records.open(records),  # pylint: disable=protected-access
-                           types.SimpleNamespace(stain_on_device=False, dihedral_on_device=True))
+                           types.SimpleNamespace(stain_on_device=False, dihedral_on_device=True,
+                                                 data_seed=7, order='per_pipeline'))
   assert (data['val'], data['train_eval']) == ('val', 'train')
   for _, kw in made:  # Evaluation: every example once, with ids.
     assert (kw['training'], kw['with_ids'], kw['batch_size']) == (False, True, 24)
@@ -499,7 +505,7 @@ def test_the_trainers_pipelines_are_what_the_flags_say(records, monkeypatch):
                                           stain_on_device=False, variant_budget=2**29,
                                           dihedral_on_device=True)
   assert (kw['seed'], kw['first_epoch'], kw['num_epochs'], kw['batches_per_epoch'],
-          kw['batch_size']) == (7, 3, 3, 4, 8)
+          kw['batch_size'], kw['order']) == (7, 3, 3, 4, 8, 'per_pipeline')
 
 
 def test_a_resumed_run_trains_at_the_learning_rate_it_had_reached(records, tmp_path,
@@ -554,7 +560,8 @@ def test_epochs_may_not_fall_below_an_epoch_a_backup_has_begun():
   assert resume.epochs_begun({'epoch': 2, 'step': 3}) == 3  # Stopped in epoch 3.
   assert resume.epochs_begun({'epoch': 2, 'step': 0}) == 2
   assert resume.epochs_begun({'callbacks': {}}) is None and resume.epochs_begun(None) is None
-  current = {**{key: None for key in resume._NAMES}, 'epochs': 2}  # pylint: disable=protected-access
+  current = {**{key: None for key in resume._NAMES}, 'epochs': 2,  # pylint: disable=protected-access
+             'input_order': 'global'}
   with pytest.raises(ValueError, match=r'--epochs: 5 then, 2 now, fewer than the 3 trained'):
     resume.check({'epochs': 5}, current, 'backup', trained=3)
   said = []
@@ -1095,8 +1102,8 @@ _CHECKED = [
     ('label_smoothing', '--label_smoothing'), ('lr_schedule', '--lr_schedule'),
     ('warmup_epochs', '--warmup_epochs'), ('augment', '--augment'), ('stain_jitter', '--stain_jitter'),
     ('stain_jitter_on', '--stain_jitter_on'), ('precision', '--mixed_precision'),
-    ('sync_batch_norm', '--sync_batch_norm'), ('replicas', 'the replicas in sync'),
-    ('input_pipelines', 'the input pipelines')]
+    ('sync_batch_norm', '--sync_batch_norm'), ('input_order', '--input_order'),
+    ('replicas', 'the replicas in sync'), ('input_pipelines', 'the input pipelines')]
 
 
 @pytest.mark.parametrize('setting, named', _CHECKED)
@@ -1107,8 +1114,9 @@ def test_every_checked_setting_changed_alone_is_refused_naming_it(setting, named
                 stain_jitter=0.1, sync_batch_norm='auto', epochs=2)
     config = train.Config(records_dir='/r', model_dir='/m', **{**base, **config})
     records = types.SimpleNamespace(path='/r', manifest={'fingerprint': fingerprint})
+    # (The per-pipeline order: the topology is checked too.)
     setup = _Setup(**{**dict(stain_on_device=False, policy='float32', sync_batch_norm=False,
-                             replicas=2, pipelines=1), **dict(setup)})
+                             replicas=2, pipelines=2, order='per_pipeline'), **dict(setup)})
     return resume.settings(config, records, setup)
 
   changed = {
@@ -1122,7 +1130,8 @@ def test_every_checked_setting_changed_alone_is_refused_naming_it(setting, named
       'stain_jitter_on': dict(setup={'stain_on_device': True}),
       'precision': dict(setup={'policy': 'mixed_float16'}),
       'sync_batch_norm': dict(setup={'sync_batch_norm': True}),
-      'replicas': dict(setup={'replicas': 4}), 'input_pipelines': dict(setup={'pipelines': 2}),
+      'input_order': dict(setup={'order': 'global'}),
+      'replicas': dict(setup={'replicas': 4}), 'input_pipelines': dict(setup={'pipelines': 4}),
   }[setting]
   saved = json.loads(json.dumps(settings()))  # As the backup holds it.
   resume.check(saved, settings(), 'backup')  # The same: resumed.
@@ -1131,6 +1140,56 @@ def test_every_checked_setting_changed_alone_is_refused_naming_it(setting, named
   differ = re.fullmatch(r'backup: the backup is of a run with other settings \((.*)\); rerun '
                         r'the command .*', str(e.value))[1].split('; ')
   assert len(differ) == 1 and named in differ[0], differ
+
+
+def _resume_settings(model='baseline', **setup):
+  config = train.Config(records_dir='/r', model_dir='/m', model=model, seed=1, epochs=2)
+  records = types.SimpleNamespace(path='/r', manifest={'fingerprint': 'abc'})
+  setup = _Setup(**{**dict(stain_on_device=False, policy='float32', sync_batch_norm=False,
+                           replicas=1, pipelines=1, order='global'), **setup})
+  return json.loads(json.dumps(resume.settings(config, records, setup)))
+
+
+@pytest.mark.parametrize('then, now, line', [
+    (dict(replicas=4, pipelines=4), dict(replicas=2, pipelines=2),
+     'resuming on 2 workers (the run began on 4 workers): the same batches; float sums may '
+     'round differently'),
+    (dict(replicas=1, pipelines=1), dict(replicas=4, pipelines=2),
+     'resuming on 2 workers with 4 replicas (the run began on 1 worker)'),
+    (dict(replicas=8, pipelines=1), dict(replicas=4, pipelines=1),
+     'resuming on 1 worker with 4 replicas (the run began on 1 worker with 8 replicas)'),
+])
+def test_the_global_order_resumes_on_another_topology_saying_so(then, now, line):
+  lines = []
+  resume.check(_resume_settings(**then), _resume_settings(**now), 'backup', log=lines.append)
+  assert len(lines) == 1 and lines[0].startswith(line), lines
+  lines.clear()
+  resume.check(_resume_settings(**now), _resume_settings(**now), 'backup', log=lines.append)
+  assert lines == []  # The same topology: nothing to say.
+
+
+def test_a_topology_change_is_refused_where_the_batches_or_moments_would_change():
+  # Each worker its own shards: other batches on another number of workers.
+  per = dict(order='per_pipeline', replicas=2, pipelines=2)
+  with pytest.raises(ValueError, match=r'the input pipelines \(the workers\): 2 then, 3 now'):
+    resume.check(_resume_settings(**per), _resume_settings(**{**per, 'pipelines': 3,
+                                                               'replicas': 3}), 'backup')
+  # A backup from before the order was recorded: one pipeline's order was global, several's not.
+  old = _resume_settings(replicas=2, pipelines=2)
+  del old['input_order']
+  with pytest.raises(ValueError, match=r'--input_order\): per_pipeline then, global now'):
+    resume.check(old, _resume_settings(replicas=2, pipelines=2), 'backup')
+  del old['input_pipelines'], old['replicas']  # Older still: one pipeline, accepted.
+  resume.check(old, _resume_settings(), 'backup')
+  # BatchNorm synchronized over 2 replicas, then one replica: the global batch's moments.
+  sync = dict(model='batchnorm', replicas=2, pipelines=1, sync_batch_norm=True)
+  resume.check(_resume_settings(**sync), _resume_settings(model='batchnorm'), 'backup',
+               log=lambda _: None)
+  # Unsynchronized over 2 replicas, each half-batch's moments: not one replica's.
+  with pytest.raises(ValueError, match=r'--sync_batch_norm: False over 2 replicas then, False '
+                                       r'over 1 now'):
+    resume.check(_resume_settings(**{**sync, 'sync_batch_norm': False}),
+                 _resume_settings(model='batchnorm'), 'backup')
 
 
 @pytest.mark.parametrize('epochs, stopped, runs', [(2, False, 2), (3, True, 2)])

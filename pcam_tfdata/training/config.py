@@ -17,6 +17,7 @@ PLACES = ('auto', 'host', 'device')  # Where an augmentation runs (--augment_on,
 LR_SCHEDULES = ('plateau', 'cosine', 'onecycle')  # --lr_schedule (schedules.py says what each is).
 # The seed's dropout before the output layer, per model (--dropout's default);
 # the applications have none unless --dropout asks for one.
+INPUT_ORDERS = ('auto', 'global', 'per_pipeline')  # pipeline.ORDERS, TF-free.
 SEED_DROPOUT = {'baseline': 0.2, 'batchnorm': 0.5}
 
 
@@ -49,6 +50,7 @@ class Config:
   stain_jitter: float = 0.0
   stain_jitter_on: str = 'auto'
   augment_cache_gib: float = 4.0  # As pipeline.DEFAULT_VARIANT_BUDGET (TF-free here).
+  input_order: str = 'auto'  # As pipeline.ORDERS (TF-free here).
   seed: int | None = None
   steps_per_execution: int = 1
   steps_per_epoch: int = 0  # 0: every whole batch of the train split.
@@ -106,6 +108,8 @@ def check_config(config):
         for flag, _ in _PLACED],
       (0 <= config.augment_cache_gib < 2**20,  # (Also refuses inf and nan.)
        f'--augment_cache_gib={config.augment_cache_gib}: must be a number of GiB, >= 0'),
+      (config.input_order in INPUT_ORDERS,
+       f'--input_order={config.input_order}: choose one of {", ".join(INPUT_ORDERS)}'),
       (config.seed is None or 0 <= config.seed < 2**32,
        f'--seed={config.seed}: must be in 0..{2**32 - 1} (NumPy and Keras seeds)'),
       (config.sync_batch_norm in ('auto', 'on', 'off'),

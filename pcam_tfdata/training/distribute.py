@@ -252,6 +252,19 @@ def make_from_chief(strategy):
   return from_chief
 
 
+def any_worker(strategy, flag):
+  """True on every worker if `flag` is true on any (one all-reduce; `flag` itself outside
+  multi-worker training)."""
+  if num_workers(strategy) <= 1:
+    return bool(flag)
+
+  def replica_fn(x):
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+  votes = strategy.run(tf.function(replica_fn), args=(tf.constant(float(bool(flag))),))
+  return float(strategy.experimental_local_results(votes)[0]) > 0
+
+
 _TASK = re.compile(r'/job:(\w+)/replica:\d+/task:(\d+)')
 
 

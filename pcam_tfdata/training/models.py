@@ -21,28 +21,6 @@ APPLICATIONS = ('resnet50v2', 'efficientnetv2b0')
 _MIN_SIDE = 32  # What both applications accept without their top.
 
 
-class ReplicaSeedGenerator(keras.random.SeedGenerator):
-  """A Keras SeedGenerator whose seeds differ on each replica of a tf.distribute strategy.
-
-  Keras keeps a dropout layer's random state in one variable, mirrored on
-  every replica, so under MirroredStrategy or MultiWorkerMirroredStrategy
-  each replica drew the same seed, and the k-th example of every replica
-  the same mask: with 8 replicas one pattern eight times per step. Here
-  replica r of several draws with the layer's seed folded with r (as
-  big_vision and the Flax examples fold the device index into their RNG
-  key): independent masks, still a function of the state alone, so
-  `--seed` and a resumed run draw them again bit for bit. On one replica
-  the seeds are Keras' own.
-  """
-
-  def next(self, ordered=True):
-    seed = super().next(ordered=ordered)
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-      return seed
-    return tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
-
-
 def sublayers(model):
   """Every layer of `model`, those of the models nested in it (an application) included."""
   for layer in model.layers:
@@ -51,19 +29,58 @@ def sublayers(model):
       yield from sublayers(layer)
 
 
-def per_replica_dropout(layer):
-  """Makes a Keras Dropout layer draw its own mask on each replica (`ReplicaSeedGenerator`).
+def global_batch_dropout(layer):
+  """Makes a Keras Dropout layer draw the global batch's mask, each replica taking its rows.
 
-  The generator is not part of a saved model (Keras saves the layer's
-  `seed` argument, not its generator), so model.keras holds a stock
-  Dropout and loads with stock Keras. Keras locks a built layer's state,
-  hence the generator's class is swapped in place: the same state variable,
-  the same seeds on one replica.
+  Keras keeps a dropout layer's random state in one variable, mirrored on
+  every replica, so under MirroredStrategy or MultiWorkerMirroredStrategy
+  each replica drew the same seed, and the k-th example of every replica
+  the same mask: with 8 replicas one pattern eight times per step. Here
+  every replica draws, from that one seed, the mask of the whole global
+  batch (replicas x its rows) and keeps its own rows: independent masks
+  within a step, and the same mask for each example of the global batch
+  on 1, 2 or 8 replicas (the input pipeline gives replica r rows r*B... of
+  each global batch), so a run resumed on another number of GPUs or
+  workers drops what the uninterrupted run dropped. On one replica the
+  masks are Keras' own, bit for bit.
+
+  Only the layer's `call` is replaced, on this instance: model.keras holds
+  a stock Dropout and loads with stock Keras.
   """
-  generator = getattr(layer, 'seed_generator', None)  # (None at rate 0.)
-  if generator is not None:
-    generator.__class__ = ReplicaSeedGenerator
+  if getattr(layer, 'seed_generator', None) is None:  # (None at rate 0.)
+    return layer
+
+  def call(inputs, training=False):
+    if not training or not layer.rate:
+      return inputs
+    return dropout_rows(inputs, layer.rate, layer.seed_generator.next(), layer.noise_shape)
+
+  layer.call = call
   return layer
+
+
+def dropout_rows(x, rate, seed, noise_shape=None):
+  """`tf.nn.experimental.stateless_dropout` of this replica's rows of the global batch.
+
+  As TensorFlow's (scale, then keep where the uniform draw >= rate) and
+  Keras' seed cast, so one replica gives Keras' result bit for bit.
+  """
+  context = tf.distribute.get_replica_context()
+  replicas, replica = ((context.num_replicas_in_sync, context.replica_id_in_sync_group)
+                       if context is not None else (1, 0))
+  if seed.dtype != tf.int32:  # keras.src.backend.tensorflow.random._cast_seed.
+    seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+  shape = tf.unstack(tf.shape(x)) if noise_shape is None else [
+      tf.shape(x)[i] if d is None else d for i, d in enumerate(noise_shape)]
+  rows = tf.shape(x)[0]
+  per_example = noise_shape is None or noise_shape[0] is None
+  if per_example and replicas > 1:
+    shape[0] = rows * replicas
+  noise = tf.random.stateless_uniform(tf.stack(shape), seed, dtype=x.dtype)
+  if per_example and replicas > 1:
+    noise = noise[replica * rows:(replica + 1) * rows]
+  kept = tf.multiply(x, tf.constant(1 / (1 - rate), x.dtype))
+  return tf.where(noise >= rate, kept, tf.zeros([], x.dtype))
 
 
 def _block(x, filters, batch_norm, sync, name):
@@ -101,8 +118,8 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False, weights='n
     sync_batch_norm: BatchNorm statistics over the global batch (all
       replicas, Keras' `synchronized=True`) rather than each replica's part.
       The same weights; a saved model loads and predicts on one device.
-      (Under any strategy each replica draws its own dropout masks:
-      `ReplicaSeedGenerator`.)
+      (Under any strategy each replica draws its rows of the global
+      batch's dropout mask: `global_batch_dropout`.)
 
     weights: 'none' or, for the applications, 'imagenet' (Keras' published
       weights, fetched once into ~/.keras/models).
@@ -136,7 +153,7 @@ def build_model(name, image_shape=(32, 32, 3), sync_batch_norm=False, weights='n
   if batch_norm:
     x = keras.layers.BatchNormalization(synchronized=sync_batch_norm, name='dense_bn')(x)
   x = keras.layers.ReLU(name='dense_relu')(x)
-  x = per_replica_dropout(keras.layers.Dropout(dropout, name='dropout'))(x)
+  x = global_batch_dropout(keras.layers.Dropout(dropout, name='dropout'))(x)
   outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='probability')(x)
   return keras.Model(inputs, outputs, name=name)
 
@@ -180,9 +197,9 @@ def _application(name, image_shape, sync_batch_norm, weights, dropout):
     if isinstance(layer, keras.layers.BatchNormalization):
       layer.synchronized = sync_batch_norm  # Read when called; saved in the config.
     if isinstance(layer, keras.layers.Dropout):
-      per_replica_dropout(layer)
+      global_batch_dropout(layer)
   x = base(x)
   if dropout:  # (Without, the model is the one every earlier run saved.)
-    x = per_replica_dropout(keras.layers.Dropout(dropout, name='dropout'))(x)
+    x = global_batch_dropout(keras.layers.Dropout(dropout, name='dropout'))(x)
   outputs = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='probability')(x)
   return keras.Model(inputs, outputs, name=name)

@@ -5,7 +5,9 @@ with one line naming each (before anything is restored or written), since
 resuming would silently mix two runs (two folds in one --model_dir, say).
 `--epochs` may grow (also past the end of a finished run, whose backup
 stays): each epoch's batches derive from (seed, epoch) alone; it may not
-fall below the epochs already trained.
+fall below the epochs already trained. In the global input order
+(`pipeline.make_dataset`) the number of replicas, workers and GPUs may
+change too: the global batches are the same on any of them.
 """
 
 from pcam_tfdata.training import config as config_lib
@@ -29,9 +31,12 @@ _NAMES = {
     'stain_jitter_on': '--stain_jitter_on',
     'precision': 'the precision policy (--mixed_precision)',
     'sync_batch_norm': '--sync_batch_norm',
+    'input_order': 'the input order (--input_order)',
     'replicas': 'the replicas in sync (--strategy, --num_cpu_devices, the workers)',
     'input_pipelines': 'the input pipelines (the workers)',
 }
+# What may differ on a resume in the global input order: the batches are the same.
+_TOPOLOGY = ('replicas', 'input_pipelines')
 
 
 def settings(config, records, setup):
@@ -54,6 +59,7 @@ def settings(config, records, setup):
       # Only where there is BatchNorm to synchronize.
       'sync_batch_norm': (setup.sync_batch_norm if config.model in config_lib.BATCH_NORM_MODELS
                           else None),
+      'input_order': setup.order,
       'replicas': setup.replicas, 'input_pipelines': setup.pipelines,
       'epochs': config.epochs,
   }
@@ -88,17 +94,59 @@ def check(saved, current, backup_path, log=print, trained=None):
   elif trained is not None and current['epochs'] < trained:
     differ.append(f'--epochs: {saved.get("epochs")} then, {current["epochs"]} now, fewer than '
                   f'the {trained} trained')
+  then_order = _order(saved)
+  free = then_order == current['input_order'] == 'global'  # The topology may change.
   for key, name in _NAMES.items():
     then, now = saved.get(key), current[key]
     if key == 'records':  # The same records, wherever the folder now is.
       if then and then['fingerprint'] != now['fingerprint']:
         differ.append(f'{name}: {then["path"]} then, {now["path"]} (other records) now')
+    elif key == 'input_order':
+      if then_order != now:
+        differ.append(f'{name}: {then_order} then, {now} now')
+    elif key == 'sync_batch_norm' and key in saved:
+      # Synchronized over several replicas or one replica alone: the global batch's moments.
+      if _moments(saved) != _moments(current):
+        differ.append(f'{name}: {then} over {saved.get("replicas")} replicas then, {now} over '
+                      f'{current["replicas"]} now')
+    elif key in _TOPOLOGY and free:
+      continue
     elif key in saved and then != now:
       differ.append(f'{name}: {then} then, {now} now')
   if differ:
     raise ValueError(f'{backup_path}: the backup is of a run with other settings ('
                      f'{"; ".join(differ)}); rerun the command it was started with to resume, '
                      'or add --restart to train from scratch')
+  before, after = _topology(saved), _topology(current)
+  if free and None not in (before, after) and before != after:
+    log(f'resuming on {after} (the run began on {before}): the same batches; float sums '
+        'may round differently')
   if saved.get('epochs') not in (None, current['epochs']):
     log(f'continuing with --epochs={current["epochs"]} (the run was started with '
         f'--epochs={saved["epochs"]})')
+
+
+def _order(saved):
+  """The backup's input order; before it was recorded, one pipeline's was the global one."""
+  if 'input_order' in saved:
+    return saved['input_order']
+  return 'global' if saved.get('input_pipelines', 1) == 1 else 'per_pipeline'
+
+
+def _moments(settings):
+  """Whose moments BatchNorm normalizes with: 'global' (synchronized or one replica), 'replica'."""
+  sync = settings.get('sync_batch_norm')
+  if sync is None:  # No BatchNorm.
+    return None
+  return 'global' if sync or settings.get('replicas', 1) == 1 else 'replica'
+
+
+def _topology(settings):
+  """'2 workers', '1 worker with 4 replicas': where a run trains (None: not recorded)."""
+  workers, replicas = settings.get('input_pipelines'), settings.get('replicas')
+  if workers is None or replicas is None:
+    return None
+  where = f'{workers} worker{"s" if workers != 1 else ""}'
+  if replicas != workers:
+    where += f' with {replicas} replicas'
+  return where

@@ -10,6 +10,7 @@ import os
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
@@ -39,13 +40,21 @@ class Setup:
   jit_compile: bool
   stain_on_device: bool  # The training step applies the stain jitter (else the pipeline).
   dihedral_on_device: bool  # The training step applies --augment's flips and rotations.
+  # The train batches' order (pipeline.make_dataset): 'global', the same on
+  # any number of workers and replicas; 'per_pipeline', each worker's own
+  # shards; 'service', the tf.data service's.
+  order: str = 'global'
+  # The input pipelines' base seed: --seed, or without it (several workers
+  # in the global order) one drawn by the chief, so that all draw the same
+  # permutation.
+  data_seed: int | None = None
 
 
 def train_and_evaluate(config, strategy=None, datasets=None, on_epoch_end=None):
   """See train.run."""
   start = time.time()
   records = records_lib.Records.of(config.records_dir)  # The manifest, read once.
-  setup = set_up(config, strategy)
+  setup = set_up(config, strategy, records)
   with one_writer(config, setup):
     steps, datasets = make_data(config, records, setup, datasets)
     model, optimizer = build_model(config, records, setup, steps)
@@ -77,7 +86,7 @@ def one_writer(config, setup):
                                f'--model_dir={config.model_dir}')
 
 
-def set_up(config, strategy=None):
+def set_up(config, strategy=None, records=None):
   """Precision, then the strategy, then the seed, then the checks that need them.
 
   In this order, as the Flax and TF Models examples do:
@@ -120,7 +129,34 @@ def set_up(config, strategy=None):
                 stain_on_device=stain_on_device(config),
                 dihedral_on_device=dihedral_on_device(config))
   _check_compilation(config, setup)
+  if records is not None:
+    setup.order = input_order(config, records, setup)
+  setup.data_seed = config.seed
+  if config.seed is None and setup.pipelines > 1 and setup.order == 'global':
+    drawn = float(np.random.default_rng().integers(2**31))  # (Exact in float64.)
+    setup.data_seed = int(distribute.make_from_chief(strategy)({'seed': drawn})['seed'])
   return setup
+
+
+def input_order(config, records, setup):
+  """The train batches' order: --input_order, with `auto` agreed by every worker.
+
+  `auto` is 'global' only if every worker can hold the whole split
+  (`pipeline.choose_order` on each, then one all-reduce): workers that
+  disagreed would cut the epoch into other steps and hang in a collective.
+  """
+  if config.data_service_address:
+    return 'service'
+  order = pipeline.choose_order(config.input_order, records, 'train', setup.pipelines)
+  if config.input_order == 'auto' and setup.pipelines > 1:
+    short = distribute.any_worker(setup.strategy, order != 'global')
+    order = 'per_pipeline' if short else 'global'
+    if order == 'per_pipeline' and setup.chief:
+      print(f'--input_order=auto: the train split ({pipeline.split_bytes(records, "train") / 2**30:.2f} '
+            'GiB of images) is over a quarter of a worker\'s memory, so each worker holds '
+            'its own shards: the batches depend on the number of workers, and a resume on '
+            'another number is refused (--input_order=global holds it whole)', flush=True)
+  return order
 
 
 def _check_compilation(config, setup):
@@ -176,7 +212,10 @@ def make_data(config, records, setup, datasets=None):
       train split, or (building the datasets) records without a val split.
   """
   batch = config.batch_size // setup.pipelines
-  steps = records.steps_per_epoch('train', batch, setup.pipelines)
+  if setup.order == 'global':  # Whole global batches of the split, on any topology.
+    steps = records.count('train') // config.batch_size
+  else:  # As the smallest pipeline's shards allow.
+    steps = records.steps_per_epoch('train', batch, setup.pipelines)
   if steps < 1:
     raise ValueError(f'--batch_size={config.batch_size}: larger than the train split '
                      f'({records.count("train")} examples)')
@@ -205,14 +244,14 @@ def _datasets(config, records, setup):
       # Endless, so that every trainer (sharing the job) can take its steps.
       return service.make_service_dataset(
           records, 'train', config.data_service_address, batch_size=batch_size,
-          augment=options, seed=config.seed, repeat=True)
+          augment=options, seed=setup.data_seed, repeat=True)
     # Every remaining epoch, each from (seed, epoch number): a resumed run
     # sees the batches the uninterrupted one would have.
     return pipeline.make_dataset(
         records, 'train', batch_size=batch_size, training=True, augment=options,
-        seed=config.seed, input_context=context, first_epoch=first_epoch,
+        seed=setup.data_seed, input_context=context, first_epoch=first_epoch,
         num_epochs=config.epochs - first_epoch + 1, batches_per_epoch=batches_per_epoch,
-        first_batch=first_batch)
+        first_batch=first_batch, order=setup.order)
 
   evaluation = lambda split, cache: pipeline.make_dataset(
       records, split, batch_size=config.eval_batch_size, training=False, cache=cache,

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from pcam_tfdata.convert import tfds_metadata
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
 
@@ -37,13 +38,18 @@ def _read_shard(path, image_bytes):
   return ids, np.concatenate(labels) if labels else np.zeros(0, np.int64), digests
 
 
-def verify(records, log=print):
+def verify(records, log=print, check_tfds_metadata=True):
   """Checks every shard: checksum, record count, schema, labels, id uniqueness.
 
   Args:
     records: a records.Records, or the path of a folder written by
       tools/make_records.py.
     log: where a line per split goes.
+    check_tfds_metadata: also check TFDS's `dataset_info.json` and
+      `features.json` against the manifest (first: it reads no shard); a
+      folder without them (converted before they were written) passes, with
+      a first line saying how to add them. False when they are about to be
+      rewritten.
 
   Returns:
     Total number of records checked. A last line reports the groups of
@@ -51,7 +57,8 @@ def verify(records, log=print):
     split (at crop 96 the full patches; else the crops, which the model sees).
 
   Raises:
-    schema.ManifestError: no or malformed manifest.
+    schema.ManifestError: no or malformed manifest; tfds_metadata.MetadataError
+      (one): TFDS metadata that disagrees with it.
     VerifyError: the first mismatch found, naming the shard or id.
   """
   records = records_lib.Records.of(records)
@@ -61,6 +68,8 @@ def verify(records, log=print):
                  if f.endswith('.tfrecord') and f not in listed)
   if stray:
     raise VerifyError(f'{os.path.join(records.path, stray[0])}: shard not in the manifest')
+  if check_tfds_metadata:
+    log(_tfds_metadata_line(records))
   seen = {}
   by_digest = collections.defaultdict(list)  # Image digest -> [(split, id)].
   for split in records.splits:
@@ -76,6 +85,19 @@ def verify(records, log=print):
     log(f'{split}: {written} records in {len(records.shards(split))} shards OK {counts}')
   log(cross_split_line(by_digest.values(), records.image_shape))
   return sum(records.count(s) for s in records.splits)
+
+
+def _tfds_metadata_line(records):
+  """The line on the folder's TFDS metadata, checked against the manifest.
+
+  Raises:
+    tfds_metadata.MetadataError: it disagrees with the manifest.
+  """
+  names = ' and '.join(tfds_metadata.NAMES)
+  if tfds_metadata.check(records.path, records.manifest):
+    return f'TFDS metadata: {names} match the manifest (tfds.builder_from_directory opens it)'
+  return (f'TFDS metadata: none (converted before it was written); add {names} with '
+          f'tools/verify_records.py --write_tfds_metadata {records.path}')
 
 
 def _check_shard(path, shard, split, image_bytes, seen, by_digest):
