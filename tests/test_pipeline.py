@@ -12,6 +12,7 @@ from pcam_tfdata.convert import tiff
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
 from pcam_tfdata.training import augment
+from pcam_tfdata.training import input_order
 from pcam_tfdata.training import pipeline
 from pcam_tfdata.training import split_cache
 from conftest import run_convert, synthetic_records
@@ -224,14 +225,14 @@ def test_the_global_order_over_several_pipelines_needs_one_seed(records):
 def test_auto_takes_the_global_order_while_the_split_fits_a_quarter_of_memory(records,
                                                                             monkeypatch):
   opened = records_lib.Records.open(records)
-  need = pipeline.split_bytes(opened, 'train')
+  need = input_order.split_bytes(opened, 'train')
   assert need == 48 * 32 * 32 * 3
-  monkeypatch.setattr(pipeline, 'host_memory', lambda: 4 * need)
-  assert pipeline.choose_order('auto', opened, 'train', 2) == 'global'
-  monkeypatch.setattr(pipeline, 'host_memory', lambda: 4 * need - 1)
-  assert pipeline.choose_order('auto', opened, 'train', 2) == 'per_pipeline'
-  assert pipeline.choose_order('auto', opened, 'train', 1) == 'global'  # One reads them all.
-  assert pipeline.choose_order('global', opened, 'train', 2) == 'global'
+  monkeypatch.setattr(input_order, 'host_memory', lambda: 4 * need)
+  assert input_order.choose_order('auto', opened, 'train', 2) == 'global'
+  monkeypatch.setattr(input_order, 'host_memory', lambda: 4 * need - 1)
+  assert input_order.choose_order('auto', opened, 'train', 2) == 'per_pipeline'
+  assert input_order.choose_order('auto', opened, 'train', 1) == 'global'  # One reads them all.
+  assert input_order.choose_order('global', opened, 'train', 2) == 'global'
 
 
 def test_two_input_pipelines_with_one_seed_draw_their_own_augmentation(records):

@@ -17,7 +17,7 @@ PLACES = ('auto', 'host', 'device')  # Where an augmentation runs (--augment_on,
 LR_SCHEDULES = ('plateau', 'cosine', 'onecycle')  # --lr_schedule (schedules.py says what each is).
 # The seed's dropout before the output layer, per model (--dropout's default);
 # the applications have none unless --dropout asks for one.
-INPUT_ORDERS = ('auto', 'global', 'per_pipeline')  # pipeline.ORDERS, TF-free.
+INPUT_ORDERS = ('auto', 'global', 'per_pipeline')  # input_order.ORDERS, TF-free.
 SEED_DROPOUT = {'baseline': 0.2, 'batchnorm': 0.5}
 
 
@@ -50,7 +50,7 @@ class Config:
   stain_jitter: float = 0.0
   stain_jitter_on: str = 'auto'
   augment_cache_gib: float = 4.0  # As pipeline.DEFAULT_VARIANT_BUDGET (TF-free here).
-  input_order: str = 'auto'  # As pipeline.ORDERS (TF-free here).
+  input_order: str = 'auto'  # As input_order.ORDERS (TF-free here).
   seed: int | None = None
   steps_per_execution: int = 1
   steps_per_epoch: int = 0  # 0: every whole batch of the train split.

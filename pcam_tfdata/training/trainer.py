@@ -21,6 +21,7 @@ from pcam_tfdata.training import augment
 from pcam_tfdata.training import config as config_lib
 from pcam_tfdata.training import distribute
 from pcam_tfdata.training import epochs as epochs_lib
+from pcam_tfdata.training import input_order as order_lib
 from pcam_tfdata.training import models
 from pcam_tfdata.training import pipeline
 from pcam_tfdata.training import schedules
@@ -142,19 +143,19 @@ def input_order(config, records, setup):
   """The train batches' order: --input_order, with `auto` agreed by every worker.
 
   `auto` is 'global' only if every worker can hold the whole split
-  (`pipeline.choose_order` on each, then one all-reduce): workers that
+  (`input_order.choose_order` on each, then one all-reduce): workers that
   disagreed would cut the epoch into other steps and hang in a collective.
   """
   if config.data_service_address:
     return 'service'
-  order = pipeline.choose_order(config.input_order, records, 'train', setup.pipelines)
+  order = order_lib.choose_order(config.input_order, records, 'train', setup.pipelines)
   if config.input_order == 'auto' and setup.pipelines > 1:
     short = distribute.any_worker(setup.strategy, order != 'global')
     order = 'per_pipeline' if short else 'global'
     if order == 'per_pipeline' and setup.chief:
-      print(f'--input_order=auto: the train split ({pipeline.split_bytes(records, "train") / 2**30:.2f} '
-            'GiB of images) is over a quarter of a worker\'s memory, so each worker holds '
-            'its own shards: the batches depend on the number of workers, and a resume on '
+      gib = order_lib.split_bytes(records, 'train') / 2**30
+      print(f'--input_order=auto: the train split ({gib:.2f} GiB of images) is over a quarter '
+            'of a worker\'s memory, so each worker holds its own shards: the batches depend on the number of workers, and a resume on '
             'another number is refused (--input_order=global holds it whole)', flush=True)
   return order
 
