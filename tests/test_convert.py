@@ -18,6 +18,7 @@ from pcam_tfdata.convert import outdir
 from pcam_tfdata.convert import plan
 from pcam_tfdata.convert import splits
 from pcam_tfdata.convert import synthetic
+from pcam_tfdata.convert import tfds_metadata
 from pcam_tfdata.convert import tiff
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
@@ -375,5 +376,6 @@ def test_leftovers_of_killed_runs_never_reach_an_output(kaggle_dir, tmp_path):
   (partial / 'train-00001-of-00032.tfrecord.partial').write_bytes(b'half')
   manifest = run_convert(kaggle_dir, out, seed=2, overwrite=True)
   listed = {s['file'] for info in manifest['splits'].values() for s in info['shards']}
-  assert set(os.listdir(out)) == listed | {schema.MANIFEST_NAME}
+  assert set(os.listdir(out)) == listed | {schema.MANIFEST_NAME, *tfds_metadata.NAMES}
+  assert tfds_metadata.check(str(out), manifest)  # Of the new conversion, not the old.
   assert [p for p in os.listdir(tmp_path) if p.startswith('.')] == []

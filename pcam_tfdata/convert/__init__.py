@@ -3,7 +3,8 @@
 Sources (`kaggle`, `pcam_h5`, with `tiff` and `gzip_reader`), the plan of
 splits, folds and shards (`plan`, `splits`), duplicate control
 (`duplicates`), the shard writer (`shards`, run in worker processes by
-`pool`), the output folder (`outdir`), EDA pictures (`eda`) and the
+`pool`), the output folder (`outdir`, with TFDS's metadata from
+`tfds_metadata`), EDA pictures (`eda`) and the
 synthetic demo set (`synthetic`); `from_kaggle` and `from_h5` run a
 conversion end to end. Worker processes must not pay TensorFlow's import
 (about 5 s and 700 MB each), so nothing here imports it: the TFRecord

@@ -13,6 +13,7 @@ import os
 import shutil
 
 from pcam_tfdata.convert import shards
+from pcam_tfdata.convert import tfds_metadata
 from pcam_tfdata import folderlock
 from pcam_tfdata import schema
 
@@ -94,7 +95,7 @@ def _read_own_manifest(out_dir):
 
 def _foreign_entries(out_dir, manifest):
   """Entries of `out_dir` that this tool did not write: they forbid replacing it."""
-  ours = {schema.MANIFEST_NAME}
+  ours = {schema.MANIFEST_NAME, *tfds_metadata.NAMES}
   for info in manifest['splits'].values():
     ours.update(s.get('file') for s in info.get('shards', ()) if isinstance(s, dict))
   return sorted(e for e in os.listdir(out_dir)
@@ -202,11 +203,31 @@ def _keep_only(work_dir, names):
 
 
 def finish(work_dir, out_dir, manifest):
-  """Keeps only the shards and pictures, writes the manifest last, swaps into place."""
+  """Keeps only the shards and pictures, adds TFDS's metadata, writes the manifest last, swaps."""
   keep = {s['file'] for info in manifest['splits'].values() for s in info['shards']}
   _keep_only(work_dir, keep | {f for f in os.listdir(work_dir) if f.endswith('.png')})
+  tfds_metadata.write(work_dir, manifest)
   shards.write_json_atomic(os.path.join(work_dir, schema.MANIFEST_NAME), manifest)
   swap_into_place(work_dir, out_dir)
+
+
+def write_tfds_metadata(records_dir, log=print):
+  """Writes (or rewrites) TFDS's metadata into a finished records folder, from its manifest.
+
+  For folders converted before conversions wrote it. Under the folder's
+  lock, so that a conversion swapping in a new folder meanwhile cannot end
+  up with metadata of the old manifest.
+
+  Returns:
+    The paths written.
+
+  Raises:
+    schema.ManifestError: no or a malformed manifest; folderlock.FolderBusy:
+      a conversion writes the folder.
+  """
+  with lock(records_dir, log, what=records_dir):
+    tfds_metadata.write(records_dir, schema.load_manifest(records_dir))
+  return [os.path.join(records_dir, name) for name in tfds_metadata.NAMES]
 
 
 def swap_into_place(work_dir, out_dir):
