@@ -21,6 +21,8 @@ import signal
 import subprocess
 import sys
 
+from pcam_tfdata import fs
+
 # TF_CPP_MIN_LOG_LEVEL when neither the user's environment nor --verbose says
 # otherwise: errors and fatal errors only.
 DEFAULT_TF_LOG_LEVEL = '2'
@@ -162,6 +164,17 @@ def import_tensorflow(verbose=False, whole_run=True):
       except subprocess.TimeoutExpired:
         pass  # A child of the import still holds the pipe; the filter outlives us.
   return tf
+
+
+def import_tensorflow_for(paths, verbose=False):
+  """Starts TensorFlow now, its log lines filtered, if any of `paths` is a URL.
+
+  Only TensorFlow's filesystems read gs://, s3://, hdfs:// or ram:// (`fs`):
+  the entry points that check a local folder before TensorFlow starts
+  start it first for a URL.
+  """
+  if any(path and fs.is_url(path) for path in paths):
+    import_tensorflow(verbose)
 
 
 # Why a write failed, by errno: what the user must change, in their words.

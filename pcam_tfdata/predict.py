@@ -9,7 +9,6 @@ ensemble: the mean of their probabilities. On a labelled test split (PCam's
 HDF5 source) the metrics of that mean are printed too.
 """
 
-import os
 import sys
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from absl import flags
 
 from pcam_tfdata import cli
+from pcam_tfdata import fs
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import rundir
 from pcam_tfdata import schema
@@ -46,9 +46,11 @@ def main(argv):
     cli.fail(PROGRAM, f'--batch_size={_BATCH_SIZE.value}: must be >= 1')
   if '' in _MODEL_DIR.value:  # 'a,' would otherwise read ./model.keras as a member.
     cli.fail(PROGRAM, f'--model_dir={",".join(_MODEL_DIR.value)}: an empty entry')
-  for model_dir in _MODEL_DIR.value:  # Before TF starts, as the records below.
-    path = os.path.join(model_dir, rundir.MODEL_FILE)
-    if not os.path.isfile(path):
+  cli.import_tensorflow_for((*_MODEL_DIR.value, _RECORDS_DIR.value, _OUTPUT.value,
+                            _SAMPLE_SUBMISSION.value), _VERBOSE.value)
+  for model_dir in _MODEL_DIR.value:  # Before TF starts (but for URLs), as the records below.
+    path = fs.join(model_dir, rundir.MODEL_FILE)
+    if not fs.isfile(path):
       cli.fail(PROGRAM, f'{path}: no such model (train first)')
   try:
     records = records_lib.Records.open(_RECORDS_DIR.value)
@@ -77,12 +79,12 @@ def main(argv):
 
 
 def _check_output(output):
-  """Fails in one line, before TensorFlow starts, where --output cannot be written."""
-  folder = os.path.dirname(os.path.abspath(output))
-  if os.path.isdir(output):
+  """Fails in one line, before any prediction, where --output cannot be written."""
+  folder = fs.dirname(fs.abspath(output))
+  if fs.isdir(output):
     cli.fail(PROGRAM, f'cannot write --output={output}: it is a folder')
-  if not os.path.isdir(folder):
-    what = 'is a file' if os.path.exists(folder) else 'does not exist'
+  if not fs.is_url(output) and not fs.isdir(folder):  # (A bucket has no folders to make.)
+    what = 'is a file' if fs.exists(folder) else 'does not exist'
     cli.fail(PROGRAM, f'cannot write --output={output}: its folder {folder} {what}')
   with cli.writes_to(PROGRAM, f'--output={output}'):
     rundir.check_writable(folder)

@@ -13,8 +13,8 @@ can open it, and fail on a wrong folder, before TensorFlow starts.
 """
 
 import hashlib
-import os
 
+from pcam_tfdata import fs
 from pcam_tfdata import schema
 
 
@@ -66,7 +66,7 @@ class Records:
   def _split(self, split):
     if split not in self.manifest['splits']:
       raise schema.ManifestError(
-          f'{os.path.join(self.path, schema.MANIFEST_NAME)}: no split {split!r} '
+          f'{fs.join(self.path, schema.MANIFEST_NAME)}: no split {split!r} '
           f'(has {", ".join(self.splits)})')
     return self.manifest['splits'][split]
 
@@ -103,7 +103,7 @@ class Records:
 
   def shard_paths(self, split, num_pipelines=1, pipeline_id=0):
     """Full paths of `shards(split, ...)`."""
-    return [os.path.join(self.path, s['file'])
+    return [fs.join(self.path, s['file'])
             for s in self.shards(split, num_pipelines, pipeline_id)]
 
   def steps_per_epoch(self, split, batch_size, num_pipelines=1):
@@ -119,7 +119,7 @@ class Records:
 
   def all_shards(self):
     """(split, manifest entry, full path) of every shard of every split."""
-    return [(split, s, os.path.join(self.path, s['file']))
+    return [(split, s, fs.join(self.path, s['file']))
             for split in self.splits for s in self.manifest['splits'][split]['shards']]
 
   def first_corrupt_shard(self):
@@ -128,15 +128,15 @@ class Records:
       try:
         if sha256_file(path) != shard['sha256']:
           return path
-      except OSError:
-        return path
+      except Exception:  # pylint: disable=broad-except
+        return path  # (OSError; on a URL, TensorFlow's errors.)
     return None
 
 
 def sha256_file(path):
-  """Hex SHA-256 of a file, read in 1 MiB blocks."""
+  """Hex SHA-256 of a file (local or a URL), read in 1 MiB blocks."""
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with fs.open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()

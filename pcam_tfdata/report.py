@@ -5,10 +5,10 @@ r"""Prints the seed's results table for several runs as Markdown, or a search's 
 """
 
 import json
-import os
 import sys
 
 from pcam_tfdata import cli
+from pcam_tfdata import fs
 from pcam_tfdata import rundir
 from pcam_tfdata.tuning import results
 
@@ -26,11 +26,11 @@ def table(model_dirs):
   lines = ['| Model | ' + ' | '.join(c for c, _ in _COLUMNS) + ' | Best epoch | Precision | Replicas |',
            '|---' * (len(_COLUMNS) + 4) + '|']
   for model_dir in model_dirs:
-    path = os.path.join(model_dir, rundir.METRICS_JSON)
+    path = fs.join(model_dir, rundir.METRICS_JSON)
     try:
-      with open(path) as f:
-        m = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+      m = json.loads(fs.read_text(path))
+    except Exception as e:  # pylint: disable=broad-except
+      # (OSError, JSONDecodeError; on a URL, TensorFlow's NotFoundError.)
       raise ValueError(f'{path}: no finished run here ({e.__class__.__name__})') from None
     name = {'baseline': 'Baseline', 'batchnorm': 'BatchNorm', 'resnet50v2': 'ResNet50V2',
             'efficientnetv2b0': 'EfficientNetV2B0'}.get(m['model'], m['model'])
@@ -45,8 +45,9 @@ def main(argv):
     print('usage: python -m pcam_tfdata.report MODEL_DIR [MODEL_DIR ...] | STUDY_DIR',
           file=sys.stderr)
     sys.exit(2)
+  cli.import_tensorflow_for(argv[1:])  # (A run in a bucket: read through TensorFlow.)
   try:
-    if len(argv) == 2 and os.path.exists(os.path.join(argv[1], results.TRIALS_CSV)):
+    if len(argv) == 2 and fs.exists(fs.join(argv[1], results.TRIALS_CSV)):
       print(results.table(argv[1]))
       return
     print(table(argv[1:]))

@@ -2,15 +2,18 @@
 
 Kept apart from trainer.py so that the entry points that only read a run
 (report, predict's checks) need not import TensorFlow to know the names.
+Every path may be a URL (`fs`).
 Every file a later step trusts is written under a temporary name and renamed:
 a kill at any moment leaves the old file or the new one, never half of one.
 """
 
 import csv
-import glob
+import errno
 import io
 import os
 import re
+
+from pcam_tfdata import fs
 
 HISTORY_CSV = 'history.csv'  # A row per finished epoch.
 METRICS_JSON = 'metrics.json'  # Written last: its presence means the run finished.
@@ -21,30 +24,31 @@ _PENDING_BEST = re.compile(r'^\.best-epoch(\d+)\.keras$')
 
 def check_writable(folder):
   """Makes `folder` (and its parents) and writes a file there: OSError now, not hours later."""
-  os.makedirs(folder, exist_ok=True)
-  probe = os.path.join(folder, f'.write-check-{os.getpid()}')
+  probe = fs.join(folder, f'.write-check-{os.getpid()}')
   try:
-    with open(probe, 'w'):
-      pass
+    fs.makedirs(folder)
+    with fs.open(probe, 'w') as f:
+      f.write('.')  # (A GFile opens its file at the first write.)
   except OSError as e:  # Named as the folder: the probe is ours, not the user's.
     raise OSError(e.errno, e.strerror, folder) from None
-  os.remove(probe)
+  except Exception as e:  # pylint: disable=broad-except
+    # On a URL, TensorFlow's errors (PermissionDenied, no such bucket), as one OSError.
+    detail = (getattr(e, 'message', None) or str(e) or type(e).__name__).splitlines()[0]
+    raise OSError(errno.EACCES, detail, folder) from None
+  fs.remove(probe)
 
 
 def write_atomic(path, text):
   """Writes `text` to `path` through a temporary file in the same folder."""
   tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', newline='') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fs.write_text(tmp, text)
+  fs.replace(tmp, path)
 
 
 def read_history(path):
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return []
-  with open(path, newline='') as f:
+  with io.StringIO(fs.read_text(path)) as f:
     return list(csv.DictReader(f))
 
 
@@ -61,14 +65,14 @@ def pending_best(model_dir, epoch):
 
   The name ends in .keras, as Keras requires of the files it saves.
   """
-  return os.path.join(model_dir, f'.best-epoch{epoch}.keras')
+  return fs.join(model_dir, f'.best-epoch{epoch}.keras')
 
 
 def commit_best(model_dir, epoch):
   """Moves epoch `epoch`'s pending best model to model.keras, if there is one."""
   path = pending_best(model_dir, epoch)
-  if os.path.exists(path):
-    os.replace(path, os.path.join(model_dir, MODEL_FILE))
+  if fs.exists(path):
+    fs.replace(path, fs.join(model_dir, MODEL_FILE))
 
 
 def settle_best(model_dir, last_epoch, best_epoch):
@@ -78,12 +82,12 @@ def settle_best(model_dir, last_epoch, best_epoch):
   backup and the rename) is committed; one of an epoch the backup never
   saw is deleted, and so is anything of an older run (`last_epoch` 0).
   """
-  for path in glob.glob(os.path.join(glob.escape(model_dir), '.best-epoch*.keras')):
-    match = _PENDING_BEST.match(os.path.basename(path))
+  for path in fs.matching(model_dir, '.best-epoch*.keras'):
+    match = _PENDING_BEST.match(fs.basename(path))
     epoch = int(match[1]) if match else -1
     if 0 < epoch <= last_epoch and epoch == best_epoch:
-      os.replace(path, os.path.join(model_dir, MODEL_FILE))
+      fs.replace(path, fs.join(model_dir, MODEL_FILE))
     else:
-      os.remove(path)
-  for path in glob.glob(os.path.join(glob.escape(model_dir), '*.tmp-*')):
-    os.remove(path)  # A write killed before its rename.
+      fs.remove(path)
+  for path in fs.matching(model_dir, '*.tmp-*'):
+    fs.remove(path)  # A write killed before its rename.

@@ -6,8 +6,9 @@ every name from here, so the two cannot drift apart.
 
 import functools
 import json
-import os
 import re
+
+from pcam_tfdata import fs
 
 IMAGE_KEY = 'image'  # Raw uint8 bytes, H x W x 3, row-major: the exact center crop.
 LABEL_KEY = 'label'  # int64: 0 or 1; TEST_LABEL where the label is unknown.
@@ -149,18 +150,23 @@ def load_manifest(records_dir):
       shard it names is absent, or a split's count is not its shards' (nor
       its labels') sum.
   """
-  path = os.path.join(records_dir, MANIFEST_NAME)
-  if not os.path.isdir(records_dir):
+  path = fs.join(records_dir, MANIFEST_NAME)
+  try:
+    names = set(fs.listdir(records_dir)) if fs.isdir(records_dir) else None
+    if names is not None and MANIFEST_NAME in names:
+      manifest = json.loads(fs.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ManifestError(f'{path}: unreadable manifest ({e})') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # OSError, or on a URL TensorFlow's errors (no credentials, no bucket).
+    detail = (getattr(e, 'message', None) or str(e) or type(e).__name__).splitlines()[0]
+    raise ManifestError(f'{path}: unreadable manifest ({detail})') from None
+  if names is None:
     raise ManifestError(f'{records_dir}: no such records folder')
-  if not os.path.isfile(path):
+  if MANIFEST_NAME not in names:
     raise ManifestError(
         f'{path}: missing; the folder is not a complete conversion '
         '(run tools/make_records.py)')
-  try:
-    with open(path) as f:
-      manifest = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ManifestError(f'{path}: unreadable manifest ({e})') from None
   if manifest.get('format_version') != FORMAT_VERSION:
     raise ManifestError(
         f'{path}: format_version {manifest.get("format_version")!r}, '
@@ -170,7 +176,7 @@ def load_manifest(records_dir):
       raise ManifestError(f'{path}: no {key!r} entry')
   for split, info in manifest['splits'].items():
     for shard in info.get('shards', ()):
-      if not os.path.isfile(os.path.join(records_dir, shard['file'])):
+      if shard['file'] not in names:  # (One listing: a bucket answers each request slowly.)
         raise ManifestError(f'{path}: split {split!r} names missing shard {shard["file"]}')
     # The totals a trainer sizes its epochs by, against what the shards hold
     # (as pcam-verify-records checks, without reading them).

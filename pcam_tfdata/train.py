@@ -209,7 +209,9 @@ def main(argv):
     try:
       config = _config_from_flags()
       check_config(config)
-      # A wrong folder fails before TensorFlow starts; the run reads no manifest again.
+      # A wrong folder fails before TensorFlow starts (but for a URL, which only
+      # TensorFlow reads); the run reads no manifest again.
+      cli.import_tensorflow_for((config.records_dir, config.model_dir), _VERBOSE.value)
       config.records_dir = records_lib.Records.open(config.records_dir)
       with cli.writes_to(PROGRAM, f'--model_dir={config.model_dir}'):
         rundir.check_writable(config.model_dir)  # (Also before TensorFlow.)

@@ -15,9 +15,9 @@ PACKAGE = ROOT / 'pcam_tfdata'
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 # What the converter's half may import of the package: itself, the shared schema and
-# handle, the progress display and the folder lock.
+# handle, the progress display, the folder lock and the file access (TF-free locally).
 _CONVERTER_MAY_IMPORT = ('pcam_tfdata.convert', 'pcam_tfdata.schema', 'pcam_tfdata.records',
-                         'pcam_tfdata.progress', 'pcam_tfdata.folderlock')
+                         'pcam_tfdata.progress', 'pcam_tfdata.folderlock', 'pcam_tfdata.fs')
 _TENSORFLOW = ('tensorflow', 'keras')
 
 

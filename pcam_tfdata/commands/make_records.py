@@ -93,6 +93,7 @@ def main(argv):
   if _SOURCE.value == 'pcam_h5' and not data_dir:
     _fail('--source=pcam_h5 needs --data_dir (the folder of camelyonpatch_*.h5[.gz] files)')
   try:
+    api.check_local(data_dir, out_dir)  # (Before the demo set is generated.)
     if demo:
       data_dir, out_dir = DEMO_SOURCE_DIR, out_dir or DEMO_OUT_DIR
       if not os.path.isdir(data_dir):

@@ -14,6 +14,7 @@ import sys
 from absl import flags
 
 from pcam_tfdata import cli
+from pcam_tfdata import fs
 from pcam_tfdata import records as records_lib
 
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show TensorFlow's C++ info and warning lines.")
@@ -28,6 +29,10 @@ def main(argv):
   if len(argv) != 2:
     print('usage: verify_records.py [--write_tfds_metadata] RECORDS_DIR', file=sys.stderr)
     sys.exit(2)
+  if _WRITE_TFDS_METADATA.value and fs.is_url(argv[1]):
+    cli.fail(PROGRAM, f'--write_tfds_metadata writes into a local folder, not {argv[1]}: '
+                      'write it in the local copy, then copy the two files over')
+  cli.import_tensorflow_for([argv[1]], _VERBOSE.value)
   try:
     records = records_lib.Records.open(argv[1])  # A wrong folder fails before TF starts.
     cli.import_tensorflow(_VERBOSE.value)

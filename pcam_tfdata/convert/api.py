@@ -9,6 +9,7 @@ checks; a bad input raises the error whose message the command prints.
 
 import os
 
+from pcam_tfdata import fs
 from pcam_tfdata.convert import kaggle
 from pcam_tfdata.convert import outdir
 from pcam_tfdata.convert import pcam_h5
@@ -94,6 +95,7 @@ def make_records(data_dir, out_dir, *, source='kaggle', crop_size=32, per_class=
   # Paths as strings: the settings are recorded in manifest.json.
   data_dir, out_dir = os.fspath(data_dir), os.fspath(out_dir)
   groups_csv = groups_csv and os.fspath(groups_csv)
+  check_local(data_dir, out_dir)
   settings = dict(source=source, data_dir=data_dir, out_dir=out_dir, crop_size=crop_size,
                   per_class=per_class, val_fraction=val_fraction, seed=seed,
                   groups_csv=groups_csv, num_folds=num_folds, fold=fold or 0,
@@ -102,6 +104,16 @@ def make_records(data_dir, out_dir, *, source='kaggle', crop_size=32, per_class=
   if source == 'pcam_h5':
     return _from_h5(settings, replace_stale, show_progress, log)
   return _from_kaggle(settings, replace_stale, show_progress, log)
+
+
+def check_local(data_dir, out_dir):
+  """Raises ConvertError for a URL: the converter's TF-free workers read and write plain files."""
+  for flag, path in (('--out_dir', out_dir), ('--data_dir', data_dir)):
+    if path and fs.is_url(path):
+      raise plan.ConvertError(
+          f'{flag}={path}: the converter reads and writes local folders; convert into a '
+          'local one, then copy it (gsutil -m cp -r records/x gs://bucket/records/x, or '
+          'aws s3 sync records/x s3://bucket/records/x)')
 
 
 def _check_choices(source, num_folds, fold, val_fraction, groups_csv):

@@ -9,10 +9,13 @@ written (pcam_tfdata/records.py).
 """
 
 import dataclasses
+import io
 import os
 
 import numpy as np
 import pandas as pd
+
+from pcam_tfdata import fs
 
 LABELS_CSV = 'train_labels.csv'
 TRAIN_DIR = 'train'
@@ -78,10 +81,12 @@ def read_id_csv(path, value_column):
     SourceError: missing or unreadable file, missing column, empty or
       duplicate id. The message names the file and line.
   """
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise SourceError(f'{path}: no such file')
   try:
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    # (A URL, e.g. predict's --sample_submission in a bucket: read through TensorFlow.)
+    source = io.StringIO(fs.read_text(path)) if fs.is_url(path) else path
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False)
   except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
     raise SourceError(f'{path}: not a readable CSV ({str(e).strip()})') from None
   frame.columns = [str(c).strip() for c in frame.columns]

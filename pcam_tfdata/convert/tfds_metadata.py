@@ -17,6 +17,7 @@ import json
 import os
 import re
 
+from pcam_tfdata import fs
 from pcam_tfdata import schema
 
 DATASET_INFO_NAME = 'dataset_info.json'
@@ -116,7 +117,7 @@ def _to_json(name, obj):
 
 
 def _shard_bytes(records_dir, manifest):
-  return {s['file']: os.path.getsize(os.path.join(records_dir, s['file']))
+  return {s['file']: fs.size(fs.join(records_dir, s['file']))
           for info in manifest['splits'].values() for s in info['shards']}
 
 
@@ -176,8 +177,8 @@ def check(records_dir, manifest):
   Raises:
     MetadataError: one file missing, unreadable, or disagreeing, naming it.
   """
-  paths = {name: os.path.join(records_dir, name) for name in NAMES}
-  present = [name for name in NAMES if os.path.isfile(paths[name])]
+  paths = {name: fs.join(records_dir, name) for name in NAMES}
+  present = [name for name in NAMES if fs.isfile(paths[name])]
   if not present:
     return False
   rewrite = (f'rewrite both from the manifest with tools/verify_records.py '
@@ -188,8 +189,7 @@ def check(records_dir, manifest):
   want = expected(records_dir, manifest)
   for name in NAMES:
     try:
-      with open(paths[name]) as f:
-        got = json.load(f)
+      got = json.loads(fs.read_text(paths[name]))
     except (OSError, ValueError) as e:
       raise MetadataError(f'{paths[name]}: unreadable ({e}); {rewrite}') from None
     problem = (_info_problem(got, want[name], manifest) if name == DATASET_INFO_NAME

@@ -10,10 +10,10 @@ different command is refused rather than mixed in.
 """
 
 import json
-import os
 
 import tensorflow as tf
 
+from pcam_tfdata import fs
 from pcam_tfdata import rundir
 
 
@@ -26,8 +26,8 @@ class Backup:
   """
 
   def __init__(self, model_dir, model, optimizer, is_chief, task_id=0):
-    self._chief_dir = os.path.join(model_dir, rundir.BACKUP_DIR)
-    self._dir = self._chief_dir if is_chief else os.path.join(
+    self._chief_dir = fs.join(model_dir, rundir.BACKUP_DIR)
+    self._dir = self._chief_dir if is_chief else fs.join(
         model_dir, f'.worker{task_id}_backup')
     self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     self._state = tf.Variable('', dtype=tf.string, trainable=False)

@@ -259,6 +259,10 @@ def any_worker(strategy, flag):
     return bool(flag)
 
   def replica_fn(x):
+    # The vote as a tensor of the replica's own (its device): MultiWorkerMirroredStrategy
+    # all-reduces to the devices of its input, and the argument itself has none
+    # ("destinations can not be empty").
+    x = tf.identity(x)
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, x)
 
   votes = strategy.run(tf.function(replica_fn), args=(tf.constant(float(bool(flag))),))

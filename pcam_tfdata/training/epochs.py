@@ -8,12 +8,11 @@ file a later step trusts is written whole or not at all (`rundir`).
 
 import hashlib
 import json
-import os
-import shutil
 import time
 
 import tensorflow as tf
 
+from pcam_tfdata import fs
 from pcam_tfdata import rundir
 from pcam_tfdata.training import backup as backup_lib
 from pcam_tfdata.training import config as config_lib
@@ -43,7 +42,7 @@ class EpochLoop:
     self.on_epoch_end = on_epoch_end
     self.model, self.optimizer, self.steps = model, optimizer, steps
     self.model_dir = config.model_dir
-    os.makedirs(self.model_dir, exist_ok=True)
+    fs.makedirs(self.model_dir)
     self.train_steps = loop.make_train_fn(model, optimizer, setup.strategy, config.batch_size,
                                           jit_compile=setup.jit_compile,
                                           label_smoothing=config.label_smoothing)
@@ -63,7 +62,7 @@ class EpochLoop:
     self._iterator = None
 
   def _path(self, name):
-    return os.path.join(self.model_dir, name)
+    return fs.join(self.model_dir, name)
 
   def _reading(self):
     # Every read of the records goes through this: TensorFlow's errors name
@@ -81,7 +80,7 @@ class EpochLoop:
         print(f'--restart: discarding the backup in {self.backup.path}; training from scratch')
       self.backup.remove()  # Each worker its own; no worker reads the chief's.
       if self.setup.chief:  # The old run's curves too (history and model go at start).
-        shutil.rmtree(self._path('tensorboard'), ignore_errors=True)
+        fs.rmtree(self._path('tensorboard'))
     else:
       saved = self.backup.saved_state()
       resume.check(saved and saved.get('run'), self.run_settings, self.backup.path,
@@ -189,7 +188,7 @@ class EpochLoop:
     print(f'final weights sha256 {weights_digest(self.model)} (input pipeline '
           f'{distribute.worker_index(self.setup.strategy)})', flush=True)
     if not self.setup.chief:
-      shutil.rmtree(self._path(f'.worker{self.setup.task_id}_tensorboard'), ignore_errors=True)
+      fs.rmtree(self._path(f'.worker{self.setup.task_id}_tensorboard'))
 
   def _stopped_early(self):
     """Whether early stopping ended the run before --epochs (not: ran out of patience at the last)."""
@@ -316,8 +315,8 @@ class EpochLoop:
     # in memory, or (after a resume) from the best checkpoint on disk.
     if self.best_weights is not None:
       self.model.set_weights(self.best_weights)
-    elif os.path.exists(self._path(rundir.MODEL_FILE)):
-      self.model.load_weights(self._path(rundir.MODEL_FILE))
+    elif fs.exists(self._path(rundir.MODEL_FILE)):
+      models.load_weights(self.model, self._path(rundir.MODEL_FILE))
     results = {}
     with self._reading():
       for split, dataset in (('train', datasets['train_eval']), ('val', datasets['val'])):
@@ -376,7 +375,7 @@ class EpochLoop:
         'stain_jitter': config.stain_jitter,
         'stain_jitter_on': ('device' if setup.stain_on_device else 'host'
                             if config.stain_jitter else 'off'),
-        'records_dir': os.path.abspath(self.records.path),
+        'records_dir': fs.abspath(self.records.path),
         'seconds': round(seconds, 1),
     }
 
@@ -390,5 +389,4 @@ def weights_digest(model):
 
 
 def _remove(path):
-  if os.path.exists(path):
-    os.remove(path)
+  fs.remove_if_there(path)

@@ -6,6 +6,7 @@ thresholds.
 """
 
 import csv
+import io
 
 import matplotlib
 matplotlib.use('Agg')  # Files only; no display on training hosts.
@@ -13,6 +14,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from sklearn import metrics as sk_metrics
 import tensorflow as tf
+
+from pcam_tfdata import fs
 
 
 def make_predict_fn(model):
@@ -64,7 +67,7 @@ def plot_confusion_matrix(labels, probs, path, title):
       ax=ax, colorbar=False, values_format='d')
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   plt.close(fig)
 
 
@@ -78,14 +81,13 @@ def plot_roc_curve(labels, probs, path, title):
   ax.set_title(title)
   ax.legend(loc='lower right')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   plt.close(fig)
 
 
 def plot_training_curves(history_csv, path, title):
   """Loss, accuracy and AUC per epoch, train against val, from history.csv."""
-  with open(history_csv) as f:
-    rows = list(csv.DictReader(f))
+  rows = list(csv.DictReader(io.StringIO(fs.read_text(history_csv))))
   epochs = [int(r['epoch']) for r in rows]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
   for ax, name in zip(axes, ('loss', 'accuracy', 'auc')):
@@ -98,5 +100,11 @@ def plot_training_curves(history_csv, path, title):
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   plt.close(fig)
+
+
+def _save(fig, path):
+  """Saves `fig` as a PNG at `path`, on any filesystem."""
+  with fs.open(path, 'wb') as f:
+    fig.savefig(f, format='png', dpi=100)

@@ -8,17 +8,45 @@ the sigmoid runs in float32 under any policy, since the loss that follows it
 cannot be computed in float16.
 """
 
+import io
 import os
 import re
 
 import keras
 import tensorflow as tf
 
+from pcam_tfdata import fs
 from pcam_tfdata.training import config as config_lib
 
 MODELS = ('baseline', 'batchnorm', 'resnet50v2', 'efficientnetv2b0')
 APPLICATIONS = ('resnet50v2', 'efficientnetv2b0')
 _MIN_SIDE = 32  # What both applications accept without their top.
+
+
+def load_model(source):
+  """`keras.models.load_model` (safe mode) of a .keras file on any filesystem, or its bytes.
+
+  Args:
+    source: a path or URL, or a binary file object of the archive. A URL is
+      read into memory and loaded from there: Keras would first copy it to a
+      local temporary file.
+  """
+  if not isinstance(source, io.IOBase) and not fs.is_url(source):
+    return keras.models.load_model(source, safe_mode=True)
+  if not isinstance(source, io.IOBase):
+    source = io.BytesIO(fs.read_bytes(source))
+  source.seek(0)
+  from keras.src.saving import saving_lib  # pylint: disable=g-import-not-at-top
+  # (The public load_model takes paths only; this is what it calls for a .keras zip.)
+  return saving_lib.load_model(source, safe_mode=True)
+
+
+def load_weights(model, path):
+  """`model.load_weights(path)` of a .keras file on any filesystem (see `load_model`)."""
+  if fs.is_url(path):
+    model.set_weights(load_model(path).get_weights())
+  else:
+    model.load_weights(path)
 
 
 def sublayers(model):

@@ -1,17 +1,18 @@
 """Test-split predictions (optionally with test-time augmentation) and the Kaggle CSV."""
 
-import os
+import io
 import zipfile
 
-import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
 from pcam_tfdata.convert import kaggle
+from pcam_tfdata import fs
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import rundir
 from pcam_tfdata.training import augment
+from pcam_tfdata.training import models as models_lib
 from pcam_tfdata.training import pipeline
 from pcam_tfdata import progress
 from pcam_tfdata.training import verify
@@ -29,14 +30,16 @@ def load_models(model_dirs, image_shape, records_path):
   """
   models = []
   for model_dir in model_dirs:
-    path = os.path.join(model_dir, rundir.MODEL_FILE)
-    if not os.path.isfile(path):
+    path = fs.join(model_dir, rundir.MODEL_FILE)
+    if not fs.isfile(path):
       raise ValueError(f'{path}: no such model (train first)')
-    if not zipfile.is_zipfile(path):  # (Keras would call it "File not found".)
+    # A URL is read once, into memory (Keras would copy it to a local file).
+    source = io.BytesIO(fs.read_bytes(path)) if fs.is_url(path) else path
+    if not zipfile.is_zipfile(source):  # (Keras would call it "File not found".)
       raise ValueError(f'{path}: damaged model file (not the zip archive a .keras file is; '
                        'truncated or overwritten?)')
     try:
-      model = keras.models.load_model(path, safe_mode=True)
+      model = models_lib.load_model(source)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
       detail = str(e).splitlines()[0] if str(e) else type(e).__name__
       raise ValueError(f'{path}: unreadable model ({detail})') from None
@@ -130,6 +133,6 @@ def write_submission(ids, probs, output, sample_submission=None):
                        f'({len(missing)} such ids)')
     frame = frame.set_index('id').loc[order.to_numpy()].reset_index()
   tmp = output + '.partial'
-  frame.to_csv(tmp, index=False, float_format='%.6f')
-  os.replace(tmp, output)  # No half-written submission under the real name.
+  fs.write_text(tmp, frame.to_csv(index=False, float_format='%.6f'))
+  fs.replace(tmp, output)  # No half-written submission under the real name.
   return frame

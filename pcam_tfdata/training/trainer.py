@@ -6,7 +6,6 @@ object with one job, and gets what it needs from the phases before it.
 
 import contextlib
 import dataclasses
-import os
 import time
 
 import keras
@@ -15,6 +14,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
 from pcam_tfdata import folderlock
+from pcam_tfdata import fs
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import rundir
 from pcam_tfdata.training import augment
@@ -82,8 +82,12 @@ def one_writer(config, setup):
   """
   if not setup.chief:
     return contextlib.nullcontext()
-  os.makedirs(config.model_dir, exist_ok=True)
-  return folderlock.FolderLock(os.path.join(config.model_dir, folderlock.LOCK_NAME),
+  if fs.is_url(config.model_dir):
+    # A POSIX lock needs a local filesystem; an object store has no such
+    # lock (README: two runs into one bucket folder are not refused).
+    return contextlib.nullcontext()
+  fs.makedirs(config.model_dir)
+  return folderlock.FolderLock(fs.join(config.model_dir, folderlock.LOCK_NAME),
                                f'--model_dir={config.model_dir}')
 
 
@@ -275,7 +279,7 @@ def build_model(config, records, setup, steps_per_epoch):
   # names a changed --weights rather than a failed fetch.
   weights = config.weights
   if not config.restart and tf.train.latest_checkpoint(
-      os.path.join(config.model_dir, rundir.BACKUP_DIR)):
+      fs.join(config.model_dir, rundir.BACKUP_DIR)):
     weights = 'none'
   with setup.strategy.scope():
     model = models.build_model(config.model, records.image_shape,

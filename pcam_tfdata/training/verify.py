@@ -3,11 +3,11 @@
 import collections
 import contextlib
 import hashlib
-import os
 
 import numpy as np
 
 from pcam_tfdata.convert import tfds_metadata
+from pcam_tfdata import fs
 from pcam_tfdata import records as records_lib
 from pcam_tfdata import schema
 
@@ -22,7 +22,7 @@ def _read_shard(path, image_bytes):
   spec = schema.feature_spec()
   ds = tf.data.TFRecordDataset(path).batch(4096).map(lambda x: tf.io.parse_example(x, spec))
   ids, labels, digests = [], [], []
-  name = os.path.basename(path)
+  name = fs.basename(path)
   try:
     for batch in ds:
       sizes = tf.strings.length(batch[schema.IMAGE_KEY]).numpy()
@@ -64,10 +64,10 @@ def verify(records, log=print, check_tfds_metadata=True):
   records = records_lib.Records.of(records)
   image_bytes = int(np.prod(records.image_shape))
   listed = {s['file'] for _, s, _ in records.all_shards()}
-  stray = sorted(f for f in os.listdir(records.path)
+  stray = sorted(f for f in fs.listdir(records.path)
                  if f.endswith('.tfrecord') and f not in listed)
   if stray:
-    raise VerifyError(f'{os.path.join(records.path, stray[0])}: shard not in the manifest')
+    raise VerifyError(f'{fs.join(records.path, stray[0])}: shard not in the manifest')
   if check_tfds_metadata:
     log(_tfds_metadata_line(records))
   seen = {}
