@@ -150,7 +150,7 @@ def test_sigterm_to_one_worker_preempts_both_and_the_rerun_ends_as_an_uninterrup
   assert not re.findall(r'\[worker \d\] [WE]\d{4} [\d:.]+\s+\d+ \S+\.(?:cc|h):\d+\] .*',
                         stdout + err_path.read_text()), stdout[-3000:]
   resumed = _digests(stdout)
-  # Each worker reads its own share of the shards, in batches of its share of the global 8.
+  # Each worker serves its half of every global batch of 8 (the global input order).
   pipelines = dict(re.findall(r'\[worker (\d)\] input pipeline (\d) of 2: \d+ steps of 4 per '
                               r'epoch', stdout))
   assert pipelines == {'0': '0', '1': '1'}, stdout[-3000:]

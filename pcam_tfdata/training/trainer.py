@@ -83,8 +83,10 @@ def one_writer(config, setup):
   if not setup.chief:
     return contextlib.nullcontext()
   if fs.is_url(config.model_dir):
-    # A POSIX lock needs a local filesystem; an object store has no such
-    # lock (README: two runs into one bucket folder are not refused).
+    # A POSIX lock needs a local filesystem, and gfile offers no
+    # create-if-absent to build one on an object store.
+    print(f'--model_dir={config.model_dir}: not locked (a URL); a second run started into '
+          'it would not be refused', flush=True)
     return contextlib.nullcontext()
   fs.makedirs(config.model_dir)
   return folderlock.FolderLock(fs.join(config.model_dir, folderlock.LOCK_NAME),
