@@ -79,17 +79,21 @@ def train(name, strategy, images, labels, *, policy='float32', sync=False, jit=F
     keras.mixed_precision.set_global_policy('float32')
 
 
-def train_run(records, model_dir, name, strategy=None, datasets=None, sgd=False, seed=5):
-  """`train.run` of `name` for 2 seeded epochs, with dropout off: the weights after each step.
+def train_run(records, model_dir, name, strategy=None, datasets=None, sgd=False, seed=5,
+              dropout=False, **settings):
+  """`train.run` of `name` for 2 seeded epochs: the weights after each step.
 
-  Dropout is off: the replay tests step one device from each step's weights, and a
-  replica's mask is its rows of the global batch's (models.global_batch_dropout). BatchNorm is synchronized on one device too:
+  Dropout is off unless `dropout`: the replay tests step one device from
+  each step's weights, and a replica's mask is its rows of the global
+  batch's (models.global_batch_dropout). BatchNorm is synchronized on one
+  device too:
   Keras' synchronized moments are E[x^2] - E[x]^2, its plain ones two-pass,
   and the two drift apart by 1e-4 in 4 steps here. With `sgd`, SGD(0.05)
   replaces the run's Adam: where a gradient is zero by construction (a bias
   before BatchNorm) Adam divides its rounding noise by its own size and
   steps the weight by +-lr, on any two paths. Everything else is the
   command's path (one step per compiled call, --steps_per_execution=1).
+  `settings` add to or override RUN_SETTINGS (augmentation, say).
 
   Returns:
     [initial weights, weights after step 1, ..., after the last step], each
@@ -100,9 +104,10 @@ def train_run(records, model_dir, name, strategy=None, datasets=None, sgd=False,
   weights, build, make_train_fn = [], models.build_model, loop.make_train_fn
   adam = keras.optimizers.Adam
 
-  def without_dropout(*args, **kwargs):
+  def built(*args, **kwargs):
     model = build(*args, **kwargs)
-    model.get_layer('dropout').rate = 0.0
+    if not dropout:
+      model.get_layer('dropout').rate = 0.0
     return model
 
   def keeping_each_steps_weights(model, *args, **kwargs):
@@ -116,14 +121,15 @@ def train_run(records, model_dir, name, strategy=None, datasets=None, sgd=False,
       return out
     return steps
 
-  models.build_model, loop.make_train_fn = without_dropout, keeping_each_steps_weights
+  models.build_model, loop.make_train_fn = built, keeping_each_steps_weights
   if sgd:
     keras.optimizers.Adam = keras.optimizers.SGD
   try:
     # Without a strategy: one device (not `auto`, which takes every logical CPU).
     train.run(train.Config(records_dir=records, model_dir=model_dir, model=name,
                            strategy='default', learning_rate=0.05 if sgd else 1e-3,
-                           seed=seed, **RUN_SETTINGS), strategy=strategy, datasets=datasets)
+                           seed=seed, **{**RUN_SETTINGS, **settings}), strategy=strategy,
+              datasets=datasets)
   finally:
     models.build_model, loop.make_train_fn = build, make_train_fn
     keras.optimizers.Adam = adam
