@@ -102,7 +102,7 @@ def check(saved, current, backup_path, log=print, trained=None):
       if then and then['fingerprint'] != now['fingerprint']:
         differ.append(f'{name}: {then["path"]} then, {now["path"]} (other records) now')
     elif key == 'input_order':
-      if then_order != now:
+      if then_order is not None and then_order != now:
         differ.append(f'{name}: {then_order} then, {now} now')
     elif key == 'sync_batch_norm' and key in saved:
       # Synchronized over several replicas or one replica alone: the global batch's moments.
@@ -127,10 +127,16 @@ def check(saved, current, backup_path, log=print, trained=None):
 
 
 def _order(saved):
-  """The backup's input order; before it was recorded, one pipeline's was the global one."""
+  """The backup's input order (None: not recorded, nor its pipelines).
+
+  Before it was recorded, one pipeline's order was the global one and
+  several pipelines' their own shards'.
+  """
   if 'input_order' in saved:
     return saved['input_order']
-  return 'global' if saved.get('input_pipelines', 1) == 1 else 'per_pipeline'
+  if 'input_pipelines' not in saved:
+    return None
+  return 'global' if saved['input_pipelines'] == 1 else 'per_pipeline'
 
 
 def _moments(settings):
