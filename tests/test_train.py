@@ -331,6 +331,8 @@ def test_a_step_under_mirrored_strategy_on_two_cpus(name, mirrored):
   assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
+@pytest.mark.slow  # (25 s; the trainer's input on 2 replicas is checked in the default tier,
+# tests/test_topology.py.)
 def test_run_under_mirrored_strategy_writes_every_output(records, tmp_path, mirrored):
   metrics = train.run(_config(records, tmp_path / 'run', epochs=2, augment=True,
                               stain_jitter=0.1, stain_jitter_on='device'), strategy=mirrored)
@@ -456,21 +458,25 @@ def test_where_the_augmentations_run(records, tmp_path, where, expected, monkeyp
     assert trainer.dihedral_on_device(config) == (where != 'host'), accelerator
 
 
-def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path, monkeypatch):
-  """The demo model learns, and metrics.json holds the exact whole-split figures.
-
-  (And --profile_steps traces those steps of the first epoch, once.)
-  """
+@pytest.mark.slow
+def test_profile_steps_traces_those_steps_of_the_first_epoch_once(records, tmp_path,
+                                                                  monkeypatch):
+  """Slow tier: in a process that has run many graphs (a test worker), the trace took 35 s."""
   traces = []
   for name in ('start', 'stop'):
     real = getattr(tf.profiler.experimental, name)
     monkeypatch.setattr(tf.profiler.experimental, name,
                         lambda *a, name=name, real=real: traces.append(name) or real(*a))
-  metrics = train.run(_config(learnable_records, tmp_path / 'run', epochs=4, batch_size=16,
-                              model='baseline', profile_steps=(1, 3)))
-  assert metrics['val_auc'] > 0.8, metrics
+  train.run(_config(records, tmp_path / 'run', epochs=2, profile_steps=(1, 3)))
   assert traces == ['start', 'stop']
   assert list((tmp_path / 'run' / 'tensorboard' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+
+
+def test_exact_metrics_match_a_recomputation(learnable_records, tmp_path):
+  """The demo model learns, and metrics.json holds the exact whole-split figures."""
+  metrics = train.run(_config(learnable_records, tmp_path / 'run', epochs=4, batch_size=16,
+                              model='baseline'))
+  assert metrics['val_auc'] > 0.8, metrics
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   from pcam_tfdata.training import evaluate, pipeline  # pylint: disable=g-import-not-at-top
   model = keras.models.load_model(tmp_path / 'run' / 'model.keras')
