@@ -45,8 +45,13 @@ def basename(path):
 
 
 def dirname(path):
+  """The folder of `path`; of a file at a URL's root ('ram://x.csv'), the root ('ram://')."""
   path = os.fspath(path)
-  return posixpath.dirname(path) if is_url(path) else os.path.dirname(path)
+  if not is_url(path):
+    return os.path.dirname(path)
+  root = path[:path.index('://') + 3]
+  head = posixpath.dirname(path)
+  return head if len(head) >= len(root) else root
 
 
 def abspath(path):

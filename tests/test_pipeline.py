@@ -212,6 +212,19 @@ def test_the_global_order_resumes_mid_epoch_on_another_topology(records):
     np.testing.assert_array_equal(field, want)
 
 
+def test_a_resume_in_the_global_order_starts_on_a_global_step(records):
+  """Two batches per step here (4 replicas on 2 pipelines): batch 1 would start mid-step."""
+  context = tf.distribute.InputContext(2, 0, 4)
+  with pytest.raises(ValueError, match=r'first_batch=1: must be in 0\.\.5, the batches of an '
+                                       r'epoch, a multiple of 2'):
+    pipeline.make_dataset(str(records), 'train', batch_size=4, training=True, seed=1,
+                          input_context=context, first_batch=1)
+  with pytest.raises(ValueError, match=r'batches_per_epoch=3: this input pipeline has 6 whole '
+                                       r'batches of 4 per epoch, 2 per global step'):
+    pipeline.make_dataset(str(records), 'train', batch_size=4, training=True, seed=1,
+                          input_context=context, batches_per_epoch=3)
+
+
 def test_the_global_order_over_several_pipelines_needs_one_seed(records):
   context = tf.distribute.InputContext(2, 0, 2)
   with pytest.raises(ValueError, match='seed=None with 2 input pipelines in the global order'):

@@ -124,7 +124,8 @@ def test_train_predict_verify_and_report_on_ram_write_nothing_locally(records, l
   assert ours == [], ours  # Nothing of the run, nor of TF or Keras, outside their scratch.
   left = sorted(p.name for p in scratch.rglob('*') if p.is_file())
   # AutoGraph's generated modules stay until the process ends; nothing of the run's.
-  assert all(n.startswith('__autograph_generated_file') and n.endswith('.py') for n in left), left
+  assert all(n.startswith('__autograph_generated_file') and n.endswith(('.py', '.pyc'))
+             for n in left), left
   assert not os.listdir(os.getcwd()) or os.listdir(os.getcwd()) == ['scratch']
 
 
@@ -137,6 +138,12 @@ def test_a_missing_records_url_or_model_is_one_line(records):
     records_lib.Records.open(missing)
   with pytest.raises(ValueError, match=rf'^{missing}/model.keras: no such model \(train first\)$'):
     api.predict(missing, records)
+  # A listed shard gone from the bucket: named before any training.
+  rec = _ram_copy(records)
+  tf.io.gfile.remove(f'{rec}/val-00001-of-00004.tfrecord')
+  with pytest.raises(ValueError, match=rf"^{rec}/manifest.json: split 'val' names missing shard "
+                                       r'val-00001-of-00004.tfrecord$'):
+    records_lib.Records.open(rec)
 
 
 @pytest.mark.parametrize('flag', ['out_dir', 'data_dir'])
@@ -154,6 +161,8 @@ def test_fs_keeps_urls_whole_and_local_paths_local(tmp_path):
   assert fs.join('gs://b/runs', 'a', 'metrics.json') == 'gs://b/runs/a/metrics.json'
   assert fs.basename('s3://b/rec/') == 'rec' and fs.dirname('gs://b/rec/x.csv') == 'gs://b/rec'
   assert fs.abspath('ram://r') == 'ram://r' and fs.abspath('r') == os.path.join(os.getcwd(), 'r')
+  # A file at a URL's root: its folder is the root, not a local 'ram:'.
+  assert fs.dirname('ram://sub.csv') == 'ram://' and fs.dirname('gs://b/x.csv') == 'gs://b'
   assert fs.is_url('hdfs://nn:8020/x') and not fs.is_url('/tmp/gs://x') and not fs.is_url('a:b')
   url = f'ram://{uuid.uuid4().hex}'
   for folder in (url, str(tmp_path)):
@@ -167,6 +176,28 @@ def test_fs_keeps_urls_whole_and_local_paths_local(tmp_path):
     assert sorted(fs.listdir(folder)) == ['model.keras', 'sub', 'x.tmp-1'], folder
     assert fs.isdir(fs.join(folder, 'sub')) and not fs.isfile(fs.join(folder, 'sub'))
     assert fs.size(fs.join(folder, 'model.keras')) == 3
+    assert fs.exists(folder) and fs.exists(fs.join(folder, 'sub')) and fs.isdir(folder)
+    rundir.check_writable(fs.join(folder, 'new'))  # Made, written, and left empty.
+    assert fs.isdir(fs.join(folder, 'new')) and fs.listdir(fs.join(folder, 'new')) == []
+    fs.rmtree(fs.join(folder, 'new'))
     fs.rmtree(fs.join(folder, 'sub'))
     fs.rmtree(fs.join(folder, 'sub'))  # Gone already: nothing.
     assert not fs.exists(fs.join(folder, 'sub'))
+
+
+def test_fs_lists_a_bucket_folder_without_gfiles_trailing_slashes(monkeypatch):
+  """GCS lists sub-folders as 'backup/' (ram:// does not): fs.listdir gives plain names."""
+  gfile = tf.io.gfile
+  monkeypatch.setattr(gfile, 'listdir', lambda path: ['backup/', 'history.csv'])
+  assert fs.listdir('gs://b/run') == ['backup', 'history.csv']
+  assert fs.matching('gs://b/run', 'back*') == ['gs://b/run/backup']
+
+
+def test_a_search_in_a_bucket_is_read_as_a_local_one():
+  from pcam_tfdata.tuning import results  # pylint: disable=g-import-not-at-top
+  study = f'ram://{uuid.uuid4().hex}/study'
+  fs.makedirs(study)
+  fs.write_text(fs.join(study, results.TRIALS_CSV), 'number,state\r\n0,COMPLETE\r\n')
+  assert results.read_trials(study) == [{'number': '0', 'state': 'COMPLETE'}]
+  with pytest.raises(ValueError, match=rf'^{study}x/trials.csv: no search here'):
+    results.read_trials(study + 'x')

@@ -101,8 +101,9 @@ def test_the_files_are_what_tfds_own_writer_writes(records, tmp_path):
 def test_verify_passes_a_fresh_folder(records):
   lines = []
   verify.verify(str(records), log=lines.append)
-  assert lines[0] == ('TFDS metadata: dataset_info.json and features.json match the manifest '
-                      '(tfds.builder_from_directory opens it)')
+  # After the shards' lines (a damaged shard is named as one), before the cross-split line.
+  assert lines[-2] == ('TFDS metadata: dataset_info.json and features.json match the manifest '
+                       '(tfds.builder_from_directory opens it)')
 
 
 def _edit(folder, name, change):
@@ -114,6 +115,10 @@ def _edit(folder, name, change):
 
 def _shard_length(obj):
   obj['splits'][0]['shardLengths'][0] = str(int(obj['splits'][0]['shardLengths'][0]) + 1)
+
+
+def _num_bytes(obj):
+  obj['splits'][2]['numBytes'] = str(int(obj['splits'][2]['numBytes']) - 1)
 
 
 def _template(obj):
@@ -131,6 +136,7 @@ def _no_supervised_keys(obj):
 @pytest.mark.parametrize('name, change, said', [
     ('dataset_info.json', _shard_length, "split 'train': shardLengths ["),
     ('dataset_info.json', _template, "split 'val': filepathTemplate '{SPLIT}.tfrecord-"),
+    ('dataset_info.json', _num_bytes, "split 'test': numBytes "),
     ('dataset_info.json', _no_supervised_keys, 'supervisedKeys null, the records need'),
     ('features.json', _image_shape, "image shape ['64', '64', '3'], the manifest says [32"),
 ])
@@ -164,8 +170,8 @@ def test_an_old_folder_verifies_and_the_command_it_names_makes_it_tfds_readable(
   # started, the user's: verify's line is the library's.)
   lines = []
   verify.verify(str(old_folder), log=lines.append)
-  assert lines[0].startswith('TFDS metadata: none'), lines
-  command = lines[0].split(' with ')[-1].split()
+  assert lines[-2].startswith('TFDS metadata: none'), lines
+  command = lines[-2].split(' with ')[-1].split()
   assert command == ['tools/verify_records.py', '--write_tfds_metadata', str(old_folder)]
   proc = run_tool(*command)
   assert proc.returncode == 0, proc.stderr

@@ -1183,7 +1183,8 @@ def test_a_topology_change_is_refused_where_the_batches_or_moments_would_change(
   # A backup from before the order was recorded: one pipeline's order was global, several's not.
   old = _resume_settings(replicas=2, pipelines=2)
   del old['input_order']
-  with pytest.raises(ValueError, match=r'--input_order\): per_pipeline then, global now'):
+  with pytest.raises(ValueError, match=r'--input_order\): per_pipeline then, global now; add '
+                                       r'--input_order=per_pipeline to resume it\)'):
     resume.check(old, _resume_settings(replicas=2, pipelines=2), 'backup')
   del old['input_pipelines'], old['replicas']  # Older still: one pipeline, accepted.
   resume.check(old, _resume_settings(), 'backup')
@@ -1192,8 +1193,9 @@ def test_a_topology_change_is_refused_where_the_batches_or_moments_would_change(
   resume.check(_resume_settings(**sync), _resume_settings(model='batchnorm'), 'backup',
                log=lambda _: None)
   # Unsynchronized over 2 replicas, each half-batch's moments: not one replica's.
-  with pytest.raises(ValueError, match=r'--sync_batch_norm: False over 2 replicas then, False '
-                                       r'over 1 now'):
+  with pytest.raises(ValueError, match=r"BatchNorm's moments \(--sync_batch_norm\): each of 2 "
+                                       r"replicas' own \(not synchronized\) then, the global "
+                                       r"batch's now"):
     resume.check(_resume_settings(**{**sync, 'sync_batch_norm': False}),
                  _resume_settings(model='batchnorm'), 'backup')
 

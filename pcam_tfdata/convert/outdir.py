@@ -95,7 +95,8 @@ def _read_own_manifest(out_dir):
 
 def _foreign_entries(out_dir, manifest):
   """Entries of `out_dir` that this tool did not write: they forbid replacing it."""
-  ours = {schema.MANIFEST_NAME, *tfds_metadata.NAMES}
+  # (With the metadata's temporary names: a write killed before its rename.)
+  ours = {schema.MANIFEST_NAME, *tfds_metadata.NAMES, *tfds_metadata.TMP_NAMES}
   for info in manifest['splits'].values():
     ours.update(s.get('file') for s in info.get('shards', ()) if isinstance(s, dict))
   return sorted(e for e in os.listdir(out_dir)

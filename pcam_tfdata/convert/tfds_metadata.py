@@ -23,6 +23,7 @@ from pcam_tfdata import schema
 DATASET_INFO_NAME = 'dataset_info.json'
 FEATURES_NAME = 'features.json'
 NAMES = (DATASET_INFO_NAME, FEATURES_NAME)
+TMP_NAMES = tuple(f'{name}.tmp' for name in NAMES)  # Each written there, then renamed.
 FILE_TEMPLATE = '{SPLIT}-{SHARD_X_OF_Y}.tfrecord'  # schema.shard_name, in TFDS's words.
 DATASET_NAME = 'pcam_tfdata'  # Not TFDS's `patch_camelyon`: other splits, a crop, -1 labels.
 HOMEPAGE = 'https://github.com/basveeling/pcam'

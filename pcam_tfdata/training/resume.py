@@ -103,12 +103,16 @@ def check(saved, current, backup_path, log=print, trained=None):
         differ.append(f'{name}: {then["path"]} then, {now["path"]} (other records) now')
     elif key == 'input_order':
       if then_order is not None and then_order != now:
-        differ.append(f'{name}: {then_order} then, {now} now')
+        # (A backup from before the order was recorded: its several pipelines read their own shards.)
+        hint = (f'; add --input_order={then_order} to resume it' if 'input_order' not in saved
+                else '')
+        differ.append(f'{name}: {then_order} then, {now} now{hint}')
     elif key == 'sync_batch_norm' and key in saved:
       # Synchronized over several replicas or one replica alone: the global batch's moments.
       if _moments(saved) != _moments(current):
-        differ.append(f'{name}: {then} over {saved.get("replicas")} replicas then, {now} over '
-                      f'{current["replicas"]} now')
+        differ.append(f'BatchNorm\'s moments ({name}): '
+                      f'{_MOMENTS[_moments(saved)](saved)} then, '
+                      f'{_MOMENTS[_moments(current)](current)} now')
     elif key in _TOPOLOGY and free:
       continue
     elif key in saved and then != now:
@@ -145,6 +149,13 @@ def _moments(settings):
   if sync is None:  # No BatchNorm.
     return None
   return 'global' if sync or settings.get('replicas', 1) == 1 else 'replica'
+
+
+_MOMENTS = {
+    'global': lambda s: ('the global batch\'s' if s.get('replicas', 1) == 1
+                         else f'the global batch\'s, synchronized over {s["replicas"]} replicas'),
+    'replica': lambda s: f'each of {s["replicas"]} replicas\' own (not synchronized)',
+}
 
 
 def _topology(settings):

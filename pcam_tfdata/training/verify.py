@@ -46,10 +46,10 @@ def verify(records, log=print, check_tfds_metadata=True):
       tools/make_records.py.
     log: where a line per split goes.
     check_tfds_metadata: also check TFDS's `dataset_info.json` and
-      `features.json` against the manifest (first: it reads no shard); a
-      folder without them (converted before they were written) passes, with
-      a first line saying how to add them. False when they are about to be
-      rewritten.
+      `features.json` against the manifest, once the shards verify (so that
+      a damaged shard is named as one); a folder without them (converted
+      before they were written) passes, with a line saying how to add them.
+      False when they are about to be rewritten.
 
   Returns:
     Total number of records checked. A last line reports the groups of
@@ -68,8 +68,6 @@ def verify(records, log=print, check_tfds_metadata=True):
                  if f.endswith('.tfrecord') and f not in listed)
   if stray:
     raise VerifyError(f'{fs.join(records.path, stray[0])}: shard not in the manifest')
-  if check_tfds_metadata:
-    log(_tfds_metadata_line(records))
   seen = {}
   by_digest = collections.defaultdict(list)  # Image digest -> [(split, id)].
   for split in records.splits:
@@ -83,6 +81,8 @@ def verify(records, log=print, check_tfds_metadata=True):
       raise VerifyError(f'split {split}: read {written} records {counts}, the manifest says '
                         f'{records.count(split)} {records.label_counts(split)}')
     log(f'{split}: {written} records in {len(records.shards(split))} shards OK {counts}')
+  if check_tfds_metadata:  # After the shards: a damaged shard is named as such, not as
+    log(_tfds_metadata_line(records))  # a size the metadata disagrees with.
   log(cross_split_line(by_digest.values(), records.image_shape))
   return sum(records.count(s) for s in records.splits)
 

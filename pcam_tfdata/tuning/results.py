@@ -9,6 +9,7 @@ import csv
 import io
 import os
 
+from pcam_tfdata import fs
 from pcam_tfdata import rundir
 from pcam_tfdata.training import config as config_lib
 from pcam_tfdata.tuning import study as study_lib
@@ -135,19 +136,21 @@ def write_plots(study, plan, log=print):
 
 def read_trials(study_dir):
   """trials.csv as dicts, or ValueError naming the file."""
-  path = os.path.join(study_dir, TRIALS_CSV)
+  path = fs.join(study_dir, TRIALS_CSV)
   try:
-    with open(path, newline='') as f:
-      return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(fs.read_text(path))))
   except OSError as e:
     raise ValueError(f'{path}: no search here ({e.strerror})') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # On a URL, TensorFlow's errors (NotFoundError, no credentials).
+    raise ValueError(f'{path}: no search here ({type(e).__name__})') from None
 
 
 def table(study_dir):
   """The trials of a search as Markdown, best first (complete, then pruned, then the rest)."""
   trials = read_trials(study_dir)
   if not trials:
-    raise ValueError(f'{os.path.join(study_dir, TRIALS_CSV)}: no trials yet')
+    raise ValueError(f'{fs.join(study_dir, TRIALS_CSV)}: no trials yet')
   objective = next(k for k in trials[0] if k in study_lib.OBJECTIVES)
   sign = -1 if study_lib.OBJECTIVES[objective] == 'maximize' else 1
   params = [k for k in trials[0] if k.startswith('param_')]
