@@ -174,6 +174,7 @@ def test_fit_in_mirrored_strategy_scope_with_the_datasets_made_there(records, mi
   assert model.predict(next(iter(train))[0], verbose=0).shape == (8, 1)
 
 
+@pytest.mark.slow  # (11 s; to keep the default tier within 4 minutes from a fresh clone)
 def test_train_is_the_command_and_predict_reads_any_split(records, tmp_path):
   settings = dict(epochs=2, batch_size=8, mixed_precision='off',
                   strategy='default', seed=1, progress=False)

@@ -150,6 +150,7 @@ def _records(lines):
   return [_RECORD_HEADER.sub('', l) for l in lines]
 
 
+@pytest.mark.slow  # (15 s; to keep the default tier within 4 minutes from a fresh clone)
 def test_quiet_by_default_and_verbose_shows_what_tensorflow_prints():
   level, quiet = _startup('quiet')
   assert level == '2'
@@ -298,6 +299,7 @@ def _epoch_steps(text, epochs):
   return shown
 
 
+@pytest.mark.slow  # (8 s; to keep the default tier within 4 minutes from a fresh clone)
 def test_training_in_a_terminal_shows_steps_of_each_epoch(records, tmp_path):
   """Also MultiWorkerMirroredStrategy with no cluster described: one local worker."""
   env = {k: v for k, v in user_env().items() if k not in ('TF_CONFIG', 'SLURM_JOB_ID')}

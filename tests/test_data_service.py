@@ -109,6 +109,7 @@ def _serve(role_flags, out):
                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=user_env())
 
 
+@pytest.mark.slow  # (8 s; to keep the default tier within 4 minutes from a fresh clone)
 def test_dispatcher_and_worker_say_the_port_they_bound_and_that_it_is_unauthenticated(tmp_path):
   out, worker_out = tmp_path / 'dispatcher.out', tmp_path / 'worker.out'
   procs = [_serve(['--role=dispatcher', '--port=0', f'--work_dir={tmp_path / "j"}'], out)]

@@ -337,6 +337,7 @@ def test_settings_name_drop_duplicates_only_when_on(kaggle_dir, tmp_path):
   assert second['duplicates']['dropped']['count'] == 0
 
 
+@pytest.mark.slow  # (8 s; to keep the default tier within 4 minutes from a fresh clone)
 def test_verify_reports_cross_split_duplicates(kaggle_copy, tmp_path):
   _plant(kaggle_copy)
   groups = run_convert(kaggle_copy, tmp_path / 'rec')['duplicates']['first']

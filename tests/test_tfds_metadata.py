@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from pcam_tfdata.convert import outdir
 from pcam_tfdata.convert import tfds_metadata
 from pcam_tfdata.training import verify
 from pcam_tfdata import records as records_lib
@@ -164,6 +165,21 @@ def test_verify_refuses_half_the_metadata(records, tmp_path):
     verify.verify(str(copy), log=lambda _: None)
 
 
+def test_an_old_folder_verifies_saying_how_to_add_it_and_writing_it_makes_it_tfds_readable(
+    old_folder):
+  # Fails if a folder converted before the metadata stops verifying, or if the
+  # writer the command calls (in this process) does not write metadata TFDS reads.
+  lines = []
+  verify.verify(str(old_folder), log=lines.append)
+  assert lines[-2] == ('TFDS metadata: none (converted before it was written); add '
+                       'dataset_info.json and features.json with tools/verify_records.py '
+                       f'--write_tfds_metadata {old_folder}'), lines
+  outdir.write_tfds_metadata(str(old_folder))
+  assert tfds_metadata.check(str(old_folder), schema.load_manifest(str(old_folder)))
+  assert _by_tfds(old_folder, 'val') == _by_pipeline(old_folder, 'val')
+
+
+@pytest.mark.slow  # (A TensorFlow process, 8 s, of a default tier near its 4 minutes.)
 def test_an_old_folder_verifies_and_the_command_it_names_makes_it_tfds_readable(old_folder):
   # Fails if a folder converted before the metadata stops verifying, or if the
   # command verify names does not write metadata TFDS reads. (One process
