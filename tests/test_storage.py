@@ -201,3 +201,27 @@ def test_a_search_in_a_bucket_is_read_as_a_local_one():
   assert results.read_trials(study) == [{'number': '0', 'state': 'COMPLETE'}]
   with pytest.raises(ValueError, match=rf'^{study}x/trials.csv: no search here'):
     results.read_trials(study + 'x')
+
+
+def test_a_model_in_a_bucket_loads_and_restores_weights_from_memory(local_writes, monkeypatch):
+  """Keras would copy a .keras URL to a local temporary file first (through gfile, which
+  Python's audit hook does not see: its copy function is watched instead)."""
+  from keras.src.utils import file_utils  # pylint: disable=g-import-not-at-top
+  from pcam_tfdata.training import models  # pylint: disable=g-import-not-at-top
+  writes, scratch = local_writes
+  copies = []
+  real_copy = file_utils.copy
+  monkeypatch.setattr(file_utils, 'copy', lambda *a, **k: copies.append(a) or real_copy(*a, **k))
+  path = f'ram://{uuid.uuid4().hex}/model.keras'
+  saved = models.build_model('baseline')
+  saved.save(path)
+  writes.clear()  # (Keras zips a saved model in its scratch folder.)
+  loaded = models.load_model(path)
+  other = models.build_model('baseline')
+  assert any(not np.array_equal(a, b) for a, b in zip(other.get_weights(), saved.get_weights()))
+  models.load_weights(other, path)
+  for model in (loaded, other):
+    for a, b in zip(model.get_weights(), saved.get_weights()):
+      np.testing.assert_array_equal(a, b)
+  assert [p for _, p in writes if not p.startswith(str(scratch))] == []
+  assert copies == []  # No local copy of the file.
