@@ -1189,8 +1189,15 @@ def test_a_topology_change_is_refused_where_the_batches_or_moments_would_change(
   with pytest.raises(ValueError, match=r'--input_order\): per_pipeline then, global now; add '
                                        r'--input_order=per_pipeline to resume it\)'):
     resume.check(old, _resume_settings(replicas=2, pipelines=2), 'backup')
+  said = []
+  resume.check(old, _resume_settings(replicas=2, pipelines=2, order='per_pipeline'), 'backup',
+               log=said.append)  # Its masks were each replica's own: said, once.
+  assert said == ['the backup predates dropout masks drawn for the global batch: from here on '
+                  "this run's masks differ from those an uninterrupted run would have drawn "
+                  '(alike in distribution)']
   del old['input_pipelines'], old['replicas']  # Older still: one pipeline, accepted.
-  resume.check(old, _resume_settings(), 'backup')
+  resume.check(old, _resume_settings(), 'backup', log=said.append)
+  assert len(said) == 1
   # BatchNorm synchronized over 2 replicas, then one replica: the global batch's moments.
   sync = dict(model='batchnorm', replicas=2, pipelines=1, sync_batch_norm=True)
   resume.check(_resume_settings(**sync), _resume_settings(model='batchnorm'), 'backup',

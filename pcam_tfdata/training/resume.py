@@ -121,6 +121,11 @@ def check(saved, current, backup_path, log=print, trained=None):
     raise ValueError(f'{backup_path}: the backup is of a run with other settings ('
                      f'{"; ".join(differ)}); rerun the command it was started with to resume, '
                      'or add --restart to train from scratch')
+  if 'input_order' not in saved and (saved.get('replicas') or 1) > 1:
+    # Before issue 33 each replica drew its own dropout mask (its seed folded with its id).
+    log('the backup predates dropout masks drawn for the global batch: from here on this '
+        'run\'s masks differ from those an uninterrupted run would have drawn (alike in '
+        'distribution)')
   before, after = _topology(saved), _topology(current)
   if free and None not in (before, after) and before != after:
     log(f'resuming on {after} (the run began on {before}): the same batches; float sums '
