@@ -96,6 +96,10 @@ def _tfds_metadata_line(records):
   names = ' and '.join(tfds_metadata.NAMES)
   if tfds_metadata.check(records.path, records.manifest):
     return f'TFDS metadata: {names} match the manifest (tfds.builder_from_directory opens it)'
+  if fs.is_url(records.path):  # (The command writes local folders only.)
+    return (f'TFDS metadata: none (converted before it was written); add {names} to the local '
+            'folder this was copied from (tools/verify_records.py --write_tfds_metadata '
+            'LOCAL_FOLDER), then copy the two files over')
   return (f'TFDS metadata: none (converted before it was written); add {names} with '
           f'tools/verify_records.py --write_tfds_metadata {records.path}')
 
