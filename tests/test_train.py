@@ -1202,6 +1202,10 @@ def test_a_topology_change_is_refused_where_the_batches_or_moments_would_change(
   sync = dict(model='batchnorm', replicas=2, pipelines=1, sync_batch_norm=True)
   resume.check(_resume_settings(**sync), _resume_settings(model='batchnorm'), 'backup',
                log=lambda _: None)
+  # Another model, with BatchNorm where there was none: both named, no crash.
+  with pytest.raises(ValueError, match=r'--model: baseline then, batchnorm now; '
+                                       r'--sync_batch_norm: None then, True now'):
+    resume.check(_resume_settings(), _resume_settings(**sync), 'backup')
   # Unsynchronized over 2 replicas, each half-batch's moments: not one replica's.
   with pytest.raises(ValueError, match=r"BatchNorm's moments \(--sync_batch_norm\): each of 2 "
                                        r"replicas' own \(not synchronized\) then, the global "

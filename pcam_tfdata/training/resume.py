@@ -109,10 +109,12 @@ def check(saved, current, backup_path, log=print, trained=None):
         differ.append(f'{name}: {then_order} then, {now} now{hint}')
     elif key == 'sync_batch_norm' and key in saved:
       # Synchronized over several replicas or one replica alone: the global batch's moments.
-      if _moments(saved) != _moments(current):
-        differ.append(f'BatchNorm\'s moments ({name}): '
-                      f'{_MOMENTS[_moments(saved)](saved)} then, '
-                      f'{_MOMENTS[_moments(current)](current)} now')
+      moments = _moments(saved), _moments(current)
+      if None in moments and moments[0] != moments[1]:  # (Another model: named there.)
+        differ.append(f'{name}: {then} then, {now} now')
+      elif moments[0] != moments[1]:
+        differ.append(f'BatchNorm\'s moments ({name}): {_MOMENTS[moments[0]](saved)} then, '
+                      f'{_MOMENTS[moments[1]](current)} now')
     elif key in _TOPOLOGY and free:
       continue
     elif key in saved and then != now:
