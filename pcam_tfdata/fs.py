@@ -132,9 +132,9 @@ def replace(source, target):
 def open(path, mode='r'):  # pylint: disable=redefined-builtin
   """A file object of `path`; text modes read and write UTF-8 with '\\n' kept as is."""
   if not is_url(path):
-    return builtins.open(path, mode, **({} if 'b' in mode else {'newline': '', 'encoding': 'utf-8'}))
-  handle = _gfile().GFile(path, mode.replace('t', ''))
-  return handle
+    text = {} if 'b' in mode else {'newline': '', 'encoding': 'utf-8'}
+    return builtins.open(path, mode, **text)
+  return _gfile().GFile(path, mode.replace('t', ''))
 
 
 def read_text(path):

@@ -158,7 +158,8 @@ class EpochPlan:
     # draws the same, so each example's transform and stain depend on its
     # place in the global batch, not on which pipeline serves it.
     rows, width = self.steps // layout.per_step, layout.width * self.batch_size
-    start, stop = layout.offset * self.batch_size, (layout.offset + layout.per_step) * self.batch_size
+    start = layout.offset * self.batch_size
+    stop = start + layout.per_step * self.batch_size
 
     def mine(drawn):  # [rows, width, ...] -> this pipeline's [steps, batch, ...].
       return tf.reshape(drawn[:, start:stop], [self.steps, self.batch_size, *drawn.shape[2:]])

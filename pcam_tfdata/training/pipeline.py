@@ -155,7 +155,7 @@ def make_dataset(records, split, *, batch_size, training, augment=None, seed=Non
 
 
 def _batches_per_epoch(records, split, count, batch_size, layout, batches_per_epoch, first_batch):
-  """Batches this pipeline yields per epoch (checked against the split's), and the check of `first_batch`."""
+  """Batches this pipeline yields per epoch (checked against the split's); checks `first_batch`."""
   if count < batch_size * layout.width:
     raise ValueError(f'{records.path}: split {split!r} holds {count} examples for this input '
                      f'pipeline, fewer than one batch of {batch_size * layout.width}')

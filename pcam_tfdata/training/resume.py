@@ -103,7 +103,7 @@ def check(saved, current, backup_path, log=print, trained=None):
         differ.append(f'{name}: {then["path"]} then, {now["path"]} (other records) now')
     elif key == 'input_order':
       if then_order is not None and then_order != now:
-        # (A backup from before the order was recorded: its several pipelines read their own shards.)
+        # (A backup from before the order was recorded, of several pipelines: their own shards.)
         hint = (f'; add --input_order={then_order} to resume it' if 'input_order' not in saved
                 else '')
         differ.append(f'{name}: {then_order} then, {now} now{hint}')

@@ -161,8 +161,9 @@ def input_order(config, records, setup):
     if order == 'per_pipeline' and setup.chief:
       gib = order_lib.split_bytes(records, 'train') / 2**30
       print(f'--input_order=auto: the train split ({gib:.2f} GiB of images) is over a quarter '
-            'of a worker\'s memory, so each worker holds its own shards: the batches depend on the number of workers, and a resume on '
-            'another number is refused (--input_order=global holds it whole)', flush=True)
+            'of a worker\'s memory, so each worker holds its own shards: the batches depend '
+            'on the number of workers, and a resume on another number is refused '
+            '(--input_order=global holds it whole)', flush=True)
   return order
 
 
