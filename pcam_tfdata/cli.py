@@ -229,6 +229,9 @@ def write_failure(error, output):
     read PATH: permission denied' for a permission error elsewhere (an
     input); else None.
   """
+  named = output.split('=', 1)[-1]  # (The path itself, in '--flag=path'.)
+  if _unmakeable(error, named):
+    return f'cannot write {output}: it cannot be made there (no such file or directory)'
   if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
     code, path = error.errno, error.filename
   else:
@@ -236,7 +239,6 @@ def write_failure(error, output):
     if match is None or match[2] not in _STRERRORS:
       return None
     code, path = _STRERRORS[match[2]], match[1]
-  named = output.split('=', 1)[-1]  # (The path itself, in '--flag=path'.)
   if path and not _of_output(os.fsdecode(path), named):
     if code in (errno.EACCES, errno.EPERM):
       return f'cannot read {os.fsdecode(path)}: permission denied'
@@ -245,6 +247,17 @@ def write_failure(error, output):
     return None
   where = f' ({path})' if path and os.path.normpath(path) != os.path.normpath(named) else ''
   return f'cannot write {output}: {_WRITE_FAILURES[code]}{where}'
+
+
+def _unmakeable(error, named):
+  """Whether `error` says the output, or a folder above it, could not be made (/proc/x).
+
+  ENOENT is otherwise a missing input's; only on the output's own path or
+  a folder above it (`os.makedirs` names the one it failed on) is it the
+  output's.
+  """
+  return (isinstance(error, FileNotFoundError) and bool(error.filename) and bool(named)
+          and not fs.is_url(named) and _is_within(named, os.fsdecode(error.filename)))
 
 
 @contextlib.contextmanager

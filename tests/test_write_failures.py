@@ -110,6 +110,14 @@ def test_predict_into_a_missing_folder_is_one_line(records, finished_run, tmp_pa
      'cannot write --out_dir=/mnt/o: read-only file system (/mnt/.o.lock)'),
     (PermissionError(errno.EACCES, 'Permission denied'), None),  # Whose, unknown.
     (OSError(errno.ENOENT, 'No such file or directory', 'x.tif'), None),
+    # The output, or a folder above it, that cannot be made (--out_dir=/proc/x/rec): its
+    # ENOENT is the output's; in it (a file it should hold) or beside it, an input's.
+    (OSError(errno.ENOENT, 'No such file or directory', '/mnt/o'),
+     'cannot write --out_dir=/mnt/o: it cannot be made there (no such file or directory)'),
+    (OSError(errno.ENOENT, 'No such file or directory', '/mnt'),
+     'cannot write --out_dir=/mnt/o: it cannot be made there (no such file or directory)'),
+    (OSError(errno.ENOENT, 'No such file or directory', '/mnt/o/manifest.json'), None),
+    (OSError(errno.ENOENT, 'No such file or directory', '/mnt/ob'), None),
     (ValueError('--out_dir=/mnt/o: not a records folder'), None),
 ])
 def test_write_failure_names_the_output_and_why(error, line):
