@@ -18,6 +18,7 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 
 _SCHEME = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')
 
@@ -25,6 +26,24 @@ _SCHEME = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')
 def is_url(path):
   """Whether `path` names a filesystem by scheme (gs://, s3://, ram://, file://...)."""
   return bool(_SCHEME.match(os.fspath(path)))
+
+
+def errors():
+  """What a file operation here raises: OSError, and TensorFlow's errors once it is loaded.
+
+  (A URL's operations raise `tf.errors.OpError`s, NotFoundError and
+  PermissionDeniedError among them; a local path's, OSErrors. Evaluated when
+  an `except` clause is reached, so TensorFlow is never imported for it.)
+  """
+  tf = sys.modules.get('tensorflow')
+  errors_module = getattr(tf, 'errors', None)
+  return (OSError, errors_module.OpError) if errors_module is not None else (OSError,)
+
+
+def error_line(error):
+  """The first line of an error's message (TensorFlow's `message`, else `str`), or its type."""
+  text = getattr(error, 'message', None) or str(error)
+  return text.splitlines()[0] if text.strip() else type(error).__name__
 
 
 def _gfile():

@@ -128,8 +128,8 @@ class Records:
       try:
         if sha256_file(path) != shard['sha256']:
           return path
-      except Exception:  # pylint: disable=broad-except
-        return path  # (OSError; on a URL, TensorFlow's errors.)
+      except fs.errors():
+        return path
     return None
 
 

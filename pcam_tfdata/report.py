@@ -29,8 +29,7 @@ def table(model_dirs):
     path = fs.join(model_dir, rundir.METRICS_JSON)
     try:
       m = json.loads(fs.read_text(path))
-    except Exception as e:  # pylint: disable=broad-except
-      # (OSError, JSONDecodeError; on a URL, TensorFlow's NotFoundError.)
+    except (json.JSONDecodeError, *fs.errors()) as e:
       raise ValueError(f'{path}: no finished run here ({e.__class__.__name__})') from None
     name = {'baseline': 'Baseline', 'batchnorm': 'BatchNorm', 'resnet50v2': 'ResNet50V2',
             'efficientnetv2b0': 'EfficientNetV2B0'}.get(m['model'], m['model'])

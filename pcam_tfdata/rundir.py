@@ -31,10 +31,9 @@ def check_writable(folder):
       f.write('.')  # (A GFile opens its file at the first write.)
   except OSError as e:  # Named as the folder: the probe is ours, not the user's.
     raise OSError(e.errno, e.strerror, folder) from None
-  except Exception as e:  # pylint: disable=broad-except
+  except fs.errors() as e:
     # On a URL, TensorFlow's errors (PermissionDenied, no such bucket), as one OSError.
-    detail = (getattr(e, 'message', None) or str(e) or type(e).__name__).splitlines()[0]
-    raise OSError(errno.EACCES, detail, folder) from None
+    raise OSError(errno.EACCES, fs.error_line(e), folder) from None
   fs.remove(probe)
 
 

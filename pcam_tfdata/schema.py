@@ -157,10 +157,8 @@ def load_manifest(records_dir):
       manifest = json.loads(fs.read_text(path))
   except json.JSONDecodeError as e:
     raise ManifestError(f'{path}: unreadable manifest ({e})') from None
-  except Exception as e:  # pylint: disable=broad-except
-    # OSError, or on a URL TensorFlow's errors (no credentials, no bucket).
-    detail = (getattr(e, 'message', None) or str(e) or type(e).__name__).splitlines()[0]
-    raise ManifestError(f'{path}: unreadable manifest ({detail})') from None
+  except fs.errors() as e:  # (On a URL, TensorFlow's: no credentials, no bucket.)
+    raise ManifestError(f'{path}: unreadable manifest ({fs.error_line(e)})') from None
   if names is None:
     raise ManifestError(f'{records_dir}: no such records folder')
   if MANIFEST_NAME not in names:

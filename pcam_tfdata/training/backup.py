@@ -48,7 +48,7 @@ class Backup:
     try:
       self._checkpoint.restore(latest).assert_existing_objects_matched()
     except (tf.errors.OpError, AssertionError, ValueError) as e:
-      detail = (getattr(e, 'message', None) or str(e)).splitlines()[0].split(' [[')[0]
+      detail = fs.error_line(e).split(' [[')[0]
       raise ValueError(f'{latest}: the backup of an interrupted run cannot be restored '
                        f'({detail}); delete {self._chief_dir} to start the run over') from None
     return int(self._epoch.numpy()), json.loads(self._state.numpy().decode())

@@ -235,21 +235,33 @@ def make_from_chief(strategy):
   """
   if num_workers(strategy) <= 1:
     return lambda values: values
-
-  def replica_fn(x):
-    context = tf.distribute.get_replica_context()
-    mine = tf.where(context.replica_id_in_sync_group == 0, x, tf.zeros_like(x))
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
-
-  broadcast = tf.function(lambda x: strategy.run(replica_fn, args=(x,)))
+  broadcast = _summed_over_replicas(strategy, first_only=True)
 
   def from_chief(values):
     keys = sorted(values)
-    local = tf.constant([float(values[k]) for k in keys], tf.float64)
-    agreed = strategy.experimental_local_results(broadcast(local))[0]
-    return dict(zip(keys, (float(v) for v in agreed.numpy())))
+    agreed = broadcast([float(values[k]) for k in keys])
+    return dict(zip(keys, (float(v) for v in agreed)))
 
   return from_chief
+
+
+def _summed_over_replicas(strategy, first_only=False):
+  """fn(list of floats) -> their float64 sum over every replica (or replica 0's alone).
+
+  One all-reduce; every worker gets the same numbers back.
+  """
+  def replica_fn(x):
+    context = tf.distribute.get_replica_context()
+    # A tensor made on the replica's device: MultiWorkerMirroredStrategy
+    # all-reduces to the devices of its input, and the argument itself has
+    # none ("destinations can not be empty").
+    x = (tf.where(context.replica_id_in_sync_group == 0, x, tf.zeros_like(x)) if first_only
+         else tf.identity(x))
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+  run = tf.function(lambda x: strategy.run(replica_fn, args=(x,)))
+  return lambda values: strategy.experimental_local_results(
+      run(tf.constant(values, tf.float64)))[0].numpy()
 
 
 def any_worker(strategy, flag):
@@ -257,16 +269,7 @@ def any_worker(strategy, flag):
   multi-worker training)."""
   if num_workers(strategy) <= 1:
     return bool(flag)
-
-  def replica_fn(x):
-    # The vote as a tensor of the replica's own (its device): MultiWorkerMirroredStrategy
-    # all-reduces to the devices of its input, and the argument itself has none
-    # ("destinations can not be empty").
-    x = tf.identity(x)
-    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, x)
-
-  votes = strategy.run(tf.function(replica_fn), args=(tf.constant(float(bool(flag))),))
-  return float(strategy.experimental_local_results(votes)[0]) > 0
+  return _summed_over_replicas(strategy)([float(bool(flag))])[0] > 0
 
 
 _TASK = re.compile(r'/job:(\w+)/replica:\d+/task:(\d+)')

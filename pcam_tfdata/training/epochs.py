@@ -127,7 +127,7 @@ class EpochLoop:
     """Leaves the model directory as the restored state: no newer rows, models or metrics."""
     if self.setup.chief:
       # Written again at the end; until then the run is unfinished.
-      _remove(self._path(rundir.METRICS_JSON))
+      fs.remove_if_there(self._path(rundir.METRICS_JSON))
       # model.keras in step with the restored state, whenever the kill came.
       rundir.settle_best(self.model_dir, self.last_epoch, self.state.best_epoch)
     backup_dir = self._path(rundir.BACKUP_DIR)
@@ -152,8 +152,8 @@ class EpochLoop:
                              [r for r in rows if int(r['epoch']) <= self.last_epoch],
                              HISTORY_FIELDS)
     elif self.setup.chief:  # A fresh run: no rows or best model of an older one.
-      _remove(self._path(rundir.HISTORY_CSV))
-      _remove(self._path(rundir.MODEL_FILE))
+      fs.remove_if_there(self._path(rundir.HISTORY_CSV))
+      fs.remove_if_there(self._path(rundir.MODEL_FILE))
 
   def train(self, datasets):
     """Every remaining epoch; then the final weights' digest (and the chief's best weights).
@@ -386,7 +386,3 @@ def weights_digest(model):
   for weights in model.get_weights():
     digest.update(weights.tobytes())
   return digest.hexdigest()[:16]
-
-
-def _remove(path):
-  fs.remove_if_there(path)

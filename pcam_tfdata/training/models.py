@@ -31,9 +31,9 @@ def load_model(source):
       read into memory and loaded from there: Keras would first copy it to a
       local temporary file.
   """
-  if not isinstance(source, io.IOBase) and not fs.is_url(source):
-    return keras.models.load_model(source, safe_mode=True)
   if not isinstance(source, io.IOBase):
+    if not fs.is_url(source):
+      return keras.models.load_model(source, safe_mode=True)
     source = io.BytesIO(fs.read_bytes(source))
   source.seek(0)
   from keras.src.saving import saving_lib  # pylint: disable=g-import-not-at-top

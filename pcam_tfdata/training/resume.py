@@ -113,8 +113,8 @@ def check(saved, current, backup_path, log=print, trained=None):
       if None in moments and moments[0] != moments[1]:  # (Another model: named there.)
         differ.append(f'{name}: {then} then, {now} now')
       elif moments[0] != moments[1]:
-        differ.append(f'BatchNorm\'s moments ({name}): {_MOMENTS[moments[0]](saved)} then, '
-                      f'{_MOMENTS[moments[1]](current)} now')
+        differ.append(f'BatchNorm\'s moments ({name}): {_moments_said(saved)} then, '
+                      f'{_moments_said(current)} now')
     elif key in _TOPOLOGY and free:
       continue
     elif key in saved and then != now:
@@ -158,11 +158,13 @@ def _moments(settings):
   return 'global' if sync or settings.get('replicas', 1) == 1 else 'replica'
 
 
-_MOMENTS = {
-    'global': lambda s: ('the global batch\'s' if s.get('replicas', 1) == 1
-                         else f'the global batch\'s, synchronized over {s["replicas"]} replicas'),
-    'replica': lambda s: f'each of {s["replicas"]} replicas\' own (not synchronized)',
-}
+def _moments_said(settings):
+  """`_moments` in words, with the replicas."""
+  replicas = settings.get('replicas', 1)
+  if _moments(settings) == 'replica':
+    return f'each of {replicas} replicas\' own (not synchronized)'
+  return 'the global batch\'s' + (f', synchronized over {replicas} replicas' if replicas != 1
+                                  else '')
 
 
 def _topology(settings):

@@ -221,7 +221,7 @@ def make_data(config, records, setup, datasets=None):
   """
   batch = config.batch_size // setup.pipelines
   if setup.order == 'global':  # Whole global batches of the split, on any topology.
-    steps = records.count('train') // config.batch_size
+    steps = records.steps_per_epoch('train', config.batch_size)
   else:  # As the smallest pipeline's shards allow.
     steps = records.steps_per_epoch('train', batch, setup.pipelines)
   if steps < 1:

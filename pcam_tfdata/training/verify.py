@@ -178,7 +178,7 @@ def describe_data_loss(records, error):
   TensorFlow says only "corrupted record at 47670"; the checksums in the
   manifest say which shard.
   """
-  detail = (getattr(error, 'message', None) or str(error)).splitlines()[0]
+  detail = fs.error_line(error)
   detail = detail.split(' [[')[0].strip()  # Drop TensorFlow's node names.
   bad = records.first_corrupt_shard()
   check = f'check the folder with tools/verify_records.py {records.path}'

@@ -141,8 +141,7 @@ def read_trials(study_dir):
     return list(csv.DictReader(io.StringIO(fs.read_text(path))))
   except OSError as e:
     raise ValueError(f'{path}: no search here ({e.strerror})') from None
-  except Exception as e:  # pylint: disable=broad-except
-    # On a URL, TensorFlow's errors (NotFoundError, no credentials).
+  except fs.errors() as e:  # (On a URL, TensorFlow's: NotFoundError, no credentials.)
     raise ValueError(f'{path}: no search here ({type(e).__name__})') from None
 
 
